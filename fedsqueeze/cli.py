@@ -1,0 +1,207 @@
+"""The ``fedsqueeze`` command.
+
+``fedsqueeze simulate [CONFIG.toml] [--set key=value ...] [--out DIR] [--resume [DIR]]``
+runs a federation in Flower's Simulation Engine and writes the run directory;
+``fedsqueeze report DIR`` prints a finished run's result table.
+
+Errors a user can cause print one line and exit with status 2, before any run
+directory is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedsqueeze", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="run a simulated federation")
+    sim.add_argument("config", nargs="?", help="CONFIG.toml with run-config keys")
+    sim.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="override one run-config key (repeatable)",
+    )
+    sim.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
+    sim.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="DIR",
+        help="continue the run in DIR (or --out) from its last completed round",
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    rep = sub.add_parser("report", help="print the result table of a run directory")
+    rep.add_argument("run_dir")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
+    """The validated config, the run directory and whether this is a resume."""
+    from fedsqueeze.config import load_toml, parse_set_option, resolve_config
+    from fedsqueeze.server.app import default_run_dir
+    from fedsqueeze.server.rundir import CHECKPOINT, CONFIG
+
+    sets = dict(parse_set_option(s) for s in args.sets)
+    if args.resume is not None:
+        target = args.resume or args.out
+        if not target:
+            raise UsageError("--resume needs a run directory (--resume DIR or --out DIR)")
+        run_dir = Path(target)
+        if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
+            raise UsageError(f"{run_dir}: not a resumable run directory (no {CONFIG}/{CHECKPOINT})")
+        base = load_toml(run_dir / CONFIG)
+        base.pop("out-dir", None)
+        config = resolve_config(base, sets)
+        return config, run_dir, True
+    layers = [load_toml(args.config)] if args.config else []
+    config = resolve_config(*layers, sets)
+    run_dir = Path(args.out) if args.out else default_run_dir(config)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} already exists and is not empty (use --resume to continue it)")
+    return config, run_dir, False
+
+
+def _preflight(config: Mapping[str, Any]) -> None:
+    """Load the data, partition it and build the model: user errors surface before the run."""
+    from fedsqueeze.federation import new_model, partitions_for
+
+    partitions_for(config)
+    new_model(config)
+
+
+def _configure_environment(verbose: bool) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> dict[str, Any]:
+    """Run the federation in Flower's Simulation Engine; return the summary."""
+    from flwr.simulation import run_simulation
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.server.app import build_server_app
+
+    result: dict[str, Any] = {}
+    progress = Progress(
+        TextColumn("[bold]round {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=quiet,
+    )
+    task = progress.add_task("rounds", total=int(config["num-rounds"]), status="starting Ray…")
+
+    def on_round(row: dict[str, Any]) -> None:
+        progress.update(
+            task,
+            completed=row["round"],
+            status=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e6:.3f} MB",
+        )
+
+    server_app = build_server_app(config, run_dir, on_round=on_round, result=result)
+    client_app = build_client_app(config)
+    backend = {
+        "client_resources": {"num_cpus": float(config["client-cpus"]), "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    with progress:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=int(config["num-clients"]),
+            backend_config=backend,
+        )
+    if "summary" not in result:
+        raise RuntimeError("the simulation ended without a result (see the log above)")
+    return result["summary"]
+
+
+def format_table(summary: Mapping[str, Any], run_dir: str | Path) -> str:
+    """The short result table printed at the end of a run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = summary.get("config", {})
+    table = Table(title="fedsqueeze result", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "federation",
+        f"{cfg.get('dataset')} / {cfg.get('model')} / {cfg.get('num-clients')} clients "
+        f"({cfg.get('partition')}), {cfg.get('strategy')}, codec {cfg.get('codec')}",
+    )
+    table.add_row("rounds", str(summary["num_rounds"]))
+    table.add_row("final accuracy", f"{summary['final_accuracy']:.4f}")
+    table.add_row("best accuracy", f"{summary['best_accuracy']:.4f}")
+    table.add_row("uplink total", f"{summary['total_uplink_bytes'] / 1e6:.3f} MB")
+    table.add_row("downlink total", f"{summary['total_downlink_bytes'] / 1e6:.3f} MB")
+    if summary.get("rejected_updates") or summary.get("dropped_clients"):
+        table.add_row(
+            "rejected / dropped",
+            f"{summary.get('rejected_updates', 0)} / {summary.get('dropped_clients', 0)}",
+        )
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    table.add_row("run directory", str(run_dir))
+    console = Console(width=100, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedsqueeze`` command."""
+    from fedsqueeze.compression import CodecError
+    from fedsqueeze.config import ConfigError
+    from fedsqueeze.data import DatasetError
+    from fedsqueeze.models import ModelError
+
+    user_errors = (UsageError, ConfigError, DatasetError, ModelError, CodecError)
+    created: Path | None = None
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "report":
+            summary_path = Path(args.run_dir) / "summary.json"
+            if not summary_path.is_file():
+                raise UsageError(f"{args.run_dir}: no summary.json (is the run finished?)")
+            print(format_table(json.loads(summary_path.read_text()), args.run_dir))
+            return 0
+        config, run_dir, resuming = _resolve(args)
+        _preflight(config)
+        _configure_environment(args.verbose)
+        if not resuming:
+            created = run_dir if not run_dir.exists() else None
+            run_dir.mkdir(parents=True, exist_ok=True)
+        summary = simulate(config, run_dir, quiet=args.quiet)
+        print(format_table(summary, run_dir))
+        return 0
+    except user_errors as err:
+        print(f"fedsqueeze: error: {err}", file=sys.stderr)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

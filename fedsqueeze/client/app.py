@@ -1,0 +1,116 @@
+"""The fedsqueeze ClientApp (Flower Message API).
+
+Handlers:
+
+- ``train``: load the received global weights, train on this node's partition, reply
+  with the full local weights (``"arrays"``) and ``num-examples``. Compression is not
+  done here: the ``compress_mod`` turns that reply into a compact encoded delta, the
+  same way it would for any other Flower ClientApp.
+- ``evaluate``: federated evaluation on this node's slice of the test split.
+- ``query``: the start-of-run handshake; tells the server this node's partition id so
+  that client sampling is reproducible by seed (Flower node ids are random per run).
+
+The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
+built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from fedsqueeze.client.mods import compress_mod
+from fedsqueeze.client.training import (
+    evaluate,
+    load_numpy_state,
+    make_generator,
+    state_to_numpy,
+    train_local,
+)
+from fedsqueeze.config import resolve_config
+from fedsqueeze.federation import client_eval_data, client_train_data, new_model
+from fedsqueeze.records import from_record, to_record
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config (simulation or SuperNode)."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            "this SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from err
+
+
+def build_client_app(
+    config: Mapping[str, Any] | None = None, extra_mods: Sequence[Mod] = ()
+) -> ClientApp:
+    """Build the ClientApp; ``config=None`` reads the run config from the Context.
+
+    ``extra_mods`` run outside ``compress_mod`` (they see what travels on the wire).
+    """
+    app = ClientApp(mods=[*extra_mods, compress_mod])
+
+    def run_config(context: Context) -> dict[str, Any]:
+        if config is not None:
+            return dict(config)
+        return resolve_config(dict(context.run_config))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        pid, num_parts = node_partition(context)
+        x, y = client_train_data(cfg, pid, num_parts)
+        round_cfg = msg.content["config"]
+        server_round = int(round_cfg.get("server-round", 0))
+        model = new_model(cfg)
+        load_numpy_state(model, from_record(msg.content["arrays"]))
+        loss = train_local(
+            model,
+            x,
+            y,
+            epochs=int(cfg["local-epochs"]),
+            batch_size=int(cfg["batch-size"]),
+            lr=float(cfg["lr"]),
+            momentum=float(cfg["momentum"]),
+            weight_decay=float(cfg["weight-decay"]),
+            proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
+            generator=make_generator(int(cfg["seed"]), server_round, pid),
+        )
+        content = RecordDict(
+            {
+                "arrays": to_record(state_to_numpy(model)),
+                "metrics": MetricRecord({"num-examples": len(x), "train-loss": float(loss)}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        pid, num_parts = node_partition(context)
+        x, y = client_eval_data(cfg, pid, num_parts)
+        model = new_model(cfg)
+        load_numpy_state(model, from_record(msg.content["arrays"]))
+        loss, acc = evaluate(model, x, y)
+        metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-acc": acc})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        pid, num_parts = node_partition(context)
+        x, _ = client_train_data(cfg, pid, num_parts)
+        info = ConfigRecord(
+            {"partition-id": pid, "num-partitions": num_parts, "num-examples": len(x)}
+        )
+        return Message(content=RecordDict({"node": info}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

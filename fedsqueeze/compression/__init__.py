@@ -1,0 +1,77 @@
+"""Update codecs: sparsification, quantization, error feedback and lossless packing.
+
+Pure numpy (plus ``zstandard`` and the standard library): no torch, no Flower.
+
+>>> codec = parse_codec("topk(0.01)+q4+ef")
+>>> enc = codec.encode(update, seed=round_seed, state=client_state)  # doctest: +SKIP
+>>> dec = codec.decode(enc.payload, seed=round_seed, expected=shapes)  # doctest: +SKIP
+"""
+
+from fedsqueeze.compression.bitpack import pack_bits, packed_size, unpack_bits
+from fedsqueeze.compression.codec import (
+    DEFAULT_MAX_ELEMENTS,
+    FORMAT_VERSION,
+    VALID_STAGES,
+    Codec,
+    Decoded,
+    Encoded,
+    parse_codec,
+)
+from fedsqueeze.compression.errors import CodecError, CodecSpecError, PayloadError
+from fedsqueeze.compression.indexcode import decode_positions, encode_positions, log2_binomial
+from fedsqueeze.compression.sampling import random_k_indices, stochastic_round
+from fedsqueeze.compression.stages import (
+    EF21,
+    QSGD,
+    BFloat16,
+    ErrorFeedback,
+    Float16,
+    Float32,
+    Quantize,
+    RandomK,
+    Sign,
+    Stage,
+    Ternary,
+    Threshold,
+    TopK,
+    TopKPerTensor,
+    Zlib,
+    Zstd,
+)
+
+__all__ = [
+    "DEFAULT_MAX_ELEMENTS",
+    "EF21",
+    "FORMAT_VERSION",
+    "QSGD",
+    "VALID_STAGES",
+    "BFloat16",
+    "Codec",
+    "CodecError",
+    "CodecSpecError",
+    "Decoded",
+    "Encoded",
+    "ErrorFeedback",
+    "Float16",
+    "Float32",
+    "PayloadError",
+    "Quantize",
+    "RandomK",
+    "Sign",
+    "Stage",
+    "Ternary",
+    "Threshold",
+    "TopK",
+    "TopKPerTensor",
+    "Zlib",
+    "Zstd",
+    "decode_positions",
+    "encode_positions",
+    "log2_binomial",
+    "pack_bits",
+    "packed_size",
+    "parse_codec",
+    "random_k_indices",
+    "stochastic_round",
+    "unpack_bits",
+]

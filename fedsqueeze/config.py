@@ -1,0 +1,243 @@
+"""The run configuration: one flat dict of kebab-case keys (DESIGN.md "Public interface").
+
+The same keys are read from a CONFIG.toml, from ``--set key=value``, from
+``[tool.flwr.app.config]`` in pyproject.toml and from ``flwr run . --run-config``.
+``resolve_config`` turns any of those into a validated dict with every key present.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+Value = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run-config key or value a user supplied is invalid."""
+
+
+def _positive_int(v: Any) -> str | None:
+    return None if v >= 1 else "must be >= 1"
+
+
+def _non_negative_int(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _positive_float(v: Any) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _non_negative_float(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if math.isfinite(v) and 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of: {', '.join(options)}"
+
+    return check
+
+
+def _dataset(v: Any) -> str | None:
+    if v in ("digits", "mnist1d") or (isinstance(v, str) and v.startswith("npz:") and len(v) > 4):
+        return None
+    return "must be digits, mnist1d or npz:PATH"
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
+
+# key -> (default, type, validator or None, help)
+SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] = {
+    "dataset": ("digits", str, _dataset, "digits | mnist1d | npz:PATH"),
+    "partition": (
+        "iid",
+        str,
+        _choice("iid", "dirichlet", "shards", "natural"),
+        "client partitioning scheme",
+    ),
+    "dirichlet-alpha": (0.5, float, _positive_float, "concentration for dirichlet"),
+    "shards-per-client": (2, int, _positive_int, "shards per client for shards"),
+    "num-clients": (10, int, _positive_int, "number of clients (SuperNodes)"),
+    "clients-per-round": (10, int, _positive_int, "clients sampled each round"),
+    "num-rounds": (10, int, _positive_int, "federated rounds"),
+    "local-epochs": (1, int, _positive_int, "local epochs per round"),
+    "batch-size": (32, int, _positive_int, "local batch size"),
+    "lr": (0.05, float, _positive_float, "client learning rate (SGD)"),
+    "momentum": (0.9, float, _fraction, "client SGD momentum"),
+    "weight-decay": (0.0, float, _non_negative_float, "client SGD weight decay"),
+    "seed": (0, int, _non_negative_int, "seed for partitions, sampling, init and training"),
+    "model": ("mlp", str, None, "model registry name"),
+    "strategy": ("fedavg", str, _choice(*STRATEGIES), "server strategy"),
+    "proximal-mu": (0.01, float, _non_negative_float, "FedProx proximal term"),
+    "server-lr": (0.01, float, _positive_float, "server learning rate (fedadam/fedyogi/...)"),
+    "server-momentum": (0.9, float, _fraction, "server momentum (fedavgm)"),
+    "codec": ("none", str, None, "uplink codec spec, e.g. topk(0.01)+q4+ef"),
+    "downlink-codec": ("none", str, None, "downlink codec spec, e.g. fp16, q8"),
+    "secagg": (False, bool, None, "secure aggregation on/off"),
+    "secagg-neighbours": (0, int, _non_negative_int, "SecAgg+ graph degree k (0 = all)"),
+    "secagg-threshold": (0, int, _non_negative_int, "Shamir threshold t (0 = auto)"),
+    "secagg-bits": (0, int, _non_negative_int, "field bit width b (0 = auto)"),
+    "secagg-clip": (1.0, float, _positive_float, "L2 clip of each update under secagg"),
+    "secagg-scale": (0.0, float, _non_negative_float, "integer scale (0 = auto from bits)"),
+    "secagg-randk": (1.0, float, _positive_float, "shared-seed random-k fraction (1 = dense)"),
+    "simulate-dropout": (0.0, float, _fraction, "fraction of sampled clients that drop out"),
+    "dp": ("none", str, _choice("none", "central", "distributed", "local"), "DP mode"),
+    "dp-clip": (1.0, float, _positive_float, "L2 clipping norm (update, or per-sample)"),
+    "dp-noise-multiplier": (0.0, float, _non_negative_float, "noise std / clip"),
+    "dp-epsilon": (0.0, float, _non_negative_float, "privacy budget (0 = no budget)"),
+    "dp-delta": (0.0, float, _fraction, "delta (0 = min(1e-5, 1/N^1.1))"),
+    "dp-accountant": ("rdp", str, _choice("rdp", "prv"), "Opacus accountant"),
+    "dp-adaptive-clip": (False, bool, None, "quantile-based adaptive clipping (central)"),
+    "dp-target-quantile": (0.5, float, _fraction, "adaptive clipping target quantile"),
+    "dp-mechanism": ("skellam", str, _choice("skellam", "dgauss"), "distributed noise"),
+    "dp-bits": (16, int, _positive_int, "field bit width for distributed DP"),
+    "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),
+    "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
+    "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
+}
+
+DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}
+
+
+def _coerce(key: str, value: Any) -> Value:
+    """Coerce a value (possibly a string from --set) to the key's type."""
+    typ = SCHEMA[key][1]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, SCHEMA, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys: {', '.join(SCHEMA)}"
+
+
+def resolve_config(*layers: Mapping[str, Any]) -> dict[str, Value]:
+    """Merge config layers (later wins) over the defaults and validate every key.
+
+    Raises
+    ------
+    ConfigError
+        Unknown key, wrong type, value out of range, or inconsistent combination.
+    """
+    config: dict[str, Value] = dict(DEFAULTS)
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in SCHEMA:
+                raise ConfigError(unknown_key_message(key))
+            config[key] = _coerce(key, value)
+    for key, value in config.items():
+        check = SCHEMA[key][2]
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{key} = {value!r}: {problem}")
+    if int(config["clients-per-round"]) > int(config["num-clients"]):
+        raise ConfigError(
+            f"clients-per-round ({config['clients-per-round']}) is larger than "
+            f"num-clients ({config['num-clients']})"
+        )
+    _check_names(config)
+    return config
+
+
+def _check_names(config: Mapping[str, Value]) -> None:
+    """Validate registry names and codec specs early, so a run fails before it starts."""
+    from fedsqueeze.models import MODEL_NAMES
+
+    if config["model"] not in MODEL_NAMES:
+        raise ConfigError(
+            f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
+        )
+    from fedsqueeze.compression import CodecError, parse_codec
+
+    for key in ("codec", "downlink-codec"):
+        try:
+            parse_codec(str(config[key]))
+        except CodecError as err:
+            raise ConfigError(f"{key} = {config[key]!r}: {err}") from None
+
+
+def parse_set_option(item: str) -> tuple[str, str]:
+    """Parse one ``--set key=value`` into its key and raw string value."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    return key, value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a CONFIG.toml: flat keys at top level (a ``[config]`` table is also accepted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid TOML ({err})") from None
+    if "config" in data and isinstance(data["config"], dict):
+        data = {**{k: v for k, v in data.items() if k != "config"}, **data["config"]}
+    for key, value in data.items():
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{p}: key {key!r} must be a scalar value")
+    return data
+
+
+def to_toml(config: Mapping[str, Value]) -> str:
+    """Serialize a resolved config as TOML (flat, in schema order)."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,75 @@
+"""What a federation is made of: its dataset, its client partitions and its model.
+
+Shared by the ClientApp and the ServerApp so that every process derives the same
+partitions and the same model architecture from the same run config.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsqueeze.data import Dataset, load_dataset, partition_indices
+from fedsqueeze.models import build_model
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(spec: str) -> Dataset:
+    return load_dataset(spec)
+
+
+def dataset_for(config: Mapping[str, Any]) -> Dataset:
+    """The run's dataset (cached per process: every client in a Ray worker reuses it)."""
+    return _dataset(str(config["dataset"]))
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(
+    spec: str, scheme: str, num_clients: int, seed: int, alpha: float, shards: int
+) -> tuple[np.ndarray, ...]:
+    parts = partition_indices(
+        _dataset(spec), scheme, num_clients, seed, alpha=alpha, shards_per_client=shards
+    )
+    return tuple(parts)
+
+
+def partitions_for(config: Mapping[str, Any], num_clients: int | None = None) -> list[np.ndarray]:
+    """Training-set indices of every client, deterministic in the run config."""
+    n = int(config["num-clients"]) if num_clients is None else int(num_clients)
+    return list(
+        _partitions(
+            str(config["dataset"]),
+            str(config["partition"]),
+            n,
+            int(config["seed"]),
+            float(config["dirichlet-alpha"]),
+            int(config["shards-per-client"]),
+        )
+    )
+
+
+def client_train_data(
+    config: Mapping[str, Any], partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training samples of client ``partition_id`` out of ``num_partitions``."""
+    ds = dataset_for(config)
+    idx = partitions_for(config, num_partitions)[partition_id]
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def client_eval_data(
+    config: Mapping[str, Any], partition_id: int, num_partitions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A client's share of the test split, for federated evaluation (interleaved slice)."""
+    ds = dataset_for(config)
+    return ds.x_test[partition_id::num_partitions], ds.y_test[partition_id::num_partitions]
+
+
+def new_model(config: Mapping[str, Any], seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialized model for the run's dataset (seeded when ``seed`` is given)."""
+    ds = dataset_for(config)
+    return build_model(str(config["model"]), ds.input_shape, ds.num_classes, seed=seed)

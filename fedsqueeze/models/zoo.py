@@ -1,0 +1,194 @@
+"""Model registry: small CPU-friendly classifiers for the offline datasets.
+
+Design constraints, shared by every model here:
+
+- no BatchNorm: its running statistics are not parameters, average badly under FedAvg and
+  are rejected by Opacus for DP-SGD (per-sample gradients need sample independence);
+- only float32 parameters and buffers, with ``state_dict`` keys that depend on the model
+  name only (never on the input shape), so updates from every client line up;
+- layers Opacus can compute per-sample gradients for (Linear, Conv1d, Conv2d), with
+  non-inplace activations;
+- at most ~100k parameters: adaptive pooling caps the flattened width for large inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["MODEL_NAMES", "ModelError", "build_model", "count_parameters"]
+
+
+class ModelError(ValueError):
+    """An unknown model name, or an input shape / class count the model cannot take."""
+
+
+def _flat_dim(input_shape: tuple[int, ...]) -> int:
+    return math.prod(input_shape)
+
+
+def _logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("flatten", nn.Flatten()),
+                ("fc", nn.Linear(_flat_dim(input_shape), num_classes)),
+            ]
+        )
+    )
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(_flat_dim(input_shape), 128)),
+                ("act1", nn.ReLU()),
+                ("fc2", nn.Linear(128, 64)),
+                ("act2", nn.ReLU()),
+                ("fc3", nn.Linear(64, num_classes)),
+            ]
+        )
+    )
+
+
+# Longest sequence / side kept after the conv stack; larger inputs are pooled down to it.
+_CNN1D_MAX_LEN = 10
+_CNN2D_MAX_SIDE = 4
+
+
+def _cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 2:
+        raise ModelError(
+            f"model 'cnn1d' needs input_shape (channels, length), got {tuple(input_shape)}"
+        )
+    channels, length = input_shape
+    if length < 4:
+        raise ModelError(f"model 'cnn1d' needs sequence length >= 4, got {length}")
+    # Two 2x poolings keep position information (MNIST-1D digits are position-dependent
+    # templates), so the head sees a short sequence rather than a global average.
+    out_len = min(length // 4, _CNN1D_MAX_LEN)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv1d(channels, 32, kernel_size=5, padding=2)),
+                ("act1", nn.ReLU()),
+                ("pool1", nn.MaxPool1d(2)),
+                ("conv2", nn.Conv1d(32, 32, kernel_size=5, padding=2)),
+                ("act2", nn.ReLU()),
+                ("pool2", nn.MaxPool1d(2)),
+                ("conv3", nn.Conv1d(32, 32, kernel_size=3, padding=1)),
+                ("act3", nn.ReLU()),
+                ("pool3", nn.AdaptiveAvgPool1d(out_len)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(32 * out_len, 64)),
+                ("act4", nn.ReLU()),
+                ("fc2", nn.Linear(64, num_classes)),
+            ]
+        )
+    )
+
+
+def _cnn2d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ModelError(
+            f"model 'cnn2d' needs input_shape (channels, height, width), got {tuple(input_shape)}"
+        )
+    channels, height, width = input_shape
+    if height < 4 or width < 4:
+        raise ModelError(f"model 'cnn2d' needs height and width >= 4, got {height}x{width}")
+    out_h = min(height // 4, _CNN2D_MAX_SIDE)
+    out_w = min(width // 4, _CNN2D_MAX_SIDE)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(channels, 16, kernel_size=3, padding=1)),
+                ("act1", nn.ReLU()),
+                ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
+                ("act2", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(2)),
+                ("conv3", nn.Conv2d(32, 32, kernel_size=3, padding=1)),
+                ("act3", nn.ReLU()),
+                ("pool2", nn.MaxPool2d(2)),
+                ("pool3", nn.AdaptiveAvgPool2d((out_h, out_w))),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(32 * out_h * out_w, 64)),
+                ("act4", nn.ReLU()),
+                ("fc2", nn.Linear(64, num_classes)),
+            ]
+        )
+    )
+
+
+_REGISTRY: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "logreg": _logreg,
+    "mlp": _mlp,
+    "cnn1d": _cnn1d,
+    "cnn2d": _cnn2d,
+}
+
+#: Registered model names, in a stable order.
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int | None = None,
+) -> nn.Module:
+    """Build a registered classifier producing ``(batch, num_classes)`` logits.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES`.
+    input_shape : tuple of int
+        Shape of one sample without the batch axis, e.g. ``(1, 40)`` or ``(1, 8, 8)``.
+    num_classes : int
+        Number of output logits (>= 2).
+    seed : int, optional
+        If given, parameters are initialized from this seed without disturbing the
+        caller's global torch RNG; otherwise the global RNG is used.
+
+    Returns
+    -------
+    torch.nn.Module
+        A float32 model in training mode.
+
+    Raises
+    ------
+    ModelError
+        Unknown name, malformed shape, or a shape the model cannot take.
+    """
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise ModelError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ModelError(f"input_shape must be a non-empty tuple of positive ints, got {shape}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ModelError(f"num_classes must be an int >= 2, got {num_classes!r}")
+
+    factory = _REGISTRY[name]
+    if seed is None:
+        model = factory(shape, num_classes)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory(shape, num_classes)
+    # Independent of torch.get_default_dtype(): the federation exchanges float32.
+    return model.to(torch.float32)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

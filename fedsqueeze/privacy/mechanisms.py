@@ -1,0 +1,197 @@
+"""Noise mechanisms and the randomized Hadamard rotation (numpy only).
+
+Every sampler takes an explicit ``np.random.Generator`` so runs are reproducible and the
+caller decides where randomness comes from. ``numpy.random`` is not a cryptographically
+secure source; a deployment that needs floating-point-attack-resistant DP must feed these
+samplers a generator seeded from the OS (``np.random.default_rng(secrets.randbits(128))``)
+and should be aware of the usual caveats about floating-point noise (Mironov 2012).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidPrivacyParameter, ShapeMismatchError
+
+__all__ = [
+    "RandomizedHadamard",
+    "discrete_gaussian",
+    "discrete_gaussian_variance",
+    "gaussian_noise",
+    "next_power_of_two",
+    "skellam_noise",
+]
+
+Shape = int | Sequence[int]
+
+# Safety net for the rejection loop: each round keeps a coordinate with probability well
+# above 1/2 (CKS 2020, Sec. 5), so 200 rounds leave < 2^-200 of them unresolved.
+_MAX_REJECTION_ROUNDS = 200
+
+
+def _check_scale(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidPrivacyParameter(f"{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
+def gaussian_noise(shape: Shape, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Samples of N(0, std²) as float64 (std = 0 gives zeros)."""
+    std = _check_scale("std", std)
+    return rng.normal(0.0, std, size=shape) if std > 0 else np.zeros(shape, dtype=np.float64)
+
+
+def skellam_noise(shape: Shape, mu: float, rng: np.random.Generator) -> np.ndarray:
+    """Symmetric Skellam samples: difference of two independent Poisson(mu); variance 2·mu.
+
+    Skellam is closed under summation (Sk(μ1) + Sk(μ2) = Sk(μ1 + μ2)), which is why each of n
+    clients can add Sk(μ/n) and the securely aggregated sum carries exactly Sk(μ)
+    (Agarwal et al. 2021).
+    """
+    mu = _check_scale("mu", mu)
+    return rng.poisson(mu, size=shape).astype(np.int64) - rng.poisson(mu, size=shape).astype(
+        np.int64
+    )
+
+
+def discrete_gaussian(shape: Shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Samples of the discrete Gaussian N_Z(0, sigma²) on the integers, as int64.
+
+    Algorithm 3 of Canonne, Kamath & Steinke (2020), vectorized: propose from a discrete
+    Laplace with scale t = floor(sigma) + 1, accept with probability
+    ``exp(-(|y| - sigma²/t)² / (2 sigma²))``. Only the rejected coordinates are redrawn, so
+    the Python loop runs over rejection rounds (a handful), never over coordinates.
+
+    The discrete Laplace proposal is the difference of two geometric variables with success
+    probability 1 - e^(-1/t) (its exact law). CKS draw the Bernoulli(exp(-γ)) acceptance with
+    exact rational arithmetic; here it is a float64 uniform compared with a float64 exp, so
+    the output law matches N_Z(0, sigma²) up to float64 rounding of the acceptance
+    probabilities (relative error ~1e-16), not bit-exactly.
+    """
+    sigma = _check_scale("sigma", sigma)
+    size = tuple(np.atleast_1d(np.asarray(shape, dtype=np.int64)).tolist())
+    out = np.zeros(size, dtype=np.int64)
+    if sigma == 0 or out.size == 0:
+        return out
+    flat = out.reshape(-1)
+    t = math.floor(sigma) + 1
+    p_geom = -math.expm1(-1.0 / t)  # 1 - e^{-1/t}
+    sigma2 = sigma * sigma
+    pending = np.arange(flat.size)
+    for _ in range(_MAX_REJECTION_ROUNDS):
+        k = pending.size
+        # numpy's geometric counts trials (support {1, 2, ...}); the two -1 offsets cancel.
+        y = rng.geometric(p_geom, size=k).astype(np.int64) - rng.geometric(p_geom, size=k)
+        gamma = (np.abs(y) - sigma2 / t) ** 2 / (2.0 * sigma2)
+        accept = rng.random(k) < np.exp(-gamma)
+        flat[pending[accept]] = y[accept]
+        pending = pending[~accept]
+        if pending.size == 0:
+            return out
+    raise RuntimeError("discrete Gaussian rejection sampler did not converge")  # pragma: no cover
+
+
+# Above this sigma the exact series equals sigma² to float64 precision (see below).
+_DG_VARIANCE_EXACT_ABOVE = 8.0
+
+
+def discrete_gaussian_variance(sigma: float) -> float:
+    """Exact variance of N_Z(0, sigma²): Σ k² e^(-k²/2σ²) / Σ e^(-k²/2σ²).
+
+    Strictly below sigma² (CKS 2020, Cor. 9); the gap is negligible for sigma >= 1 but not
+    for small sigma, and accounting must use the true value (it is the smaller one).
+    """
+    sigma = _check_scale("sigma", sigma)
+    if sigma == 0:
+        return 0.0
+    if sigma >= _DG_VARIANCE_EXACT_ABOVE:
+        # By Poisson summation the relative gap to sigma² is of order e^(-2π²σ²): below
+        # float64 resolution (1e-16) already at sigma ≈ 1.5, so the series would return sigma²
+        # anyway, at a cost linear in sigma.
+        return sigma * sigma
+    # Terms beyond 40 sigma are below e^-800: nothing a float64 sum could see.
+    half = math.ceil(40.0 * sigma) + 1
+    k = np.arange(-half, half + 1, dtype=np.float64)
+    weights = np.exp(-(k**2) / (2.0 * sigma * sigma))
+    return float(np.sum(k**2 * weights) / np.sum(weights))
+
+
+def next_power_of_two(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    if n < 1:
+        raise InvalidPrivacyParameter(f"dimension must be >= 1, got {n}")
+    return 1 << (int(n) - 1).bit_length()
+
+
+def _fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalized fast Walsh–Hadamard transform along the last axis (length a power of 2).
+
+    log2(n) butterfly stages, each one vectorized reshape: O(n log n) work, no Python loop
+    over coordinates.
+    """
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(*lead, n).copy()
+    h = 1
+    while h < n:
+        blocks = y.reshape(*lead, n // (2 * h), 2, h)
+        a = blocks[..., 0, :]
+        b = blocks[..., 1, :]
+        y = np.stack((a + b, a - b), axis=-2).reshape(*lead, n)
+        h *= 2
+    return y
+
+
+class RandomizedHadamard:
+    """Orthonormal random rotation ``x ↦ H D x / sqrt(n)`` with a seeded ±1 diagonal D.
+
+    Used before integer rounding in distributed DP (Kairouz et al. 2021): after the rotation
+    every coordinate of a vector with norm r has magnitude about r / sqrt(n), so a fixed
+    integer range holds all coordinates of the scaled sum with high probability, and the
+    rounding error spreads evenly. Clients and the server build the same rotation from the
+    per-round shared seed.
+
+    Parameters
+    ----------
+    dim
+        Length d of the vectors to rotate; they are zero-padded to ``padded_dim``, the next
+        power of two.
+    seed
+        Seed of the ±1 diagonal (non-negative int; the same on every party).
+    """
+
+    def __init__(self, dim: int, seed: int) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+            raise InvalidPrivacyParameter(f"dim must be a positive int, got {dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise InvalidPrivacyParameter(f"seed must be a non-negative int, got {seed!r}")
+        self.dim = int(dim)
+        self.padded_dim = next_power_of_two(self.dim)
+        signs_rng = np.random.default_rng(int(seed))
+        self.signs = signs_rng.integers(0, 2, size=self.padded_dim, dtype=np.int8) * 2 - 1
+        self._norm = 1.0 / math.sqrt(self.padded_dim)
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """Pad the last axis from ``dim`` to ``padded_dim`` and rotate; float64 result."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            raise ShapeMismatchError(
+                f"expected last axis of length {self.dim}, got shape {np.shape(x)}"
+            )
+        padded = np.zeros((*x.shape[:-1], self.padded_dim), dtype=np.float64)
+        padded[..., : self.dim] = x
+        return _fwht(padded * self.signs) * self._norm
+
+    def unrotate(self, y: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`rotate` (D H y / sqrt(n)), cropped back to ``dim``."""
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim == 0 or y.shape[-1] != self.padded_dim:
+            raise ShapeMismatchError(
+                f"expected last axis of length {self.padded_dim}, got shape {np.shape(y)}"
+            )
+        # H is symmetric with H @ H = n I, so (H D / sqrt(n))^-1 = D H / sqrt(n).
+        return (_fwht(y) * self._norm * self.signs)[..., : self.dim]

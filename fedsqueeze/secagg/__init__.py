@@ -1,0 +1,49 @@
+"""Secure aggregation: SecAgg+ (Bell et al., CCS 2020), full graph = Bonawitz et al. (CCS 2017).
+
+Framework-free (``cryptography`` + numpy). Typical round::
+
+    cfg = SecAggConfig(num_clients=n, neighbours=k, threshold=t, bits=b, vector_len=d,
+                       round_seed=s)
+    server = SecAggServer(cfg, client_ids)
+    setup = server.setup()                                   # {cid: msg}
+    clients = {cid: SecAggClient(cid, setup[cid]) for cid in setup}
+    out = server.collect_keys({c: clients[c].advertise_keys() for c in clients})
+    out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in out})
+    out = server.collect_masked({c: clients[c].masked_input(out[c], x[c]) for c in out})
+    result = server.finish({c: clients[c].unmask(out[c]) for c in out})
+
+Clients absent from a dict are treated as dropped at that stage.
+"""
+
+from fedsqueeze.secagg.client import SecAggClient
+from fedsqueeze.secagg.config import SecAggConfig, neighbour_graph
+from fedsqueeze.secagg.encoding import check_no_overflow, from_field, required_bits, to_field
+from fedsqueeze.secagg.errors import (
+    SecAggAbort,
+    SecAggConfigError,
+    SecAggDecryptionError,
+    SecAggError,
+    SecAggInputError,
+    SecAggOverflowError,
+    SecAggProtocolError,
+)
+from fedsqueeze.secagg.server import SecAggResult, SecAggServer
+
+__all__ = [
+    "SecAggAbort",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggConfigError",
+    "SecAggDecryptionError",
+    "SecAggError",
+    "SecAggInputError",
+    "SecAggOverflowError",
+    "SecAggProtocolError",
+    "SecAggResult",
+    "SecAggServer",
+    "check_no_overflow",
+    "from_field",
+    "neighbour_graph",
+    "required_bits",
+    "to_field",
+]

@@ -1,0 +1,302 @@
+"""Client side of SecAgg+ as an explicit state machine.
+
+Stages, in order (each method may be called only in its stage)::
+
+    SecAggClient(cid, setup_msg)   verifies the parameters and recomputes its neighbours
+    advertise_keys()               -> {"c_pk", "s_pk"}
+    share_keys(msg)                -> {"recipients", "ciphertexts", "b_commit"}
+    masked_input(msg, vector)      -> {"masked"}
+    unmask(msg)                    -> {"b_ids", "b_shares", "s_ids", "s_shares"}
+
+Any violation raises a :class:`~fedsqueeze.secagg.errors.SecAggError` subclass; the glue
+should then drop this client from the round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.compression.bitpack import pack_bits
+from fedsqueeze.secagg import crypto, shamir
+from fedsqueeze.secagg.config import (
+    PROTOCOL,
+    SecAggConfig,
+    check_client_ids,
+    get_bool,
+    get_bytes_list,
+    get_id_list,
+    get_int,
+    get_str,
+    neighbour_graph,
+    session_id,
+)
+from fedsqueeze.secagg.errors import (
+    SecAggAbort,
+    SecAggConfigError,
+    SecAggInputError,
+    SecAggProtocolError,
+)
+
+SHARE_PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
+SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + 16
+
+
+def share_position(client_id: int) -> int:
+    """Public Shamir evaluation point of a client (non-zero, distinct per client)."""
+    return client_id + 1
+
+
+def b_commitment(session: bytes, client_id: int, b_seed: bytes) -> bytes:
+    """Hash commitment to the self-mask seed, so the server can verify its reconstruction."""
+    return hashlib.sha256(
+        b"fedsqueeze/secagg/v1/b-commit" + session + crypto.id_bytes(client_id) + b_seed
+    ).digest()
+
+
+def config_from_setup(msg: Mapping[str, Any]) -> tuple[SecAggConfig, list[int]]:
+    """Parse the public parameters and the participant list out of a setup message."""
+    if get_str(msg, "protocol") != PROTOCOL:
+        raise SecAggProtocolError(f"unsupported protocol {msg['protocol']!r}, expected {PROTOCOL}")
+    try:
+        config = SecAggConfig(
+            num_clients=get_int(msg, "num_clients"),
+            neighbours=get_int(msg, "neighbours"),
+            threshold=get_int(msg, "threshold"),
+            bits=get_int(msg, "bits"),
+            vector_len=get_int(msg, "vector_len"),
+            round_seed=get_int(msg, "round_seed"),
+            allow_low_threshold=get_bool(msg, "allow_low_threshold"),
+        )
+        ids = check_client_ids(get_id_list(msg, "client_ids"), config.num_clients)
+    except SecAggConfigError as exc:
+        raise SecAggProtocolError(f"setup message carries invalid parameters: {exc}") from exc
+    return config, ids
+
+
+class SecAggClient:
+    """One client's view of one SecAgg+ round.
+
+    Parameters
+    ----------
+    client_id:
+        This client's id (its Flower node id); must match the setup message.
+    setup_msg:
+        The message :meth:`SecAggServer.setup` produced for this client.
+    entropy:
+        Source of randomness, ``entropy(n) -> n bytes``. Defaults to :func:`os.urandom`;
+        inject a seeded source only in tests.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        setup_msg: Mapping[str, Any],
+        *,
+        entropy: Callable[[int], bytes] | None = None,
+    ) -> None:
+        self.config, self.client_ids = config_from_setup(setup_msg)
+        if get_int(setup_msg, "client_id") != client_id or client_id not in self.client_ids:
+            raise SecAggProtocolError(f"setup message is not addressed to client {client_id}")
+        self.client_id = client_id
+        graph = neighbour_graph(self.client_ids, self.config.neighbours, self.config.round_seed)
+        self.neighbours: tuple[int, ...] = graph[client_id]
+        if sorted(get_id_list(setup_msg, "neighbour_ids")) != list(self.neighbours):
+            raise SecAggProtocolError(
+                "neighbour list in the setup message differs from the graph derived from "
+                "the round seed"
+            )
+        self.session = session_id(self.config, self.client_ids)
+        self._entropy = entropy or os.urandom
+        self.stage = "setup"
+        self._peers: dict[int, tuple[bytes, bytes]] = {}
+        self._held: dict[int, tuple[int, int]] = {}  # peer -> (b share, s share)
+        self._revealed: dict[int, str] = {}  # peer -> "b" or "s"
+
+    # -- stage 1 -------------------------------------------------------------------------
+
+    def advertise_keys(self) -> dict[str, Any]:
+        """Generate this round's two X25519 key pairs and return the public keys."""
+        self._expect("setup")
+        self._c_key = crypto.generate_private_key(self._entropy)  # encrypts shares
+        self._s_key = crypto.generate_private_key(self._entropy)  # pairwise masks
+        self.stage = "keys"
+        return {
+            "c_pk": crypto.public_key_bytes(self._c_key),
+            "s_pk": crypto.public_key_bytes(self._s_key),
+        }
+
+    # -- stage 2 -------------------------------------------------------------------------
+
+    def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """Shamir-share ``b_u`` and ``s_u`` among the live neighbours and encrypt the shares.
+
+        ``msg`` holds ``peer_ids``, ``peer_c_pks`` and ``peer_s_pks`` (the neighbours that
+        advertised keys).
+        """
+        self._expect("keys")
+        peer_ids = get_id_list(msg, "peer_ids")
+        c_pks = get_bytes_list(msg, "peer_c_pks", crypto.KEY_BYTES)
+        s_pks = get_bytes_list(msg, "peer_s_pks", crypto.KEY_BYTES)
+        if not len(peer_ids) == len(c_pks) == len(s_pks):
+            raise SecAggProtocolError("peer_ids, peer_c_pks and peer_s_pks differ in length")
+        if not set(peer_ids) <= set(self.neighbours):
+            raise SecAggProtocolError("the server sent keys of clients that are not neighbours")
+        own_c = crypto.public_key_bytes(self._c_key)
+        own_s = crypto.public_key_bytes(self._s_key)
+        all_keys = [own_c, own_s, *c_pks, *s_pks]
+        if len(set(all_keys)) != len(all_keys):
+            raise SecAggProtocolError("public keys are not all distinct (replayed or cloned key)")
+        holders = sorted([*peer_ids, self.client_id])
+        if len(holders) < self.config.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: only {len(holders)} share holders are alive, "
+                f"threshold is {self.config.threshold}"
+            )
+        self._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
+        self._b_seed = self._entropy(shamir.SECRET_BYTES)
+        xs = [share_position(h) for h in holders]
+        t = self.config.threshold
+        b_shares = shamir.split_secret(self._b_seed, t, xs, self._entropy)
+        s_shares = shamir.split_secret(crypto.private_key_bytes(self._s_key), t, xs, self._entropy)
+        recipients, ciphertexts = [], []
+        for holder, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
+            if holder == self.client_id:
+                self._held[holder] = (b_share, s_share)
+                continue
+            key = crypto.pairwise_key(
+                self._c_key, self._peers[holder][0], self.session, b"enc", self.client_id, holder
+            )
+            plaintext = shamir.encode_share(b_share) + shamir.encode_share(s_share)
+            recipients.append(holder)
+            ciphertexts.append(
+                crypto.encrypt_share(
+                    key, plaintext, self.session, self.client_id, holder, self._entropy
+                )
+            )
+        self.stage = "shared"
+        return {
+            "recipients": recipients,
+            "ciphertexts": ciphertexts,
+            "b_commit": b_commitment(self.session, self.client_id, self._b_seed),
+        }
+
+    # -- stage 3 -------------------------------------------------------------------------
+
+    def masked_input(self, msg: Mapping[str, Any], vector: np.ndarray) -> dict[str, Any]:
+        """Decrypt the shares addressed to this client and return the masked input.
+
+        ``msg`` holds ``sender_ids`` and ``ciphertexts``; ``vector`` is a 1-D integer array
+        of length ``vector_len`` with values in ``[0, 2^bits)`` (see
+        :func:`fedsqueeze.secagg.encoding.to_field`). The result's ``masked`` field is
+        ``y = x + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^b`` bit-packed at ``bits`` bits.
+        """
+        self._expect("shared")
+        x = self._check_vector(vector)
+        senders = get_id_list(msg, "sender_ids")
+        blobs = get_bytes_list(msg, "ciphertexts")
+        if len(senders) != len(blobs):
+            raise SecAggProtocolError("sender_ids and ciphertexts differ in length")
+        if not set(senders) <= set(self._peers):
+            raise SecAggProtocolError("received shares from clients that were not live peers")
+        for sender, blob in zip(senders, blobs, strict=True):
+            key = crypto.pairwise_key(
+                self._c_key, self._peers[sender][0], self.session, b"enc", self.client_id, sender
+            )
+            plain = crypto.decrypt_share(key, blob, self.session, sender, self.client_id)
+            if len(plain) != SHARE_PLAINTEXT_BYTES:
+                raise SecAggProtocolError(f"share pair from client {sender} has the wrong size")
+            self._held[sender] = (
+                shamir.decode_share(plain[: shamir.SHARE_BYTES]),
+                shamir.decode_share(plain[shamir.SHARE_BYTES :]),
+            )
+        self._mask_peers = sorted(senders)
+        bits, d = self.config.bits, self.config.vector_len
+        acc = x.astype(crypto.word_dtype(bits))
+        acc += crypto.prg_words(crypto.self_mask_key(self._b_seed, self.session), d, bits)
+        for peer in self._mask_peers:
+            key = crypto.pairwise_key(
+                self._s_key, self._peers[peer][1], self.session, b"mask", self.client_id, peer
+            )
+            # The lower id adds, the higher id subtracts: the pair cancels in the sum.
+            if self.client_id < peer:
+                acc += crypto.prg_words(key, d, bits)
+            else:
+                acc -= crypto.prg_words(key, d, bits)
+        acc &= acc.dtype.type((1 << bits) - 1)
+        self.stage = "masked"
+        return {"masked": pack_bits(acc, bits)}
+
+    # -- stage 4 -------------------------------------------------------------------------
+
+    def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """Reveal the shares the server needs: ``b_v`` of survivors, ``s_v`` of dropped peers.
+
+        ``msg`` holds ``survivor_ids`` (must include this client) and ``dropped_ids``; together
+        they must classify exactly the peers this client masked with. The client refuses
+        (``SecAggProtocolError``) to reveal both kinds of share for one peer in this round,
+        whether within one request or across repeated requests.
+        """
+        if self.stage not in ("masked", "unmasked"):
+            raise SecAggProtocolError(f"unmask called in stage {self.stage!r}")
+        survivors = get_id_list(msg, "survivor_ids")
+        dropped = get_id_list(msg, "dropped_ids")
+        both = set(survivors) & set(dropped)
+        if both:
+            raise SecAggProtocolError(
+                f"refusing to reveal both the self-mask and the mask-key share of {sorted(both)}"
+            )
+        if self.client_id not in survivors:
+            raise SecAggProtocolError("the survivor list must contain this client")
+        if set(survivors) | set(dropped) != {self.client_id, *self._mask_peers}:
+            raise SecAggProtocolError(
+                "survivors and dropped must classify exactly the peers this client masked with"
+            )
+        if len(survivors) < self.config.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: only {len(survivors)} survivors in its neighbourhood, "
+                f"threshold is {self.config.threshold}"
+            )
+        wanted = {v: "b" for v in survivors} | {v: "s" for v in dropped}
+        conflict = sorted(v for v, kind in wanted.items() if self._revealed.get(v, kind) != kind)
+        if conflict:
+            raise SecAggProtocolError(
+                f"refusing to reveal both the self-mask and the mask-key share of {conflict} "
+                "in one round"
+            )
+        self._revealed.update(wanted)
+        self.stage = "unmasked"
+        survivors.sort()
+        dropped.sort()
+        return {
+            "b_ids": survivors,
+            "b_shares": [shamir.encode_share(self._held[v][0]) for v in survivors],
+            "s_ids": dropped,
+            "s_shares": [shamir.encode_share(self._held[v][1]) for v in dropped],
+        }
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _expect(self, stage: str) -> None:
+        if self.stage != stage:
+            raise SecAggProtocolError(
+                f"client {self.client_id}: call not allowed in stage {self.stage!r} "
+                f"(expected {stage!r})"
+            )
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        x = np.asarray(vector)
+        d, bits = self.config.vector_len, self.config.bits
+        if x.dtype.kind not in "iu":
+            raise SecAggInputError(f"input must be an integer array, got dtype {x.dtype}")
+        if x.shape != (d,):
+            raise SecAggInputError(f"input must have shape ({d},), got {x.shape}")
+        if int(x.min()) < 0 or int(x.max()) >= 1 << bits:
+            raise SecAggInputError(
+                f"input values must lie in [0, 2^{bits}); map signed values with to_field()"
+            )
+        return x

@@ -1,0 +1,147 @@
+"""Cryptographic building blocks, all from the ``cryptography`` package.
+
+- X25519 key agreement + HKDF-SHA256 for pairwise keys (share encryption, pairwise masks);
+- AES-256-GCM for the encrypted share pairs, with associated data binding the session,
+  sender and recipient so a ciphertext only opens in the exact slot it was made for;
+- AES-256-CTR keystream as the mask generator (PRG), read as little-endian words with
+  numpy so masking costs no Python loop per coordinate.
+
+Every derived key is salted with the session id (a hash of the round's public
+parameters, see :func:`fedsqueeze.secagg.config.session_id`), so keys and masks never
+repeat across rounds even if a client's key pair did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedsqueeze.secagg.errors import SecAggDecryptionError, SecAggProtocolError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_TAG = b"fedsqueeze/secagg/v1/"
+_ZERO_IV = bytes(16)
+
+
+def id_bytes(client_id: int) -> bytes:
+    """Canonical 8-byte encoding of a client id (Flower node ids are uint64)."""
+    return client_id.to_bytes(8, "big")
+
+
+def generate_private_key(entropy: Callable[[int], bytes]) -> X25519PrivateKey:
+    """X25519 private key from 32 bytes of ``entropy`` (the library clamps the scalar)."""
+    return X25519PrivateKey.from_private_bytes(entropy(KEY_BYTES))
+
+
+def load_private_key(data: bytes) -> X25519PrivateKey:
+    """Parse a raw 32-byte X25519 private key."""
+    if len(data) != KEY_BYTES:
+        raise SecAggProtocolError(f"an X25519 private key is {KEY_BYTES} raw bytes")
+    return X25519PrivateKey.from_private_bytes(data)
+
+
+def private_key_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def public_key_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key(data: bytes) -> X25519PublicKey:
+    """Parse a raw X25519 public key, raising :class:`SecAggProtocolError` if malformed."""
+    if not isinstance(data, bytes) or len(data) != KEY_BYTES:
+        raise SecAggProtocolError(f"an X25519 public key is {KEY_BYTES} raw bytes")
+    return X25519PublicKey.from_public_bytes(data)
+
+
+def pairwise_key(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    session: bytes,
+    purpose: bytes,
+    id_a: int,
+    id_b: int,
+) -> bytes:
+    """32-byte key shared by clients ``id_a`` and ``id_b`` for ``purpose`` in ``session``.
+
+    Symmetric in the two ids, so both ends derive the same key.
+    """
+    try:
+        shared = private.exchange(load_public_key(peer_public))
+    except ValueError as exc:  # e.g. a low-order point giving an all-zero secret
+        if isinstance(exc, SecAggProtocolError):
+            raise
+        raise SecAggProtocolError(f"X25519 key agreement failed: {exc}") from exc
+    lo, hi = sorted((id_a, id_b))
+    info = _TAG + purpose + id_bytes(lo) + id_bytes(hi)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=session, info=info).derive(shared)
+
+
+def share_associated_data(session: bytes, sender: int, recipient: int) -> bytes:
+    return _TAG + b"share" + session + id_bytes(sender) + id_bytes(recipient)
+
+
+def encrypt_share(
+    key: bytes,
+    plaintext: bytes,
+    session: bytes,
+    sender: int,
+    recipient: int,
+    entropy: Callable[[int], bytes],
+) -> bytes:
+    """AES-GCM encryption; returns ``nonce || ciphertext || tag``."""
+    nonce = entropy(NONCE_BYTES)
+    ad = share_associated_data(session, sender, recipient)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def decrypt_share(key: bytes, blob: bytes, session: bytes, sender: int, recipient: int) -> bytes:
+    """Inverse of :func:`encrypt_share`; raises :class:`SecAggDecryptionError` on any mismatch."""
+    if not isinstance(blob, bytes) or len(blob) < NONCE_BYTES + 16:
+        raise SecAggDecryptionError(f"ciphertext from client {sender} is truncated")
+    ad = share_associated_data(session, sender, recipient)
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], ad)
+    except InvalidTag as exc:
+        raise SecAggDecryptionError(
+            f"share ciphertext from client {sender} to client {recipient} failed "
+            "authentication (tampered, replayed from another round, or misaddressed)"
+        ) from exc
+
+
+def self_mask_key(seed: bytes, session: bytes) -> bytes:
+    """AES key of the self mask PRG(b_u), bound to the session."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=session, info=_TAG + b"self-mask"
+    ).derive(seed)
+
+
+def word_dtype(bits: int) -> np.dtype:
+    """Accumulator dtype: 32-bit words suffice for b <= 32 and halve keystream and memory."""
+    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
+
+
+def prg_words(key: bytes, count: int, bits: int) -> np.ndarray:
+    """``count`` uniform words (``word_dtype(bits)``) from an AES-256-CTR keystream.
+
+    The low ``bits`` bits of each word are uniform over Z_{2^b}; callers add words in the
+    word ring (mod 2^32 or 2^64) and reduce mod 2^b once at the end, which is exact because
+    2^b divides the word modulus.
+    """
+    if len(key) != KEY_BYTES:
+        raise SecAggProtocolError(f"PRG key must be {KEY_BYTES} bytes")
+    dtype = word_dtype(bits)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
+    stream = encryptor.update(bytes(count * dtype.itemsize))
+    return np.frombuffer(stream, dtype=dtype.newbyteorder("<"))

@@ -1,0 +1,349 @@
+"""Server side of SecAgg+ as an explicit state machine.
+
+Stages, in order::
+
+    setup()               -> {cid: setup msg}
+    collect_keys(msgs)    -> {cid: neighbours' public keys}          (U1: advertised keys)
+    collect_shares(msgs)  -> {cid: ciphertexts addressed to cid}      (U2: shared keys)
+    collect_masked(msgs)  -> {cid: unmask request}                    (U3: sent masked input)
+    finish(msgs)          -> SecAggResult                             (U4: answered unmasking)
+
+A client missing from a ``collect_*``/``finish`` dict is treated as dropped at that stage;
+a client whose message is malformed is dropped too and listed in :attr:`SecAggServer.rejected`.
+
+Each client's secrets are shared among its closed neighbourhood, so recovery needs, for every
+included client ``u``, ``t`` live holders of ``b_u`` among ``u`` and its neighbours, and, for
+every client ``v`` that dropped after sharing but is masked into a neighbour's input, ``t``
+live neighbours holding ``s_v``. Before sharing, the server prunes clients whose
+neighbourhood is already too small (they could never be recovered); after masked inputs
+arrive nothing can be pruned any more, so a failed condition raises :class:`SecAggAbort`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import numpy as np
+
+from fedsqueeze.compression.bitpack import packed_size, unpack_bits
+from fedsqueeze.secagg import crypto, shamir
+from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES, b_commitment, share_position
+from fedsqueeze.secagg.config import (
+    PROTOCOL,
+    SecAggConfig,
+    check_client_ids,
+    get_bytes,
+    get_bytes_list,
+    get_id_list,
+    neighbour_graph,
+    session_id,
+)
+from fedsqueeze.secagg.errors import SecAggAbort, SecAggError, SecAggProtocolError
+
+Message = dict[str, Any]
+
+
+@dataclass
+class SecAggResult:
+    """Outcome of a round.
+
+    Attributes
+    ----------
+    total:
+        ``uint64`` array of length ``vector_len``: the sum mod ``2^bits`` of the inputs of
+        ``included`` (decode signed sums with :func:`~fedsqueeze.secagg.encoding.from_field`).
+    included:
+        Sorted ids whose input is in ``total`` (they sent a masked input).
+    dropped:
+        Sorted ids of every other selected client.
+    rejected:
+        Clients dropped because a message was malformed, with the reason.
+    """
+
+    total: np.ndarray
+    included: list[int]
+    dropped: list[int]
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class SecAggServer:
+    """The aggregator of one SecAgg+ round; see the module docstring for the stages."""
+
+    def __init__(self, config: SecAggConfig, client_ids: Sequence[int]) -> None:
+        if not isinstance(config, SecAggConfig):
+            raise SecAggProtocolError("config must be a SecAggConfig")
+        self.config = config
+        self.client_ids = check_client_ids(client_ids, config.num_clients)
+        self.session = session_id(config, self.client_ids)
+        self.graph = neighbour_graph(self.client_ids, config.neighbours, config.round_seed)
+        self.stage = "init"
+        self.rejected: dict[int, str] = {}
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._u1: set[int] = set()
+        self._u2: set[int] = set()
+        self._u3: set[int] = set()
+        self._commits: dict[int, bytes] = {}
+        self._ciphertexts: dict[tuple[int, int], bytes] = {}
+        self._requests: dict[int, tuple[list[int], list[int]]] = {}
+        self._acc: np.ndarray | None = None
+
+    # -- stages --------------------------------------------------------------------------
+
+    def setup(self) -> dict[int, Message]:
+        """Stage 0: parameters and neighbour list for every selected client."""
+        self._expect("init", "setup")
+        c = self.config
+        common: Message = {
+            "protocol": PROTOCOL,
+            "client_ids": list(self.client_ids),
+            "num_clients": c.num_clients,
+            "neighbours": c.neighbours,
+            "threshold": c.threshold,
+            "bits": c.bits,
+            "vector_len": c.vector_len,
+            "round_seed": c.round_seed,
+            "allow_low_threshold": c.allow_low_threshold,
+        }
+        return {
+            cid: {**common, "client_id": cid, "neighbour_ids": list(self.graph[cid])}
+            for cid in self.client_ids
+        }
+
+    def collect_keys(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
+        """Stage 1: gather public keys; send each live client its live neighbours' keys."""
+        self._expect("setup", "collect_keys")
+        for cid, msg in self._valid(msgs, set(self.client_ids), "advertise_keys"):
+            try:
+                c_pk = get_bytes(msg, "c_pk", crypto.KEY_BYTES)
+                s_pk = get_bytes(msg, "s_pk", crypto.KEY_BYTES)
+                crypto.load_public_key(c_pk)
+                crypto.load_public_key(s_pk)
+            except SecAggError as exc:
+                self._reject(cid, "advertise_keys", exc)
+                continue
+            self._keys[cid] = (c_pk, s_pk)
+        self._u1 = self._prune(set(self._keys))
+        self._require(self._u1, "after key advertisement", pruned=True)
+        out: dict[int, Message] = {}
+        for u in sorted(self._u1):
+            peers = self._live_neighbours(u, self._u1)
+            out[u] = {
+                "peer_ids": peers,
+                "peer_c_pks": [self._keys[v][0] for v in peers],
+                "peer_s_pks": [self._keys[v][1] for v in peers],
+            }
+        return out
+
+    def collect_shares(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
+        """Stage 2: route each encrypted share pair to its recipient."""
+        self._expect("collect_keys", "collect_shares")
+        responders: set[int] = set()
+        for cid, msg in self._valid(msgs, self._u1, "share_keys"):
+            try:
+                recipients = get_id_list(msg, "recipients")
+                blobs = get_bytes_list(msg, "ciphertexts", SHARE_CIPHERTEXT_BYTES)
+                commit = get_bytes(msg, "b_commit", 32)
+                if len(recipients) != len(blobs):
+                    raise SecAggProtocolError("recipients and ciphertexts differ in length")
+                if set(recipients) != set(self._live_neighbours(cid, self._u1)):
+                    raise SecAggProtocolError("shares must go to exactly the live neighbours")
+            except SecAggError as exc:
+                self._reject(cid, "share_keys", exc)
+                continue
+            responders.add(cid)
+            self._commits[cid] = commit
+            for v, blob in zip(recipients, blobs, strict=True):
+                self._ciphertexts[(cid, v)] = blob
+        self._u2 = self._prune(responders)
+        self._require(self._u2, "after key sharing", pruned=True)
+        out: dict[int, Message] = {}
+        for v in sorted(self._u2):
+            senders = self._live_neighbours(v, self._u2)
+            out[v] = {
+                "sender_ids": senders,
+                "ciphertexts": [self._ciphertexts[(u, v)] for u in senders],
+            }
+        self._ciphertexts.clear()
+        return out
+
+    def collect_masked(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
+        """Stage 3: sum the masked inputs and ask survivors for the shares needed to unmask."""
+        self._expect("collect_shares", "collect_masked")
+        c = self.config
+        size = packed_size(c.vector_len, c.bits)
+        acc = np.zeros(c.vector_len, dtype=crypto.word_dtype(c.bits))
+        for cid, msg in self._valid(msgs, self._u2, "masked_input"):
+            try:
+                payload = get_bytes(msg, "masked", size)
+            except SecAggError as exc:
+                self._reject(cid, "masked_input", exc)
+                continue
+            acc += unpack_bits(payload, c.bits, c.vector_len).astype(acc.dtype)
+            self._u3.add(cid)
+        self._acc = acc
+        self._require(self._u3, "after masked input")
+        for u in sorted(self._u3):
+            holders = [u, *self._live_neighbours(u, self._u3)]
+            if len(holders) < c.threshold:
+                self._abort(
+                    f"client {u} sent its input but only {len(holders)} holders of its "
+                    f"self-mask shares survive (threshold {c.threshold})"
+                )
+        for v in sorted(self._u2 - self._u3):
+            holders = self._live_neighbours(v, self._u3)
+            if holders and len(holders) < c.threshold:
+                self._abort(
+                    f"client {v} dropped after sharing keys but only {len(holders)} of its "
+                    f"neighbours survive to reveal its mask key (threshold {c.threshold})"
+                )
+        out: dict[int, Message] = {}
+        for u in sorted(self._u3):
+            peers = self._live_neighbours(u, self._u2)
+            survivors = sorted([u, *(v for v in peers if v in self._u3)])
+            dropped = [v for v in peers if v not in self._u3]
+            self._requests[u] = (survivors, dropped)
+            out[u] = {"survivor_ids": survivors, "dropped_ids": dropped}
+        return out
+
+    def finish(self, msgs: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
+        """Stage 4: reconstruct the secrets, strip the masks, return the sum."""
+        self._expect("collect_masked", "finish")
+        c = self.config
+        b_shares: dict[int, list[tuple[int, int]]] = {u: [] for u in self._u3}
+        s_shares: dict[int, list[tuple[int, int]]] = {v: [] for v in self._u2 - self._u3}
+        answered: set[int] = set()
+        for cid, msg in self._valid(msgs, self._u3, "unmask"):
+            survivors, dropped = self._requests[cid]
+            try:
+                b_ids = get_id_list(msg, "b_ids")
+                s_ids = get_id_list(msg, "s_ids")
+                if sorted(b_ids) != survivors or sorted(s_ids) != dropped:
+                    raise SecAggProtocolError("answer does not match the unmask request")
+                b_vals = [shamir.decode_share(s) for s in get_bytes_list(msg, "b_shares")]
+                s_vals = [shamir.decode_share(s) for s in get_bytes_list(msg, "s_shares")]
+                if len(b_vals) != len(b_ids) or len(s_vals) != len(s_ids):
+                    raise SecAggProtocolError("ids and shares differ in length")
+            except SecAggError as exc:
+                self._reject(cid, "unmask", exc)
+                continue
+            answered.add(cid)
+            x = share_position(cid)
+            for u, y in zip(b_ids, b_vals, strict=True):
+                b_shares[u].append((x, y))
+            for v, y in zip(s_ids, s_vals, strict=True):
+                s_shares[v].append((x, y))
+        self._require(answered, "during unmasking")
+        assert self._acc is not None
+        acc, d, bits = self._acc, c.vector_len, c.bits
+        for u in sorted(self._u3):
+            seed = self._reconstruct(b_shares[u], f"the self-mask seed of client {u}")
+            if b_commitment(self.session, u, seed) != self._commits[u]:
+                self._abort(
+                    f"the self-mask seed of client {u} does not match its commitment "
+                    "(a holder returned a wrong share)"
+                )
+            acc -= crypto.prg_words(crypto.self_mask_key(seed, self.session), d, bits)
+        for v in sorted(s_shares):
+            masked_with = self._live_neighbours(v, self._u3)
+            if not masked_with:
+                continue
+            raw = self._reconstruct(s_shares[v], f"the mask key of dropped client {v}")
+            s_key = crypto.load_private_key(raw)
+            if crypto.public_key_bytes(s_key) != self._keys[v][1]:
+                self._abort(
+                    f"the mask key of client {v} does not match its public key "
+                    "(a holder returned a wrong share)"
+                )
+            for u in masked_with:
+                key = crypto.pairwise_key(s_key, self._keys[u][1], self.session, b"mask", v, u)
+                # Client u added the pair mask if u < v, subtracted it otherwise: undo that.
+                if u < v:
+                    acc -= crypto.prg_words(key, d, bits)
+                else:
+                    acc += crypto.prg_words(key, d, bits)
+        acc &= acc.dtype.type((1 << bits) - 1)
+        self.stage = "done"
+        self._acc = None
+        included = sorted(self._u3)
+        return SecAggResult(
+            total=acc.astype(np.uint64),
+            included=included,
+            dropped=sorted(set(self.client_ids) - self._u3),
+            rejected=dict(self.rejected),
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _expect(self, stage: str, call: str) -> None:
+        if self.stage != stage:
+            raise SecAggProtocolError(
+                f"{call}() not allowed in server stage {self.stage!r} (expected {stage!r})"
+            )
+        self.stage = call
+
+    def _valid(
+        self, msgs: Mapping[int, Mapping[str, Any]], allowed: set[int], stage: str
+    ) -> list[tuple[int, Mapping[str, Any]]]:
+        if not isinstance(msgs, Mapping):
+            raise SecAggProtocolError("messages must be a mapping {client_id: message}")
+        out = []
+        for cid, msg in msgs.items():
+            if cid not in allowed:
+                self.rejected[cid] = f"{stage}: not expected at this stage"
+                continue
+            out.append((cid, msg))
+        return sorted(out, key=lambda item: item[0])
+
+    def _reject(self, cid: int, stage: str, exc: Exception) -> None:
+        self.rejected[cid] = f"{stage}: {exc}"
+
+    def _live_neighbours(self, u: int, alive: set[int]) -> list[int]:
+        return [v for v in self.graph[u] if v in alive]
+
+    def _prune(self, alive: set[int]) -> set[int]:
+        """Drop clients whose closed neighbourhood within ``alive`` has fewer than t members.
+
+        Their secrets could never be reconstructed, so letting them continue would only make
+        the round abort later. Removing one can starve a neighbour, hence the fixed point.
+        """
+        alive = set(alive)
+        changed = True
+        while changed:
+            changed = False
+            for u in sorted(alive):
+                if 1 + len(self._live_neighbours(u, alive)) < self.config.threshold:
+                    alive.discard(u)
+                    changed = True
+        return alive
+
+    def _require(self, alive: set[int], when: str, pruned: bool = False) -> None:
+        if len(alive) < self.config.threshold:
+            note = (
+                " (after excluding clients with fewer than t live share holders in their "
+                "neighbourhood)"
+                if pruned
+                else ""
+            )
+            self._abort(
+                f"only {len(alive)} clients left {when}{note}, threshold is {self.config.threshold}"
+            )
+
+    def _abort(self, reason: str) -> NoReturn:
+        self.stage = "aborted"
+        self._acc = None
+        raise SecAggAbort(f"secure aggregation aborted: {reason}")
+
+    def _reconstruct(self, points: list[tuple[int, int]], what: str) -> bytes:
+        if len(points) < self.config.threshold:
+            self._abort(
+                f"only {len(points)} shares of {what} arrived, threshold is {self.config.threshold}"
+            )
+        # Use the t shares with the smallest positions: holder sets then repeat across
+        # secrets and the Lagrange coefficients are cached.
+        chosen = sorted(points)[: self.config.threshold]
+        try:
+            return shamir.reconstruct_secret([p[0] for p in chosen], [p[1] for p in chosen])
+        except SecAggProtocolError as exc:
+            self._abort(f"could not reconstruct {what}: {exc}")

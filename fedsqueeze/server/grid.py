@@ -1,0 +1,81 @@
+"""A Grid view for one round: only the sampled nodes are visible, and every byte is counted.
+
+Stock Flower strategies sample with ``random.sample`` over ``grid.get_node_ids()``;
+showing them only the nodes fedsqueeze sampled (reproducibly, by seed and partition id)
+keeps any strategy's own ``configure_train`` in use while making runs repeatable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from fedsqueeze.records import serialized_size
+
+
+class CountingGrid(Grid):
+    """Delegates to ``inner``; restricts ``get_node_ids`` and counts message bytes."""
+
+    def __init__(self, inner: Grid, node_ids: Iterable[int] | None = None) -> None:
+        self.inner = inner
+        self.node_ids = None if node_ids is None else list(node_ids)
+        self.downlink_bytes = 0
+        self.uplink_bytes = 0
+        self.messages_sent = 0
+        self.replies_received = 0
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self.node_ids is not None:
+            return list(self.node_ids)
+        return self.inner.get_node_ids()
+
+    def _count_out(self, messages: list[Message]) -> None:
+        for msg in messages:
+            if msg.has_content():
+                self.downlink_bytes += serialized_size(msg.content)
+        self.messages_sent += len(messages)
+
+    def _count_in(self, replies: list[Message]) -> None:
+        for msg in replies:
+            if msg.has_content():
+                self.uplink_bytes += serialized_size(msg.content)
+        self.replies_received += len(replies)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._count_out(messages)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        self._count_in(replies)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        self._count_out(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self._count_in(replies)
+        return replies

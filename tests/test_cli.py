@@ -1,0 +1,85 @@
+"""User errors on the command line: one line on stderr, exit status 2, no run directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsqueeze.cli import EXIT_USAGE, main
+
+
+def _bad_npz(tmp_path: Path, name: str, **overrides: object) -> str:
+    rng = np.random.default_rng(0)
+    arrays: dict[str, object] = {
+        "x_train": rng.normal(size=(40, 5)).astype(np.float32),
+        "y_train": rng.integers(0, 3, size=40),
+        "x_test": rng.normal(size=(10, 5)).astype(np.float32),
+        "y_test": rng.integers(0, 3, size=10),
+    }
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    nan_x = np.full((40, 5), np.nan, dtype=np.float32)
+    not_npz = tmp_path / "junk.npz"
+    not_npz.write_bytes(b"this is not a zip file")
+    return [
+        (["--set", f"dataset=npz:{tmp_path / 'missing.npz'}"], "missing.npz"),
+        (["--set", f"dataset=npz:{not_npz}"], "junk.npz"),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'nokey', y_test=None)}"], "y_test"),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'len', y_train=np.zeros(7, int))}"], "nokey"[:0]),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'nan', x_train=nan_x)}"], "finite"),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'neg', y_train=-np.ones(40, int))}"], "label"),
+        (
+            ["--set", f"dataset={_bad_npz(tmp_path, 'nat')}", "--set", "partition=natural"],
+            "client_train",
+        ),
+        (["--set", "model=resnet"], "unknown model"),
+        (["--set", "num-rounds=-3"], "num-rounds"),
+        (["--set", "codec=topk(2.5)+q99"], "codec"),
+        (["--set", "nonsense=1"], "unknown config key"),
+        ([str(tmp_path / "nope.toml")], "not found"),
+        (["--resume", str(tmp_path)], "not a resumable run directory"),
+    ]
+
+
+def test_user_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for extra, fragment in _cases(tmp_path):
+        out = tmp_path / "run-out"
+        code = main(["simulate", *extra, "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_USAGE, (extra, err)
+        assert len(err.splitlines()) == 1, (extra, err)
+        assert err.startswith("fedsqueeze: error:"), err
+        assert fragment.lower() in err.lower(), (extra, err)
+        assert not out.exists(), extra
+
+
+def test_existing_run_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert main(["simulate", "--out", str(out)]) == EXIT_USAGE
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_real_process_exit_status(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsqueeze.cli", "simulate", "--set", "partition=bogus"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "partition" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,435 @@
+"""End-to-end SecAgg+ protocol tests: correctness under dropouts, aborts, masking
+uniformity, authenticated shares, the never-reveal-both rule, and message fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from fedsqueeze.compression.bitpack import unpack_bits
+from fedsqueeze.secagg import (
+    SecAggAbort,
+    SecAggClient,
+    SecAggConfig,
+    SecAggDecryptionError,
+    SecAggError,
+    SecAggInputError,
+    SecAggProtocolError,
+    SecAggServer,
+    neighbour_graph,
+)
+
+
+def seeded_entropy(seed: int) -> Callable[[int], bytes]:
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+class Round:
+    """Drives one round in-process; ``drop[c] = s`` makes client c vanish at stage s (1..4)."""
+
+    def __init__(
+        self,
+        cfg: SecAggConfig,
+        ids: list[int],
+        entropy_seed: int | None = None,
+    ) -> None:
+        self.cfg, self.ids = cfg, ids
+        self.server = SecAggServer(cfg, ids)
+        setup = self.server.setup()
+        self.clients = {
+            c: SecAggClient(
+                c,
+                setup[c],
+                entropy=None if entropy_seed is None else seeded_entropy(entropy_seed + i),
+            )
+            for i, c in enumerate(ids)
+        }
+
+    def run(self, inputs: Mapping[int, np.ndarray], drop: Mapping[int, int] | None = None):
+        drop = drop or {}
+
+        def alive(stage: int, targets) -> list[int]:
+            return [c for c in targets if not 1 <= drop.get(c, 0) <= stage]
+
+        cl = self.clients
+        out = self.server.collect_keys({c: cl[c].advertise_keys() for c in alive(1, self.ids)})
+        out = self.server.collect_shares({c: cl[c].share_keys(out[c]) for c in alive(2, out)})
+        out = self.server.collect_masked(
+            {c: cl[c].masked_input(out[c], inputs[c]) for c in alive(3, out)}
+        )
+        return self.server.finish({c: cl[c].unmask(out[c]) for c in alive(4, out)})
+
+
+def oracle(ids: list[int], graph: dict[int, tuple[int, ...]], t: int, drop: dict[int, int]):
+    """Independent statement of when recovery is possible; returns the included set or None.
+
+    Secrets are shared among closed neighbourhoods, so each included client needs t live
+    holders (itself + neighbours) and each dropped-after-sharing client that is masked into
+    someone's input needs t live neighbours.
+    """
+
+    def reached(stage: int) -> set[int]:
+        return {c for c in ids if not 1 <= drop.get(c, 0) <= stage}
+
+    def closed(u: int, alive: set[int]) -> int:
+        return (u in alive) + sum(v in alive for v in graph[u])
+
+    def prune(alive: set[int]) -> set[int]:
+        while bad := {u for u in alive if closed(u, alive) < t}:
+            alive = alive - bad
+        return alive
+
+    u1 = prune(reached(1))
+    u2 = prune(reached(2) & u1) if len(u1) >= t else set()
+    u3 = reached(3) & u2
+    u4 = reached(4) & u3
+    for alive in (u1, u2, u3, u4):
+        if len(alive) < t:
+            return None
+    for holders_alive in (u3, u4):
+        if any(closed(u, holders_alive) < t for u in u3):
+            return None
+        for v in u2 - u3:
+            if any(w in u3 for w in graph[v]) and sum(w in holders_alive for w in graph[v]) < t:
+                return None
+    return u3
+
+
+@st.composite
+def scenarios(draw: st.DrawFn):
+    n = draw(st.integers(3, 8))
+    k = draw(st.sampled_from([k for k in range(1, n) if n * k % 2 == 0]))
+    low = draw(st.booleans())
+    t = draw(st.integers(2 if low else SecAggConfig.min_secure_threshold(k), k + 1))
+    bits = draw(st.integers(1, 62))
+    d = draw(st.integers(1, 12))
+    ids = draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n, unique=True))
+    cfg = SecAggConfig(
+        num_clients=n,
+        neighbours=k,
+        threshold=t,
+        bits=bits,
+        vector_len=d,
+        round_seed=draw(st.integers(0, 2**64 - 1)),
+        allow_low_threshold=low,
+    )
+    # Stage 0 or 5..9 = stays; 1..4 = drops at that stage (so most clients stay).
+    drop = {c: draw(st.integers(0, 9)) for c in ids}
+    xs = {
+        c: np.array(
+            draw(st.lists(st.integers(0, 2**bits - 1), min_size=d, max_size=d)), dtype=np.uint64
+        )
+        for c in ids
+    }
+    return cfg, ids, drop, xs
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios())
+def test_sum_recovered_under_dropouts_or_abort(scenario) -> None:
+    cfg, ids, drop, xs = scenario
+    rnd = Round(cfg, ids)
+    expected = oracle(
+        ids, neighbour_graph(ids, cfg.neighbours, cfg.round_seed), cfg.threshold, drop
+    )
+    stage_counts = [sum(not 1 <= drop[c] <= s for c in ids) for s in (1, 2, 3, 4)]
+    if min(stage_counts) < cfg.threshold or expected is None:
+        with pytest.raises(SecAggAbort):
+            rnd.run(xs, drop)
+        return
+    result = rnd.run(xs, drop)
+    assert set(result.included) == expected
+    assert sorted(result.included + result.dropped) == sorted(ids)
+    plain = [
+        sum(int(xs[c][i]) for c in result.included) % 2**cfg.bits for i in range(cfg.vector_len)
+    ]
+    assert result.total.dtype == np.uint64 and result.total.tolist() == plain
+    if cfg.neighbours == cfg.num_clients - 1:  # full graph: t survivors at every stage suffice
+        assert set(result.included) == {c for c in ids if not 1 <= drop[c] <= 3}
+
+
+def _cfg(n=5, k=4, t=3, bits=16, d=8, seed=11, **kw) -> SecAggConfig:
+    return SecAggConfig(
+        num_clients=n, neighbours=k, threshold=t, bits=bits, vector_len=d, round_seed=seed, **kw
+    )
+
+
+def test_full_graph_every_stage_dropout_exact_sum() -> None:
+    ids = [3, 9, 27, 81, 243, 729, 2187]
+    cfg = _cfg(n=7, k=6, t=4, bits=20, d=50)
+    rng = np.random.default_rng(1)
+    xs = {c: rng.integers(0, 2**20, 50, dtype=np.uint64) for c in ids}
+    result = Round(cfg, ids).run(xs, {3: 1, 9: 3, 27: 4})  # keys / masked / unmask dropouts
+    assert result.included == [27, 81, 243, 729, 2187]
+    assert result.dropped == [3, 9]
+    expected = sum(xs[c] for c in result.included) % np.uint64(2**20)
+    assert np.array_equal(result.total, expected)
+
+
+def test_too_few_survivors_abort_with_clear_message() -> None:
+    ids = list(range(5))
+    xs = {c: np.zeros(8, dtype=np.uint64) for c in ids}
+    with pytest.raises(SecAggAbort, match="only 2 clients left after masked input"):
+        Round(_cfg(), ids).run(xs, {0: 3, 1: 3, 2: 3})
+    with pytest.raises(SecAggAbort, match="threshold is 3"):
+        Round(_cfg(), ids).run(xs, {0: 4, 1: 4, 2: 4})
+    with pytest.raises(SecAggAbort):
+        Round(_cfg(), ids).run(xs, {0: 1, 1: 2, 2: 2})
+
+
+@pytest.mark.parametrize("bits", [8, 3, 40])
+def test_masked_vector_is_uniform(bits: int) -> None:
+    d = 4096
+    ids = [10, 20, 30, 40, 50]
+    rnd = Round(_cfg(bits=bits, d=d), ids, entropy_seed=1234)
+    cl, srv = rnd.clients, rnd.server
+    out = srv.collect_keys({c: cl[c].advertise_keys() for c in ids})
+    out = srv.collect_shares({c: cl[c].share_keys(out[c]) for c in ids})
+    x = np.zeros(d, dtype=np.uint64)  # maximally structured input
+    payload = cl[10].masked_input(out[10], x)["masked"]
+    assert len(payload) == (d * bits + 7) // 8  # travels at b bits, not 64
+    y = unpack_bits(payload, bits, d)
+    top = y >> np.uint64(max(bits - 8, 0))  # the 8 (or fewer) most significant bits
+    bins = 2 ** min(bits, 8)
+    observed = np.bincount(top.astype(np.int64), minlength=bins)
+    assert chisquare(observed).pvalue > 1e-3
+    low = np.bincount((y & np.uint64(bins - 1)).astype(np.int64), minlength=bins)
+    assert chisquare(low).pvalue > 1e-3
+    # Control: the same test does reject the unmasked input.
+    assert chisquare(np.bincount(x.astype(np.int64), minlength=bins)).pvalue < 1e-3
+
+
+def _shared_round(cfg: SecAggConfig, ids: list[int], entropy_seed: int):
+    rnd = Round(cfg, ids, entropy_seed=entropy_seed)
+    cl, srv = rnd.clients, rnd.server
+    keys = {c: cl[c].advertise_keys() for c in ids}
+    out = srv.collect_keys(keys)
+    out = srv.collect_shares({c: cl[c].share_keys(out[c]) for c in ids})
+    return rnd, keys, out
+
+
+def test_tampered_share_ciphertext_rejected() -> None:
+    ids = [1, 2, 3, 4, 5]
+    rnd, _, out = _shared_round(_cfg(), ids, 7)
+    msg = dict(out[1])
+    blob = bytearray(msg["ciphertexts"][0])
+    blob[20] ^= 0x01
+    msg["ciphertexts"] = [bytes(blob), *msg["ciphertexts"][1:]]
+    with pytest.raises(SecAggDecryptionError, match="failed authentication"):
+        rnd.clients[1].masked_input(msg, np.zeros(8, dtype=np.uint64))
+    # The untouched message still works, so the failure came from the flipped bit.
+    rnd.clients[2].masked_input(out[2], np.zeros(8, dtype=np.uint64))
+
+
+def test_misaddressed_share_ciphertext_rejected() -> None:
+    ids = [1, 2, 3, 4, 5]
+    rnd, _, out = _shared_round(_cfg(), ids, 7)
+    # Client 1 receives the ciphertext that sender 3 addressed to client 2.
+    from_3_to_2 = out[2]["ciphertexts"][out[2]["sender_ids"].index(3)]
+    msg = dict(out[1])
+    i = msg["sender_ids"].index(3)
+    msg["ciphertexts"] = [*msg["ciphertexts"][:i], from_3_to_2, *msg["ciphertexts"][i + 1 :]]
+    with pytest.raises(SecAggDecryptionError):
+        rnd.clients[1].masked_input(msg, np.zeros(8, dtype=np.uint64))
+    # Relabelling the sender does not help either.
+    msg = dict(out[1])
+    msg["ciphertexts"] = list(reversed(msg["ciphertexts"]))
+    with pytest.raises(SecAggDecryptionError):
+        rnd.clients[1].masked_input(msg, np.zeros(8, dtype=np.uint64))
+
+
+def test_replayed_share_from_another_round_rejected() -> None:
+    ids = [1, 2, 3, 4, 5]
+    _old, old_keys, old_out = _shared_round(_cfg(seed=100), ids, 7)
+    new, new_keys, _new_out = _shared_round(_cfg(seed=101), ids, 7)
+    # Same entropy => identical key pairs in both rounds: only the session binding differs.
+    assert old_keys == new_keys
+    with pytest.raises(SecAggDecryptionError):
+        new.clients[1].masked_input(old_out[1], np.zeros(8, dtype=np.uint64))
+    # Control: a third run of the old round accepts the old ciphertexts.
+    again, _, _ = _shared_round(_cfg(seed=100), ids, 7)
+    again.clients[1].masked_input(old_out[1], np.zeros(8, dtype=np.uint64))
+
+
+def _at_unmask(ids=(1, 2, 3, 4, 5)):
+    ids = list(ids)
+    rnd, _, out = _shared_round(_cfg(), ids, 3)
+    out = rnd.server.collect_masked(
+        {c: rnd.clients[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids}
+    )
+    return rnd, out
+
+
+def test_client_never_reveals_both_shares_of_a_peer() -> None:
+    rnd, out = _at_unmask()
+    client = rnd.clients[1]
+    with pytest.raises(SecAggProtocolError, match="both"):
+        client.unmask({"survivor_ids": [1, 2, 3, 4, 5], "dropped_ids": [5]})
+    first = client.unmask(out[1])
+    assert first["s_ids"] == [] and first["b_ids"] == [1, 2, 3, 4, 5]
+    assert client.unmask(out[1]) == first  # an identical retry is harmless
+    # Now claim that 4 and 5 dropped: their b shares were already revealed.
+    with pytest.raises(SecAggProtocolError, match=r"both .* \[4, 5\]"):
+        client.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+    # A fresh client (nothing revealed yet) would answer that same request.
+    other = rnd.clients[2]
+    answer = other.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+    assert answer["s_ids"] == [4, 5] and answer["b_ids"] == [1, 2, 3]
+    with pytest.raises(SecAggProtocolError):
+        other.unmask(out[2])  # would now reveal b of 4 and 5
+
+
+def test_unmask_request_validation() -> None:
+    rnd, _ = _at_unmask()
+    c = rnd.clients[1]
+    bad = [
+        {"survivor_ids": [2, 3, 4, 5], "dropped_ids": []},  # self missing
+        {"survivor_ids": [1, 2, 3], "dropped_ids": [4]},  # 5 unclassified
+        {"survivor_ids": [1, 2, 3, 4, 5, 6], "dropped_ids": []},  # unknown peer
+        {"survivor_ids": [1, 2, 3, 3], "dropped_ids": [4, 5]},  # duplicate
+        {"survivor_ids": "1,2,3", "dropped_ids": []},
+        {"survivor_ids": [1, 2, 3, 4, 5]},
+    ]
+    for msg in bad:
+        with pytest.raises(SecAggProtocolError):
+            c.unmask(msg)
+    with pytest.raises(SecAggAbort):
+        c.unmask({"survivor_ids": [1, 2], "dropped_ids": [3, 4, 5]})
+
+
+def test_wrong_share_detected_by_commitment() -> None:
+    rnd, out = _at_unmask()
+    answers = {c: rnd.clients[c].unmask(out[c]) for c in out}
+    shares = list(answers[1]["b_shares"])
+    shares[1] = (int.from_bytes(shares[1], "big") ^ 1).to_bytes(33, "big")
+    answers[1] = {**answers[1], "b_shares": shares}
+    with pytest.raises(SecAggAbort, match="commitment"):
+        rnd.server.finish(answers)
+
+
+def test_malformed_client_messages_are_dropped_not_fatal() -> None:
+    ids = [1, 2, 3, 4, 5, 6]
+    cfg = _cfg(n=6, k=5, t=4, bits=13, d=30)
+    rnd = Round(cfg, ids)
+    cl, srv = rnd.clients, rnd.server
+    xs = {c: np.full(30, c, dtype=np.uint64) for c in ids}
+    keys = {c: cl[c].advertise_keys() for c in ids}
+    keys[99] = keys[1]  # not a participant
+    out = srv.collect_keys(keys)
+    out = srv.collect_shares({c: cl[c].share_keys(out[c]) for c in ids})
+    masked = {c: cl[c].masked_input(out[c], xs[c]) for c in ids}
+    masked[6] = {"masked": masked[6]["masked"][:-1]}  # truncated payload
+    out = srv.collect_masked(masked)
+    result = srv.finish({c: cl[c].unmask(out[c]) for c in out})
+    assert result.included == [1, 2, 3, 4, 5] and 6 in result.rejected and 99 in result.rejected
+    assert result.total.tolist() == [15] * 30
+
+
+def test_stage_order_enforced() -> None:
+    ids = [1, 2, 3, 4, 5]
+    rnd = Round(_cfg(), ids)
+    with pytest.raises(SecAggProtocolError):
+        rnd.clients[1].share_keys({})
+    with pytest.raises(SecAggProtocolError):
+        rnd.server.finish({})
+    rnd.clients[1].advertise_keys()
+    with pytest.raises(SecAggProtocolError):
+        rnd.clients[1].advertise_keys()
+
+
+def test_setup_message_is_verified() -> None:
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    setup = SecAggServer(_cfg(n=8, k=4, t=3), ids).setup()
+    msg = setup[1]
+    SecAggClient(1, msg)
+    with pytest.raises(SecAggProtocolError, match="neighbour"):
+        others = [c for c in ids if c not in msg["neighbour_ids"] and c != 1]
+        SecAggClient(1, {**msg, "neighbour_ids": [*msg["neighbour_ids"][:-1], others[0]]})
+    with pytest.raises(SecAggProtocolError):
+        SecAggClient(2, msg)
+    with pytest.raises(SecAggProtocolError, match="invalid parameters"):
+        SecAggClient(1, {**msg, "threshold": 2})  # below the secure threshold
+    with pytest.raises(SecAggProtocolError):
+        SecAggClient(1, {**msg, "protocol": "flower-secagg+"})
+
+
+def test_input_vector_validated() -> None:
+    rnd, _, out = _shared_round(_cfg(bits=8, d=8), [1, 2, 3, 4, 5], 5)
+    c = rnd.clients[1]
+    for bad in (np.zeros(7, dtype=np.uint64), np.full(8, 256), np.full(8, -1), np.zeros(8)):
+        with pytest.raises(SecAggInputError):
+            c.masked_input(out[1], bad)
+
+
+def test_server_rejects_bad_client_ids() -> None:
+    with pytest.raises(SecAggError):
+        SecAggServer(_cfg(), [1, 2, 3, 4])
+    with pytest.raises(SecAggError):
+        SecAggServer(_cfg(), [1, 2, 3, 4, 4])
+    with pytest.raises(SecAggError):
+        SecAggServer(_cfg(), [1, 2, 3, 4, -5])
+
+
+_VALUES = st.one_of(
+    st.integers(-5, 2**64),
+    st.binary(max_size=100),
+    st.text(max_size=5),
+    st.booleans(),
+    st.lists(st.integers(0, 10), max_size=6),
+    st.lists(st.binary(max_size=100), max_size=6),
+)
+
+
+def _fuzz_msg(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(keys), _VALUES, max_size=len(keys))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    keys_msg=_fuzz_msg(["peer_ids", "peer_c_pks", "peer_s_pks"]),
+    shares_msg=_fuzz_msg(["sender_ids", "ciphertexts"]),
+    server_msg=_fuzz_msg(["c_pk", "s_pk", "recipients", "ciphertexts", "b_commit", "masked"]),
+)
+def test_decoders_fuzz_raise_only_typed_errors(keys_msg, shares_msg, server_msg) -> None:
+    ids = [0, 1, 2, 3, 4]
+    rnd = Round(_cfg(), ids)
+    c0 = rnd.clients[0]
+    c0.advertise_keys()
+    with contextlib.suppress(SecAggError):
+        c0.share_keys(keys_msg)
+    rnd2, _, _ = _shared_round(_cfg(), ids, 9)
+    with contextlib.suppress(SecAggError):
+        rnd2.clients[0].masked_input(shares_msg, np.zeros(8, dtype=np.uint64))
+    # A garbage message from one client never crashes the server; it is rejected.
+    srv = SecAggServer(_cfg(), ids)
+    setup = srv.setup()
+    clients = {c: SecAggClient(c, setup[c]) for c in ids}
+    msgs = {c: clients[c].advertise_keys() for c in ids}
+    msgs[0] = server_msg
+    try:
+        srv.collect_keys(msgs)
+    except SecAggAbort:
+        pytest.fail("one bad message out of five must not abort a t=3 round")
+    assert 0 in srv.rejected or server_msg.keys() >= {"c_pk", "s_pk"}
+
+
+def test_wrong_mask_key_share_detected_by_public_key() -> None:
+    ids = [1, 2, 3, 4, 5]
+    rnd, _, out = _shared_round(_cfg(), ids, 4)
+    cl, srv = rnd.clients, rnd.server
+    masked = {c: cl[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids[:-1]}
+    requests = srv.collect_masked(masked)  # client 5 dropped after sharing
+    answers = {c: cl[c].unmask(requests[c]) for c in requests}
+    assert answers[1]["s_ids"] == [5]
+    bad = (int.from_bytes(answers[1]["s_shares"][0], "big") ^ 1).to_bytes(33, "big")
+    answers[1] = {**answers[1], "s_shares": [bad]}
+    with pytest.raises(SecAggAbort, match=r"public key|reconstruct"):
+        srv.finish(answers)
