@@ -38,12 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a simulated federation")
     sim.add_argument("config", nargs="?", help="CONFIG.toml with run-config keys")
     sim.add_argument(
-        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one run-config key (repeatable)",
     )
     sim.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
     sim.add_argument(
-        "--resume", nargs="?", const="", default=None, metavar="DIR",
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
         help="continue the run in DIR (or --out) from its last completed round",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -91,8 +99,11 @@ def _configure_environment(verbose: bool) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower logs every round at INFO and warns that run_simulation is deprecated
+        # (fedsqueeze uses it deliberately: it takes app objects built from a config).
+        logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--set", f"dataset=npz:{tmp_path / 'missing.npz'}"], "missing.npz"),
         (["--set", f"dataset=npz:{not_npz}"], "junk.npz"),
         (["--set", f"dataset={_bad_npz(tmp_path, 'nokey', y_test=None)}"], "y_test"),
-        (["--set", f"dataset={_bad_npz(tmp_path, 'len', y_train=np.zeros(7, int))}"], "nokey"[:0]),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'len', y_train=np.zeros(7, int))}"], "7 labels"),
         (["--set", f"dataset={_bad_npz(tmp_path, 'nan', x_train=nan_x)}"], "finite"),
         (["--set", f"dataset={_bad_npz(tmp_path, 'neg', y_train=-np.ones(40, int))}"], "label"),
         (
@@ -65,7 +65,9 @@ def test_user_errors_exit_2_with_one_line(
         assert not out.exists(), extra
 
 
-def test_existing_run_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_run_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "taken"
     out.mkdir()
     (out / "metrics.jsonl").write_text("{}\n")
@@ -77,7 +79,10 @@ def test_existing_run_directory_is_refused(tmp_path: Path, capsys: pytest.Captur
 def test_real_process_exit_status(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedsqueeze.cli", "simulate", "--set", "partition=bogus"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0

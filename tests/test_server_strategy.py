@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -83,7 +83,9 @@ def test_compressed_replies_are_decoded_against_the_reference() -> None:
     replies = []
     for m in msgs:
         payload = codec.encode(delta, seed=seed, state=None).payload
-        content = RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(3)})
+        content = RecordDict(
+            {UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(3)}
+        )
         replies.append(_reply(m, content))
     agg, _ = strategy.aggregate_train(5, replies)
     assert agg is not None
@@ -105,26 +107,43 @@ def test_bad_reply_is_dropped_and_counted(bad: str) -> None:
 
     def good(m: Message) -> Message:
         payload = codec.encode(good_delta, seed=seed, state=None).payload
-        return _reply(m, RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(2)}))
+        return _reply(
+            m, RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(2)})
+        )
 
     payload = codec.encode(good_delta, seed=seed, state=None).payload
     metrics = _metrics(2)
     if bad == "nan":
-        content = RecordDict({"arrays": to_record({k: v * np.nan for k, v in g.items()}), "metrics": metrics})
+        content = RecordDict(
+            {"arrays": to_record({k: v * np.nan for k, v in g.items()}), "metrics": metrics}
+        )
     elif bad == "inf":
-        content = RecordDict({"arrays": to_record({k: v + np.inf for k, v in g.items()}), "metrics": metrics})
+        content = RecordDict(
+            {"arrays": to_record({k: v + np.inf for k, v in g.items()}), "metrics": metrics}
+        )
     elif bad == "shape":
-        content = RecordDict({"arrays": to_record({"w": np.zeros((4, 6), np.float32), "b": g["b"]}), "metrics": metrics})
+        content = RecordDict(
+            {
+                "arrays": to_record({"w": np.zeros((4, 6), np.float32), "b": g["b"]}),
+                "metrics": metrics,
+            }
+        )
     elif bad == "names":
         content = RecordDict({"arrays": to_record({"x": g["w"], "b": g["b"]}), "metrics": metrics})
     elif bad == "garbage":
-        content = RecordDict({UPDATE_KEY: ConfigRecord({"payload": b"\x00" * 64}), "metrics": metrics})
+        content = RecordDict(
+            {UPDATE_KEY: ConfigRecord({"payload": b"\x00" * 64}), "metrics": metrics}
+        )
     elif bad == "truncated":
-        content = RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload[:-5]}), "metrics": metrics})
+        content = RecordDict(
+            {UPDATE_KEY: ConfigRecord({"payload": payload[:-5]}), "metrics": metrics}
+        )
     elif bad == "no-metrics":
         content = RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload})})
     else:
-        content = RecordDict({UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(-1)})
+        content = RecordDict(
+            {UPDATE_KEY: ConfigRecord({"payload": payload}), "metrics": _metrics(-1)}
+        )
     replies = [good(msgs[0]), good(msgs[1]), _reply(msgs[2], content)]
     agg, _ = strategy.aggregate_train(1, replies)
     assert strategy.stats.rejected == 1
@@ -140,7 +159,12 @@ def test_all_replies_bad_keeps_the_global_model() -> None:
     msgs = _configure(strategy)
     g = _global()
     replies = [
-        _reply(m, RecordDict({"arrays": to_record({k: v * np.nan for k, v in g.items()}), "metrics": _metrics(1)}))
+        _reply(
+            m,
+            RecordDict(
+                {"arrays": to_record({k: v * np.nan for k, v in g.items()}), "metrics": _metrics(1)}
+            ),
+        )
         for m in msgs
     ]
     agg, _ = strategy.aggregate_train(1, replies)
@@ -169,11 +193,15 @@ def test_downlink_full_then_delta_matches_client_reconstruction() -> None:
             base_version = rec["base-version"]
             assert base_version == (downlink.FULL if rnd == 1 else 1)
             base = None if base_version == downlink.FULL else client_views[node]
-            view = downlink.reconstruct(parse_codec(str(rec["codec"])), rec["payload"], rec["seed"], base)
+            view = downlink.reconstruct(
+                parse_codec(str(rec["codec"])), rec["payload"], rec["seed"], base
+            )
             client_views[node] = view
             for k in arrays:  # q8 of the model: close to, not equal to, the global weights
                 np.testing.assert_allclose(view[k], arrays[k], atol=0.05)
-            replies.append(_reply(m, RecordDict({"arrays": to_record(view), "metrics": _metrics(1)})))
+            replies.append(
+                _reply(m, RecordDict({"arrays": to_record(view), "metrics": _metrics(1)}))
+            )
         agg, _ = strategy.aggregate_train(rnd, replies)
         assert strategy.stats.accepted == 3
         mean_view = {k: np.mean([client_views[n][k] for n in NODES], axis=0) for k in arrays}

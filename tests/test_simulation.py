@@ -99,13 +99,30 @@ def test_compressed_run_with_a_corrupt_client(
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fedsqueeze.cli", "simulate", "--quiet", *args],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=600, start_new_session=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+        start_new_session=True,
     )
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    sets = ["--set", "num-rounds=6", "--set", "clients-per-round=2", "--set", "model=logreg",
-            "--set", "num-clients=4", "--set", "strategy=fedadam", "--set", "server-lr=0.05"]
+    sets = [
+        "--set",
+        "num-rounds=6",
+        "--set",
+        "clients-per-round=2",
+        "--set",
+        "model=logreg",
+        "--set",
+        "num-clients=4",
+        "--set",
+        "strategy=fedadam",
+        "--set",
+        "server-lr=0.05",
+    ]
     env = dict(os.environ)
     full = _cli([*sets, "--out", str(tmp_path / "full")], env, tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]

@@ -43,7 +43,9 @@ def _receive_downlink(msg: Message, context: Context) -> dict[str, np.ndarray]:
     base_version = int(rec["base-version"])
     base = None
     if base_version != downlink.FULL:
-        held = int(context.state[VIEW_META_KEY]["version"]) if VIEW_META_KEY in context.state else None
+        held = (
+            int(context.state[VIEW_META_KEY]["version"]) if VIEW_META_KEY in context.state else None
+        )
         if held != base_version:
             raise ProtocolError(
                 f"server sent a delta against model version {base_version}, "
@@ -83,17 +85,16 @@ def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply = call_next(msg, context)
     if reply.has_error() or (spec == "none" and not received_downlink):
         return reply
+    if bool(config.get("secagg", False)):
+        # Under secure aggregation the secagg mod (outside this one) encodes the update.
+        return reply
 
     if "arrays" not in reply.content:
         raise ProtocolError("compress_mod needs the train reply to hold full weights in 'arrays'")
     local = from_record(reply.content["arrays"])
-    if list(local) != list(reference) or any(
-        local[k].shape != reference[k].shape for k in local
-    ):
+    if list(local) != list(reference) or any(local[k].shape != reference[k].shape for k in local):
         raise ProtocolError("train reply weights do not match the received model's names/shapes")
-    delta = {
-        k: (local[k].astype(np.float32) - reference[k].astype(np.float32)) for k in local
-    }
+    delta = {k: (local[k].astype(np.float32) - reference[k].astype(np.float32)) for k in local}
     codec = parse_codec(spec)
     encoded = codec.encode(
         delta, seed=int(config.get("codec-seed", 0)), state=_codec_state(context, codec.spec)

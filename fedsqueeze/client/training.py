@@ -44,9 +44,7 @@ def train_local(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
     loss_fn = nn.CrossEntropyLoss()
-    global_params = (
-        [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    )
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
@@ -90,10 +88,15 @@ def evaluate(
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's state_dict as float32 numpy arrays (copies), in state_dict order."""
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+    }
 
 
 def load_numpy_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Load numpy arrays into ``model`` (strict: same keys and shapes)."""
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in arrays.items()}
+    state = {
+        k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in arrays.items()
+    }
     model.load_state_dict(state, strict=True)

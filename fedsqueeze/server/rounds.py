@@ -12,6 +12,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,11 @@ from flwr.serverapp import Grid
 
 from fedsqueeze.client.training import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.config import to_toml
+from fedsqueeze.data import partition_stats
 from fedsqueeze.federation import dataset_for, new_model, partitions_for
 from fedsqueeze.records import from_record, to_record
 from fedsqueeze.server.grid import CountingGrid
+from fedsqueeze.server.privacy import build_server_privacy
 from fedsqueeze.server.rundir import CLIENTS, CONFIG, SUMMARY, Checkpoint, RunDir
 from fedsqueeze.server.strategies import build_strategy
 from fedsqueeze.server.strategy import CompressedStrategy
@@ -57,7 +60,11 @@ def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     """Ask every node for its partition id; return ``{partition_id: node_id}``."""
     nodes = wait_for_nodes(grid, num_clients, timeout)
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord()}), message_type=MessageType.QUERY, dst_node_id=n)
+        Message(
+            content=RecordDict({"config": ConfigRecord()}),
+            message_type=MessageType.QUERY,
+            dst_node_id=n,
+        )
         for n in nodes
     ]
     mapping: dict[int, int] = {}
@@ -74,9 +81,7 @@ def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
             )
         mapping[int(info["partition-id"])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(num_clients)):
-        raise FederationError(
-            f"expected partition ids 0..{num_clients - 1}, got {sorted(mapping)}"
-        )
+        raise FederationError(f"expected partition ids 0..{num_clients - 1}, got {sorted(mapping)}")
     return mapping
 
 
@@ -84,6 +89,48 @@ def sample_partitions(seed: int, server_round: int, num_clients: int, k: int) ->
     """The partitions trained in a round: reproducible from (seed, round)."""
     rng = np.random.default_rng([seed, server_round, 0xC11E])
     return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
+
+
+@dataclass
+class TrainOutcome:
+    """What the training phase of one round produced."""
+
+    arrays: dict[str, np.ndarray] | None
+    """The new global model, or None to keep the current one."""
+    accepted: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    """Sampled clients that sent nothing usable: errors, time-outs, protocol drop-outs."""
+    train_loss: float | None = None
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
+    """Each accepted client's train MetricRecord (e.g. a local-DP client's epsilon)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More per-round fields for metrics.jsonl (e.g. the secure-aggregation bit width)."""
+
+
+def plain_train_round(
+    strategy: CompressedStrategy,
+    view: CountingGrid,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    timeout: float,
+) -> TrainOutcome:
+    """One training phase without secure aggregation: any reply may be (de)compressed."""
+    messages = strategy.configure_train(server_round, to_record(arrays), ConfigRecord(), view)
+    replies = view.send_and_receive(messages, timeout=timeout)
+    agg, train_metrics = strategy.aggregate_train(server_round, replies)
+    stats = strategy.stats
+    loss = None
+    if train_metrics is not None and "train-loss" in train_metrics:
+        loss = float(train_metrics["train-loss"])
+    return TrainOutcome(
+        arrays=from_record(agg) if agg is not None else None,
+        accepted=stats.accepted,
+        rejected=stats.rejected,
+        dropped=stats.failed + (len(view.node_ids or []) - stats.replies),
+        train_loss=loss,
+        client_metrics=stats.client_metrics,
+    )
 
 
 def _param_count(arrays: Mapping[str, np.ndarray]) -> int:
@@ -117,17 +164,7 @@ def run_federation(
         elapsed = 0.0
         run_dir.write_text(CONFIG, to_toml(config))
         parts = partitions_for(config)
-        run_dir.write_json(
-            CLIENTS,
-            [
-                {
-                    "client": i,
-                    "num_samples": len(idx),
-                    "label_counts": np.bincount(ds.y_train[idx], minlength=ds.num_classes),
-                }
-                for i, idx in enumerate(parts)
-            ],
-        )
+        run_dir.write_json(CLIENTS, partition_stats(ds, parts))
     else:
         model = new_model(config)
         arrays = ckpt.arrays
@@ -138,29 +175,46 @@ def run_federation(
         run_dir.write_metrics(metrics)  # drop any row written after the checkpoint
         log.info("resuming after round %d", ckpt.completed_round)
 
+    privacy = build_server_privacy(config, ckpt.extra.get("privacy") if ckpt else None)
     strategy = CompressedStrategy(
-        inner, codec=str(config["codec"]), downlink_codec=str(config["downlink-codec"]), seed=seed
+        inner,
+        codec=str(config["codec"]),
+        downlink_codec=str(config["downlink-codec"]),
+        seed=seed,
+        aggregator=privacy.aggregator() if privacy is not None else None,
     )
     n_params = _param_count(arrays)
     fp32_bytes = 4 * n_params
     elapsed += time.monotonic() - t_setup
+    stopped_reason = ""
 
     for rnd in range(start_round, num_rounds + 1):
+        if privacy is not None:
+            refusal = privacy.refuse_round(rnd)
+            if refusal:
+                stopped_reason = refusal
+                log.warning("stopping before round %d: %s", rnd, refusal)
+                break
         t0 = time.monotonic()
         sampled = sample_partitions(seed, rnd, num_clients, k)
         view = CountingGrid(grid, [partition_nodes[p] for p in sampled])
-        messages = strategy.configure_train(rnd, to_record(arrays), ConfigRecord(), view)
-        replies = view.send_and_receive(messages, timeout=node_timeout)
-        agg, train_metrics = strategy.aggregate_train(rnd, replies)
-        if agg is not None:
-            arrays = from_record(agg)
+        if bool(config["secagg"]):
+            from fedsqueeze.server.secure import secure_train_round
+
+            outcome = secure_train_round(view, rnd, arrays, config, strategy, privacy, node_timeout)
+        else:
+            outcome = plain_train_round(strategy, view, rnd, arrays, node_timeout)
+        if outcome.arrays is not None:
+            arrays = outcome.arrays
 
         row: dict[str, Any] = {"round": rnd}
         if float(config["fraction-evaluate"]) > 0:
             n_eval = max(1, round(float(config["fraction-evaluate"]) * num_clients))
             eval_parts = sample_partitions(seed + 1, rnd, num_clients, n_eval)
             eval_view = CountingGrid(grid, [partition_nodes[p] for p in eval_parts])
-            eval_msgs = strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(), eval_view)
+            eval_msgs = strategy.configure_evaluate(
+                rnd, to_record(arrays), ConfigRecord(), eval_view
+            )
             eval_metrics = strategy.aggregate_evaluate(
                 rnd, eval_view.send_and_receive(eval_msgs, timeout=node_timeout)
             )
@@ -171,10 +225,9 @@ def run_federation(
 
         load_numpy_state(model, arrays)
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
-        stats = strategy.stats
         wall = time.monotonic() - t0
         elapsed += wall
-        uplink_payload = max(stats.accepted + stats.rejected, 1)
+        uplink_payload = max(outcome.accepted + outcome.rejected, 1)
         row.update(
             {
                 "accuracy": acc,
@@ -183,16 +236,21 @@ def run_federation(
                 "downlink_bytes": view.downlink_bytes,
                 "wall_s": round(wall, 4),
                 "elapsed_s": round(elapsed, 4),
-                "clients": stats.accepted,
-                "rejected_updates": stats.rejected,
-                "dropped_clients": stats.failed + (k - stats.replies),
+                "clients": outcome.accepted,
+                "rejected_updates": outcome.rejected,
+                "dropped_clients": outcome.dropped,
                 "uplink_compression": fp32_bytes * uplink_payload / max(view.uplink_bytes, 1),
                 "uplink_bits_per_param": 8 * view.uplink_bytes / (uplink_payload * n_params),
-                "downlink_bits_per_param": 8 * view.downlink_bytes / (max(len(sampled), 1) * n_params),
+                "downlink_bits_per_param": 8
+                * view.downlink_bytes
+                / (max(len(sampled), 1) * n_params),
             }
         )
-        if train_metrics is not None and "train-loss" in train_metrics:
-            row["train_loss"] = float(train_metrics["train-loss"])
+        if outcome.train_loss is not None:
+            row["train_loss"] = outcome.train_loss
+        row.update(outcome.extra)
+        if privacy is not None:
+            row.update(privacy.after_round(rnd, outcome))
         metrics.append(row)
         run_dir.save_checkpoint(
             Checkpoint(
@@ -200,7 +258,10 @@ def run_federation(
                 arrays=arrays,
                 strategy_state=pickle.dumps(inner),
                 metrics=metrics,
-                extra={"elapsed_s": elapsed},
+                extra={
+                    "elapsed_s": elapsed,
+                    "privacy": privacy.state() if privacy is not None else None,
+                },
             )
         )
         run_dir.write_metrics(metrics)
@@ -211,6 +272,10 @@ def run_federation(
             os.kill(os.getpid(), 9)
 
     summary = summarize(metrics, config, n_params)
+    if stopped_reason:
+        summary["stopped_reason"] = stopped_reason
+    if privacy is not None:
+        summary.update(privacy.summary())
     run_dir.write_json(SUMMARY, summary)
     run_dir.save_model(arrays)
     _plot(run_dir, metrics)

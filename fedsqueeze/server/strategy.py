@@ -15,8 +15,8 @@ wrapped strategy and nothing else:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -52,6 +52,13 @@ class RoundStats:
     rejected: int = 0
     failed: int = 0
     aggregate_rejected: bool = False
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+UpdateAggregator = Callable[[int, list[dict[str, np.ndarray]], list[int]], dict[str, np.ndarray]]
+"""``(server_round, client_deltas, num_examples) -> delta to apply`` (e.g. central DP's
+clip + sum + noise + average). Replaces the wrapped strategy's weighted mean of the
+clients' weights; the wrapped strategy then sees one reply, ``global + delta``."""
 
 
 def all_finite(arrays: dict[str, np.ndarray]) -> bool:
@@ -70,10 +77,17 @@ class CompressedStrategy(Strategy):
         Codec spec strings (see ``fedsqueeze.compression``); ``"none"`` sends fp32.
     seed
         Run seed; per-round codec seeds derive from it.
+    aggregator
+        Optional :data:`UpdateAggregator` (central DP) applied to the decoded deltas.
     """
 
     def __init__(
-        self, inner: Strategy, codec: str = "none", downlink_codec: str = "none", seed: int = 0
+        self,
+        inner: Strategy,
+        codec: str = "none",
+        downlink_codec: str = "none",
+        seed: int = 0,
+        aggregator: UpdateAggregator | None = None,
     ) -> None:
         self.inner = inner
         self.codec = parse_codec(codec)
@@ -81,6 +95,7 @@ class CompressedStrategy(Strategy):
         if self.downlink.stateful_client or self.downlink.stateful_server:
             raise CodecError("downlink-codec cannot keep state (error feedback is uplink-only)")
         self.seed = seed
+        self.aggregator = aggregator
         self.stats = RoundStats()
         self._global: dict[str, np.ndarray] = {}
         self._references: dict[int, dict[str, np.ndarray]] = {}
@@ -186,6 +201,9 @@ class CompressedStrategy(Strategy):
                 log.warning("round %d: dropped update from node %d: %s", server_round, node, err)
                 continue
             metrics = msg.content["metrics"]
+            stats.client_metrics.append(
+                {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            )  # type: ignore[arg-type]
             msg.content = RecordDict({"arrays": to_record(local), "metrics": metrics})
             if self.downlink.spec != "none":
                 self._views[node] = (server_round, self._references[node])
@@ -194,12 +212,33 @@ class CompressedStrategy(Strategy):
         self.stats = stats
         if not usable:
             return None, None
+        if self.aggregator is not None:
+            usable = self._aggregate_with(server_round, usable)
         arrays, metrics = self.inner.aggregate_train(server_round, usable)
         if arrays is not None and not all_finite(from_record(arrays)):
             log.warning("round %d: aggregate is not finite; global model kept", server_round)
             stats.aggregate_rejected = True
             return None, metrics
         return arrays, metrics
+
+    def _aggregate_with(self, server_round: int, usable: list[Message]) -> list[Message]:
+        """Replace the replies by one reply holding ``global + aggregator(deltas)``."""
+        assert self.aggregator is not None
+        deltas, weights = [], []
+        for msg in usable:
+            local = from_record(msg.content["arrays"])
+            ref = self._references[msg.metadata.src_node_id]
+            deltas.append({k: local[k] - ref[k] for k in local})
+            weights.append(int(msg.content["metrics"]["num-examples"]))
+        delta = self.aggregator(server_round, deltas, weights)
+        merged = {k: (self._global[k] + delta[k]).astype(np.float32) for k in self._global}
+        loss = [m.get("train-loss") for m in self.stats.client_metrics]
+        metrics = MetricRecord({"num-examples": 1})
+        if loss and all(v is not None for v in loss):
+            metrics["train-loss"] = float(np.mean(loss))
+        first = usable[0]
+        first.content = RecordDict({"arrays": to_record(merged), "metrics": metrics})
+        return [first]
 
     # ---- evaluation: unchanged ---------------------------------------------------------
     def configure_evaluate(

@@ -1,0 +1,505 @@
+"""Client side of secure aggregation: the ``secagg_mod`` and the integer encoding it uses.
+
+Under ``secagg = true`` a round is several ``TRAIN`` messages, each naming its stage in the
+``"config"`` record (``secagg-stage``):
+
+``setup``   the ordinary train message plus the SecAgg+ setup fields: the mod lets the
+            ClientApp train, turns ``local - start`` into an integer vector in Z_{2^b}
+            (clip → scale → unbiased stochastic rounding → shared-seed random-k →
+            weighting, or the distributed-DP encoder), keeps it in ``Context.state`` and
+            replies with the advertised public keys;
+``share``   → encrypted Shamir shares for the neighbours;
+``mask``    → the masked input, bit-packed at b bits;
+``unmask``  → the shares the server needs to strip the masks.
+
+The protocol state (the SecAgg+ client state machine, its private keys, the encoded
+input) lives in ``Context.state`` between stages, so it survives in simulation and on a
+SuperNode alike. The encoding helpers below are shared with the server
+(:mod:`fedsqueeze.server.secure`), which must decode exactly what clients encode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedsqueeze.compression import parse_codec, random_k_indices, stochastic_round
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.compression.stages import RandomK, resolve_k
+from fedsqueeze.privacy.distributed import DistributedDPClient, DistributedDPParams, wrap_mod
+from fedsqueeze.records import from_record
+from fedsqueeze.secagg import SecAggClient, to_field
+from fedsqueeze.secagg.encoding import MAX_BITS
+
+STAGE_KEY = "secagg-stage"
+SETUP, SHARE, MASK, UNMASK = "setup", "share", "mask", "unmask"
+STAGES = (SETUP, SHARE, MASK, UNMASK)
+"""Protocol stages in order; a simulated dropout names the one at which the client fails."""
+PROTO_PREFIX = "sa."
+"""Config-record keys carrying the SecAgg+ core's message fields."""
+REPLY_KEY = "fedsqueeze.secagg"
+"""ConfigRecord in a client's stage reply: the core's reply fields."""
+STATE_KEY = "fedsqueeze.secagg-state"
+"""Client ``Context.state`` ConfigRecord: the protocol state between stages."""
+DEFAULT_BITS = 16
+"""Field width when neither ``secagg-bits`` nor ``secagg-scale`` is set."""
+
+
+class SecureConfigError(ValueError):
+    """The run config asks for a secure-aggregation setup that cannot work."""
+
+
+class SimulatedDropout(RuntimeError):
+    """Raised by a client told (``simulate-dropout``) to fail at this protocol stage."""
+
+
+# --- encoding shared by client and server -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntegerEncoding:
+    """How a float update becomes an integer vector (no-DP and central-DP paths).
+
+    Each client sends ``stochastic_round(scale * w_i * clip(x_i)[positions])`` and, when
+    ``weighted``, ``n_i`` as one more coordinate, where ``w_i = n_i / weight_cap <= 1``.
+    Every coordinate then lies in ``[-max_abs, max_abs]`` and the sum of ``num_clients`` of
+    them fits ``bits`` (two's complement in Z_{2^b}); the server divides the decoded sum by
+    ``scale / weight_cap * sum(n_i)`` for the weighted mean.
+    """
+
+    clip: float
+    scale: float
+    bits: int
+    weighted: bool
+    weight_cap: int
+    num_clients: int
+
+    @property
+    def coord_bound(self) -> int:
+        """Largest |value| of an update coordinate after rounding."""
+        return math.ceil(self.scale * self.clip)
+
+    @property
+    def max_abs(self) -> int:
+        return max(self.coord_bound, self.weight_cap if self.weighted else 0)
+
+
+def _needed_bits(num_clients: int, max_abs: int) -> int:
+    return (num_clients * max_abs).bit_length() + 1
+
+
+def choose_encoding(
+    *,
+    num_clients: int,
+    clip: float,
+    bits: int = 0,
+    scale: float = 0.0,
+    weighted: bool = True,
+    weight_cap: int = 1,
+) -> IntegerEncoding:
+    """Complete (bits, scale): given bits, the largest scale that cannot overflow; given a
+    scale, the bits it needs; neither, :data:`DEFAULT_BITS` (more if the weights need it).
+
+    Raises
+    ------
+    SecureConfigError
+        Both given and the sum of ``num_clients`` inputs would wrap around, or the weight
+        coordinate alone does not fit the width.
+    """
+    if num_clients < 2:
+        raise SecureConfigError(f"secure aggregation needs >= 2 clients per round, got {num_clients}")
+    if not (math.isfinite(clip) and clip > 0):
+        raise SecureConfigError(f"the clipping range must be > 0, got {clip}")
+    cap = int(weight_cap) if weighted else 1
+    if cap < 1:
+        raise SecureConfigError(f"weight cap must be >= 1, got {weight_cap}")
+    if scale > 0:
+        coord = math.ceil(scale * clip)
+        need = _needed_bits(num_clients, max(coord, cap if weighted else 0))
+        if bits == 0:
+            bits = need
+        elif need > bits:
+            raise SecureConfigError(
+                f"secagg overflow: {num_clients} clients x values up to {max(coord, cap)} "
+                f"(scale {scale:g} x clip {clip:g}"
+                + (f", weights up to {cap}" if weighted else "")
+                + f") need {need} bits, but secagg-bits = {bits}; raise secagg-bits or "
+                "lower secagg-scale/secagg-clip"
+            )
+        if bits > MAX_BITS:
+            raise SecureConfigError(f"secagg needs {bits} bits, more than the {MAX_BITS} maximum")
+        return IntegerEncoding(clip, float(scale), bits, weighted, cap, num_clients)
+    auto = bits == 0
+    if auto:
+        bits = max(DEFAULT_BITS, _needed_bits(num_clients, 2 * cap if weighted else 2))
+    if bits > MAX_BITS:
+        raise SecureConfigError(f"secagg needs {bits} bits, more than the {MAX_BITS} maximum")
+    per_client = ((1 << (bits - 1)) - 1) // num_clients
+    if weighted and cap > per_client:
+        raise SecureConfigError(
+            f"secagg overflow: the weight coordinate (up to {cap} examples per client) of "
+            f"{num_clients} clients needs {_needed_bits(num_clients, cap)} bits, but "
+            f"secagg-bits = {bits}; raise secagg-bits"
+        )
+    if per_client < 1:
+        raise SecureConfigError(
+            f"secagg-bits = {bits} cannot hold the sum of {num_clients} clients' values; "
+            f"use at least {_needed_bits(num_clients, 1)} bits"
+        )
+    # ceil(scale * clip) == per_client exactly (floating point cannot push it over).
+    scale = per_client / clip * (1.0 - 1e-12)
+    return IntegerEncoding(clip, scale, bits, weighted, cap, num_clients)
+
+
+def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
+
+
+def unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, pos = {}, 0
+    for name, ref in like.items():
+        out[name] = flat[pos : pos + ref.size].reshape(ref.shape).astype(np.float32)
+        pos += ref.size
+    return out
+
+
+def clip_l2(x: np.ndarray, clip: float) -> np.ndarray:
+    norm = float(np.linalg.norm(x))
+    return x * (clip / norm) if norm > clip else x
+
+
+def encode_integers(
+    flat_delta: np.ndarray,
+    enc: IntegerEncoding,
+    num_examples: int,
+    positions: np.ndarray | None,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Signed int64 input of one client (see :class:`IntegerEncoding`)."""
+    x = clip_l2(np.asarray(flat_delta, dtype=np.float64), enc.clip)
+    if positions is not None:
+        x = x[positions]
+    if enc.weighted:
+        n = min(int(num_examples), enc.weight_cap)
+        ints = stochastic_round(x * (enc.scale * n / enc.weight_cap), rng)
+        ints = np.concatenate([ints, np.array([n], dtype=np.int64)])
+    else:
+        ints = stochastic_round(x * enc.scale, rng)
+    bound = enc.max_abs
+    return np.clip(ints, -bound, bound)  # no-op unless float rounding nudged an edge value
+
+
+def decode_integers(
+    int_sum: np.ndarray, enc: IntegerEncoding
+) -> tuple[np.ndarray, int]:
+    """Signed integer sum → (float sum of the weighted updates / ``weight_cap``, sum of n_i).
+
+    Weighted: divide the first result by ``sum_n / weight_cap`` for the weighted mean, i.e.
+    ``mean = values * weight_cap / sum_n``. Unweighted: the float sum of clipped updates
+    and 0.
+    """
+    s = np.asarray(int_sum, dtype=np.int64)
+    if enc.weighted:
+        return s[:-1].astype(np.float64) / enc.scale, int(s[-1])
+    return s.astype(np.float64) / enc.scale, 0
+
+
+def randk_fraction(config: Mapping[str, Any]) -> float | int:
+    """The random-k amount of a secure run: ``secagg-randk`` or the codec's ``randk(F)``."""
+    frac: float | int = float(config.get("secagg-randk", 1.0))
+    try:
+        codec = parse_codec(str(config.get("codec", "none")))
+    except CodecError:
+        return frac
+    if isinstance(codec.sparsifier, RandomK):
+        amount = codec.sparsifier.amount
+        if frac < 1.0 and amount != frac:
+            raise SecureConfigError(
+                f"codec {codec.spec!r} and secagg-randk = {frac} both set random-k; use one"
+            )
+        return amount
+    return frac
+
+
+def randk_positions(d: int, amount: float | int, seed: int) -> np.ndarray | None:
+    """Shared random-k positions (None = dense)."""
+    k = resolve_k(amount, d)
+    return None if k >= d else random_k_indices(d, k, seed)
+
+
+def check_secure_config(config: Mapping[str, Any]) -> None:
+    """Refuse run configs secure aggregation cannot honour, naming the culprit.
+
+    Raises
+    ------
+    SecureConfigError
+        ``dp = "distributed"`` without ``secagg``; under ``secagg`` a codec stage that is not
+        linear with integer output (the secure path integerizes itself), fewer than two
+        clients per round, conflicting random-k settings, or a bit width that overflows.
+    """
+    secagg = bool(config.get("secagg", False))
+    dp = str(config.get("dp", "none"))
+    if dp == "distributed" and not secagg:
+        raise SecureConfigError('dp = "distributed" needs secagg = true (noise is split among clients)')
+    if not secagg:
+        if float(config.get("simulate-dropout", 0.0)) > 0:
+            raise SecureConfigError("simulate-dropout needs secagg = true (it drops protocol stages)")
+        return
+    if dp == "local":
+        pass  # DP-SGD runs inside training; the secure path sees an ordinary update.
+    n = int(config.get("clients-per-round", 2))
+    if n < 2:
+        raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
+    codec = parse_codec(str(config.get("codec", "none")))
+    for stage in codec.stages:
+        if isinstance(stage, RandomK):
+            continue
+        why = (
+            "it is not linear (clients' encodings cannot be summed)"
+            if not stage.linear
+            else "it keeps per-client state or compresses bytes that masking makes uniform"
+        )
+        raise SecureConfigError(
+            f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
+            "path already clips, scales and rounds to secagg-bits integers — use codec = "
+            '"none" or "randk(F)"'
+        )
+    randk_fraction(config)
+    neighbours = int(config.get("secagg-neighbours", 0))
+    if neighbours > n - 1:
+        raise SecureConfigError(
+            f"secagg-neighbours = {neighbours} exceeds clients-per-round - 1 = {n - 1}"
+        )
+    threshold = int(config.get("secagg-threshold", 0))
+    if threshold and threshold > (neighbours or n - 1) + 1:
+        raise SecureConfigError(
+            f"secagg-threshold = {threshold} exceeds neighbours + 1 = {(neighbours or n - 1) + 1}"
+        )
+    if dp != "distributed":
+        clip = float(config["dp-clip"]) if dp == "central" else float(config["secagg-clip"])
+        # The weight coordinate depends on the partition sizes; checked again per round.
+        choose_encoding(
+            num_clients=n,
+            clip=clip,
+            bits=int(config.get("secagg-bits", 0)),
+            scale=float(config.get("secagg-scale", 0.0)),
+            weighted=False,
+        )
+
+
+# --- protocol-message <-> ConfigRecord ----------------------------------------------------
+
+
+def to_fields(msg: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, Any]:
+    return {prefix + k: v for k, v in msg.items()}
+
+
+def from_fields(record: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+# --- client state in Context.state --------------------------------------------------------
+
+
+def _save(client: SecAggClient, setup: Mapping[str, Any], extra: Mapping[str, Any]) -> ConfigRecord:
+    """Everything the state machine needs for its next stage, as a ConfigRecord."""
+    from fedsqueeze.secagg import crypto, shamir
+
+    rec: dict[str, Any] = to_fields(setup, "setup.")
+    rec["stage"] = client.stage
+    if client.stage != "setup":
+        rec["c_key"] = crypto.private_key_bytes(client._c_key)
+        rec["s_key"] = crypto.private_key_bytes(client._s_key)
+    if hasattr(client, "_b_seed"):
+        rec["b_seed"] = client._b_seed
+    peers = sorted(client._peers)
+    rec["peer_ids"] = peers
+    rec["peer_c"] = [client._peers[p][0] for p in peers]
+    rec["peer_s"] = [client._peers[p][1] for p in peers]
+    held = sorted(client._held)
+    rec["held_ids"] = held
+    rec["held_b"] = [shamir.encode_share(client._held[h][0]) for h in held]
+    rec["held_s"] = [shamir.encode_share(client._held[h][1]) for h in held]
+    rec["rev_b"] = sorted(v for v, kind in client._revealed.items() if kind == "b")
+    rec["rev_s"] = sorted(v for v, kind in client._revealed.items() if kind == "s")
+    rec["mask_peers"] = list(getattr(client, "_mask_peers", []))
+    rec.update(to_fields(extra, "glue."))
+    return ConfigRecord(rec)
+
+
+def _load(record: ConfigRecord, client_id: int) -> tuple[SecAggClient, dict[str, Any]]:
+    from fedsqueeze.secagg import crypto, shamir
+
+    setup = from_fields(record, "setup.")
+    client = SecAggClient(client_id, setup)
+    client.stage = str(record["stage"])
+    if "c_key" in record:
+        client._c_key = crypto.load_private_key(bytes(record["c_key"]))
+        client._s_key = crypto.load_private_key(bytes(record["s_key"]))
+    if "b_seed" in record:
+        client._b_seed = bytes(record["b_seed"])
+    client._peers = {
+        int(p): (bytes(c), bytes(s))
+        for p, c, s in zip(record["peer_ids"], record["peer_c"], record["peer_s"], strict=True)
+    }
+    client._held = {
+        int(h): (shamir.decode_share(bytes(b)), shamir.decode_share(bytes(s)))
+        for h, b, s in zip(record["held_ids"], record["held_b"], record["held_s"], strict=True)
+    }
+    client._revealed = {int(v): "b" for v in record["rev_b"]} | {
+        int(v): "s" for v in record["rev_s"]
+    }
+    client._mask_peers = [int(v) for v in record["mask_peers"]]
+    return client, from_fields(record, "glue.")
+
+
+# --- the mod ------------------------------------------------------------------------------
+
+
+def _dp_params(cfg: Mapping[str, Any]) -> DistributedDPParams:
+    return DistributedDPParams(
+        dim=int(cfg["dp.dim"]),
+        clip=float(cfg["dp.clip"]),
+        scale=float(cfg["dp.scale"]),
+        bits=int(cfg["dp.bits"]),
+        num_clients=int(cfg["dp.num_clients"]),
+        noise_multiplier=float(cfg["dp.noise_multiplier"]),
+        mechanism=str(cfg["dp.mechanism"]),  # type: ignore[arg-type]
+        conditional_rounding=bool(cfg["dp.conditional_rounding"]),
+        beta=float(cfg["dp.beta"]),
+    )
+
+
+def encode_update(
+    cfg: Mapping[str, Any],
+    flat_delta: np.ndarray,
+    num_examples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The field vector (uint64 in Z_{2^b}) one client feeds to SecAgg+, from the setup config."""
+    mode = str(cfg["secagg-mode"])
+    d = flat_delta.size
+    if int(cfg["secagg-dim"]) != d:
+        raise ValueError(f"model has {d} parameters, the server expects {cfg['secagg-dim']}")
+    positions = randk_positions(d, _amount(cfg), int(cfg["secagg-randk-seed"]))
+    if mode == "distributed":
+        params = _dp_params(cfg)
+        x = clip_l2(np.asarray(flat_delta, dtype=np.float64), params.clip)
+        if positions is not None:
+            x = x[positions]
+        ints = DistributedDPClient(params).encode(x, rng, int(cfg["secagg-rotation-seed"]))
+        return wrap_mod(ints, params.bits).astype(np.uint64)
+    enc = IntegerEncoding(
+        clip=float(cfg["secagg-clip"]),
+        scale=float(cfg["secagg-scale"]),
+        bits=int(cfg["sa.bits"]),
+        weighted=bool(cfg["secagg-weighted"]),
+        weight_cap=int(cfg["secagg-weight-cap"]),
+        num_clients=int(cfg["sa.num_clients"]),
+    )
+    return to_field(encode_integers(flat_delta, enc, num_examples, positions, rng), enc.bits)
+
+
+def _amount(cfg: Mapping[str, Any]) -> float | int:
+    value = cfg["secagg-randk"]
+    return value if isinstance(value, int) else float(value)
+
+
+def _maybe_drop(cfg: Mapping[str, Any], stage: str) -> None:
+    if str(cfg.get("secagg-drop-stage", "")) == stage:
+        raise SimulatedDropout(f"simulate-dropout: this client fails at stage {stage!r}")
+
+
+def _reply(msg: Message, fields: Mapping[str, Any], metrics: MetricRecord | None = None) -> Message:
+    content = RecordDict({REPLY_KEY: ConfigRecord(dict(fields))})
+    if metrics is not None:
+        content["metrics"] = metrics
+    return Message(content=content, reply_to=msg)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the client side of SecAgg+ around the ClientApp's train handler (see module doc)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    cfg = msg.content.config_records.get("config", ConfigRecord())
+    if not bool(cfg.get("secagg", False)):
+        return call_next(msg, context)
+    stage = str(cfg.get(STAGE_KEY, SETUP))
+    node = int(context.node_id)
+    if stage == SETUP:
+        return _setup_stage(msg, context, call_next, cfg, node)
+    if STATE_KEY not in context.state:
+        raise RuntimeError(f"secagg stage {stage!r} arrived before this client's setup")
+    client, glue = _load(context.state[STATE_KEY], node)
+    if int(glue["round"]) != int(cfg.get("server-round", -1)):
+        raise RuntimeError(f"secagg stage {stage!r} for another round than this client's setup")
+    _maybe_drop(glue, stage)
+    request = from_fields(cfg)
+    if stage == SHARE:
+        out = client.share_keys(request)
+    elif stage == MASK:
+        x = np.frombuffer(bytes(glue["input"]), dtype="<u8").astype(np.uint64)
+        out = client.masked_input(request, x)
+        glue = {k: v for k, v in glue.items() if k != "input"}  # not needed any more
+    elif stage == UNMASK:
+        out = client.unmask(request)
+    else:
+        raise RuntimeError(f"unknown secagg stage {stage!r}")
+    context.state[STATE_KEY] = _save(client, from_fields(context.state[STATE_KEY], "setup."), glue)
+    return _reply(msg, out)
+
+
+def _setup_stage(
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    cfg: ConfigRecord,
+    node: int,
+) -> Message:
+    setup = from_fields(cfg)
+    client = SecAggClient(node, setup)  # validates the parameters before training
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    if "arrays" not in reply.content or "arrays" not in msg.content:
+        raise RuntimeError("secagg_mod needs full weights in the train message and its reply")
+    start = from_record(msg.content["arrays"])
+    local = from_record(reply.content["arrays"])
+    if list(start) != list(local) or any(start[k].shape != local[k].shape for k in start):
+        raise RuntimeError("train reply weights do not match the received model's names/shapes")
+    delta = flatten(local) - flatten(start)
+    metrics = reply.content.metric_records.get("metrics", MetricRecord())
+    num_examples = int(metrics.get("num-examples", 1))
+    rng = np.random.default_rng()  # private: rounding and noise must not be predictable
+    x = encode_update(cfg, delta, num_examples, rng)
+    glue = {
+        "round": int(cfg.get("server-round", 0)),
+        "secagg-drop-stage": str(cfg.get("secagg-drop-stage", "")),
+        "input": x.astype("<u8").tobytes(),
+    }
+    _maybe_drop(glue, SETUP)
+    out = client.advertise_keys()
+    context.state[STATE_KEY] = _save(client, setup, glue)
+    # num-examples travels inside the masked vector, not in the clear.
+    public = MetricRecord({k: v for k, v in metrics.items() if k != "num-examples"})
+    return _reply(msg, out, public)
+
+
+def simulated_dropouts(
+    seed: int, server_round: int, node_ids: Sequence[int], fraction: float
+) -> dict[int, str]:
+    """Which sampled clients fail this round, and at which stage (seeded by seed and round)."""
+    if fraction <= 0 or not node_ids:
+        return {}
+    rng = np.random.default_rng([seed, server_round, 0xD809])
+    count = int(round(fraction * len(node_ids)))
+    ids = sorted(node_ids)
+    chosen = rng.choice(len(ids), size=count, replace=False) if count else []
+    return {ids[int(i)]: STAGES[int(rng.integers(len(STAGES)))] for i in chosen}
+
