@@ -88,11 +88,14 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
 
 
 def _preflight(config: Mapping[str, Any]) -> None:
-    """Load the data, partition it and build the model: user errors surface before the run."""
+    """Load the data, partition it, build the model and the privacy calibration: user errors
+    surface here, before the run directory exists, rather than inside Ray."""
     from fedsqueeze.federation import new_model, partitions_for
+    from fedsqueeze.server.privacy import build_server_privacy
 
     partitions_for(config)
     new_model(config)
+    build_server_privacy(config, None)
 
 
 def _configure_environment(verbose: bool) -> None:

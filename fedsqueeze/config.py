@@ -103,6 +103,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "dp-bits": (16, int, _positive_int, "field bit width for distributed DP"),
     "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),
     "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
+    "node-timeout": (600.0, float, _positive_float, "seconds to wait for nodes / replies"),
     "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
 }
 
@@ -198,6 +199,15 @@ def _check_names(config: Mapping[str, Value]) -> None:
             parse_codec(str(config[key]))
         except CodecError as err:
             raise ConfigError(f"{key} = {config[key]!r}: {err}") from None
+    from fedsqueeze.client.secure import SecureConfigError, check_secure_config
+
+    try:
+        check_secure_config(config)
+    except SecureConfigError as err:
+        raise ConfigError(str(err)) from None
+    from fedsqueeze.server.privacy import check_dp_config
+
+    check_dp_config(config)
 
 
 def parse_set_option(item: str) -> tuple[str, str]:

@@ -25,7 +25,11 @@ def encode(
     seed: int,
     base: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
-    """Encode the full model (``base is None``) or ``global - base``."""
+    """Encode the full model (``base is None``) or ``global - base``.
+
+    A delta carries only a digest of the layout (both sides hold ``base``); the full model
+    carries the layout table, since a client receiving it may know nothing yet.
+    """
     if base is None:
         target = {k: np.asarray(v, dtype=np.float32) for k, v in global_arrays.items()}
     else:
@@ -33,7 +37,8 @@ def encode(
             k: (np.asarray(v, dtype=np.float32) - base[k]).astype(np.float32)
             for k, v in global_arrays.items()
         }
-    return codec.encode(target, seed=seed, state=None).payload
+    layout = "full" if base is None else "hash"
+    return codec.encode(target, seed=seed, state=None, layout=layout).payload
 
 
 def reconstruct(
@@ -43,9 +48,10 @@ def reconstruct(
     base: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Rebuild the model from a downlink payload (and the base for a delta payload)."""
-    decoded = codec.decode(payload, seed=seed).arrays
     if base is None:
-        return decoded
+        return codec.decode(payload, seed=seed).arrays
+    expected = {k: (np.shape(v), "float32") for k, v in base.items()}
+    decoded = codec.decode(payload, seed=seed, expected=expected).arrays
     if set(decoded) != set(base):
         raise PayloadError("downlink delta does not match the names of the held model")
     return {k: (base[k] + decoded[k]).astype(np.float32) for k in decoded}

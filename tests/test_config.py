@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_app_config_matches_defaults() -> None:
-    """`flwr run .` reads [tool.flwr.app.config]; it must agree with fedsqueeze's defaults."""
+    """`flwr run .` reads [tool.flwr.app.config] and refuses --run-config keys not in it."""
     app_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(app_cfg) <= set(DEFAULTS)
+    assert set(app_cfg) == set(DEFAULTS)
     for key, value in app_cfg.items():
         assert value == DEFAULTS[key], key
     # and it resolves as-is

@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedsqueeze.client.mods import compress_mod
+from fedsqueeze.client.secure import secagg_mod
 from fedsqueeze.client.training import (
     evaluate,
     load_numpy_state,
@@ -53,7 +54,7 @@ def build_client_app(
 
     ``extra_mods`` run outside ``compress_mod`` (they see what travels on the wire).
     """
-    app = ClientApp(mods=[*extra_mods, compress_mod])
+    app = ClientApp(mods=[*extra_mods, secagg_mod, compress_mod])
 
     def run_config(context: Context) -> dict[str, Any]:
         if config is not None:
@@ -69,22 +70,33 @@ def build_client_app(
         server_round = int(round_cfg.get("server-round", 0))
         model = new_model(cfg)
         load_numpy_state(model, from_record(msg.content["arrays"]))
-        loss = train_local(
-            model,
-            x,
-            y,
-            epochs=int(cfg["local-epochs"]),
-            batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]),
-            momentum=float(cfg["momentum"]),
-            weight_decay=float(cfg["weight-decay"]),
-            proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
-            generator=make_generator(int(cfg["seed"]), server_round, pid),
-        )
+        dp_metrics: dict[str, float] = {}
+        if cfg["dp"] == "local":
+            # DP-SGD; the client's accountant history is kept in context.state across rounds.
+            from fedsqueeze.client.dp import train_local_dp
+
+            loss, dp_metrics = train_local_dp(
+                model, x, y, cfg, context.state, make_generator(int(cfg["seed"]), server_round, pid)
+            )
+        else:
+            loss = train_local(
+                model,
+                x,
+                y,
+                epochs=int(cfg["local-epochs"]),
+                batch_size=int(cfg["batch-size"]),
+                lr=float(cfg["lr"]),
+                momentum=float(cfg["momentum"]),
+                weight_decay=float(cfg["weight-decay"]),
+                proximal_mu=float(round_cfg.get("proximal-mu", 0.0)),
+                generator=make_generator(int(cfg["seed"]), server_round, pid),
+            )
         content = RecordDict(
             {
                 "arrays": to_record(state_to_numpy(model)),
-                "metrics": MetricRecord({"num-examples": len(x), "train-loss": float(loss)}),
+                "metrics": MetricRecord(
+                    {"num-examples": len(x), "train-loss": float(loss), **dp_metrics}
+                ),
             }
         )
         return Message(content=content, reply_to=msg)

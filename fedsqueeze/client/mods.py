@@ -96,8 +96,12 @@ def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         raise ProtocolError("train reply weights do not match the received model's names/shapes")
     delta = {k: (local[k].astype(np.float32) - reference[k].astype(np.float32)) for k in local}
     codec = parse_codec(spec)
+    # The server sent the model, so it knows the layout: send its digest, not the table.
     encoded = codec.encode(
-        delta, seed=int(config.get("codec-seed", 0)), state=_codec_state(context, codec.spec)
+        delta,
+        seed=int(config.get("codec-seed", 0)),
+        state=_codec_state(context, codec.spec),
+        layout="hash",
     )
     if encoded.state:
         context.state[CODEC_STATE_KEY] = to_record(encoded.state)

@@ -113,7 +113,9 @@ def choose_encoding(
         coordinate alone does not fit the width.
     """
     if num_clients < 2:
-        raise SecureConfigError(f"secure aggregation needs >= 2 clients per round, got {num_clients}")
+        raise SecureConfigError(
+            f"secure aggregation needs >= 2 clients per round, got {num_clients}"
+        )
     if not (math.isfinite(clip) and clip > 0):
         raise SecureConfigError(f"the clipping range must be > 0, got {clip}")
     cap = int(weight_cap) if weighted else 1
@@ -195,9 +197,7 @@ def encode_integers(
     return np.clip(ints, -bound, bound)  # no-op unless float rounding nudged an edge value
 
 
-def decode_integers(
-    int_sum: np.ndarray, enc: IntegerEncoding
-) -> tuple[np.ndarray, int]:
+def decode_integers(int_sum: np.ndarray, enc: IntegerEncoding) -> tuple[np.ndarray, int]:
     """Signed integer sum → (float sum of the weighted updates / ``weight_cap``, sum of n_i).
 
     Weighted: divide the first result by ``sum_n / weight_cap`` for the weighted mean, i.e.
@@ -246,13 +246,15 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
     secagg = bool(config.get("secagg", False))
     dp = str(config.get("dp", "none"))
     if dp == "distributed" and not secagg:
-        raise SecureConfigError('dp = "distributed" needs secagg = true (noise is split among clients)')
+        raise SecureConfigError(
+            'dp = "distributed" needs secagg = true (noise is split among clients)'
+        )
     if not secagg:
         if float(config.get("simulate-dropout", 0.0)) > 0:
-            raise SecureConfigError("simulate-dropout needs secagg = true (it drops protocol stages)")
+            raise SecureConfigError(
+                "simulate-dropout needs secagg = true (it drops protocol stages)"
+            )
         return
-    if dp == "local":
-        pass  # DP-SGD runs inside training; the secure path sees an ordinary update.
     n = int(config.get("clients-per-round", 2))
     if n < 2:
         raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
@@ -498,8 +500,7 @@ def simulated_dropouts(
     if fraction <= 0 or not node_ids:
         return {}
     rng = np.random.default_rng([seed, server_round, 0xD809])
-    count = int(round(fraction * len(node_ids)))
+    count = round(fraction * len(node_ids))
     ids = sorted(node_ids)
     chosen = rng.choice(len(ids), size=count, replace=False) if count else []
     return {ids[int(i)]: STAGES[int(rng.integers(len(STAGES)))] for i in chosen}
-

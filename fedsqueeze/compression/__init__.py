@@ -5,12 +5,17 @@ Pure numpy (plus ``zstandard`` and the standard library): no torch, no Flower.
 >>> codec = parse_codec("topk(0.01)+q4+ef")
 >>> enc = codec.encode(update, seed=round_seed, state=client_state)  # doctest: +SKIP
 >>> dec = codec.decode(enc.payload, seed=round_seed, expected=shapes)  # doctest: +SKIP
+
+Peers that both know the model's layout send ``encode(..., layout="hash")``: an 8-byte
+digest instead of the names/dtypes/shapes table; ``decode`` then needs ``expected``.
 """
 
 from fedsqueeze.compression.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.compression.codec import (
     DEFAULT_MAX_ELEMENTS,
     FORMAT_VERSION,
+    LAYOUT_MODES,
+    SUPPORTED_VERSIONS,
     VALID_STAGES,
     Codec,
     Decoded,
@@ -43,7 +48,9 @@ __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "EF21",
     "FORMAT_VERSION",
+    "LAYOUT_MODES",
     "QSGD",
+    "SUPPORTED_VERSIONS",
     "VALID_STAGES",
     "BFloat16",
     "Codec",

@@ -27,6 +27,21 @@ class Writer:
     def u64(self, value: int) -> None:
         self._parts.append(struct.pack("<Q", value))
 
+    def varint(self, value: int) -> None:
+        """Unsigned LEB128 (7 bits a byte, low first); at most 10 bytes for a u64."""
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"varint out of range: {value}")
+        out = bytearray()
+        while True:
+            byte = value & 0x7F
+            value >>= 7
+            if value:
+                out.append(byte | 0x80)
+            else:
+                out.append(byte)
+                break
+        self._parts.append(bytes(out))
+
     def raw(self, data: bytes) -> None:
         self._parts.append(bytes(data))
 
@@ -73,6 +88,20 @@ class Reader:
 
     def u64(self) -> int:
         return self._unpack("<Q", 8)
+
+    def varint(self) -> int:
+        """Read an unsigned LEB128 u64; overlong or non-canonical forms are rejected."""
+        value = 0
+        for i in range(10):
+            byte = self.u8()
+            if i and byte == 0:
+                raise PayloadError(f"{self._what}: non-canonical varint")
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if value >= 1 << 64:
+                    raise PayloadError(f"{self._what}: varint exceeds 64 bits")
+                return value
+        raise PayloadError(f"{self._what}: varint longer than 10 bytes")
 
     def f32_array(self, count: int) -> np.ndarray:
         return np.frombuffer(self.take(4 * count), dtype="<f4").astype(np.float32)

@@ -1,12 +1,20 @@
 """The codec: a chain of stages, the self-describing wire format, and spec parsing.
 
-Wire format (all integers little-endian)::
+Wire format, version 2 (fixed-size integers little-endian; ``varint`` is unsigned
+LEB128, canonical, at most 10 bytes)::
 
-    b"FSQZ"  u8 version  u16 spec_len  spec (UTF-8, canonical)
-    u32 n_tensors, then per tensor:
-        u16 name_len  name (UTF-8)  u8 dtype_code  u8 ndim  ndim x u64 dim
-    u64 body_len  body   (body_len is the size before the lossless stage, if any)
+    b"FSQZ"  u8 version=2  u8 flags  varint spec_len  spec (UTF-8, canonical)
+    layout:
+      flags & 1 == 0 ("full"): the layout table
+        varint n_tensors, then per tensor:
+          varint name_len  name (UTF-8)  u8 dtype_code  u8 ndim  ndim x varint dim
+      flags & 1 == 1 ("hash"): 8-byte BLAKE2b digest of that same table; the decoder
+        rebuilds the table from ``expected`` (names, shapes, dtypes, in order)
+    varint body_len  body   (body_len is the size before the lossless stage, if any)
     u32 CRC32 of everything above
+
+Version 1 payloads (``u16 spec_len``, ``u32 n_tensors``, ``u16 name_len``, ``u64`` dims and
+``u64 body_len``, always the full table) still decode.
 
 The body is the sparsifier section (``u64 k`` + index stream, absent for random-k and
 dense codecs) followed by the value section of the quantizer. Every length in a payload
@@ -17,6 +25,7 @@ against ``max_elements``) first.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -56,7 +65,13 @@ from fedsqueeze.compression.stages import (
 )
 
 MAGIC = b"FSQZ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :meth:`Codec.decode` accepts (1: fixed-width full layout table).
+SUPPORTED_VERSIONS = (1, 2)
+#: ``layout=`` modes of :meth:`Codec.encode`.
+LAYOUT_MODES = ("full", "hash")
+LAYOUT_DIGEST_SIZE = 8
+_FLAG_LAYOUT_HASH = 0x01
 #: Without ``expected``, payloads declaring more coordinates than this are rejected.
 DEFAULT_MAX_ELEMENTS = 1 << 28
 
@@ -186,6 +201,7 @@ class Codec:
         seed: int | None = None,
         state: Mapping[str, np.ndarray] | None = None,
         rng: np.random.Generator | None = None,
+        layout: str = "full",
     ) -> Encoded:
         """Encode an update ``{name: float array}`` into a payload.
 
@@ -200,9 +216,17 @@ class Codec:
         rng
             Source of the private randomness of stochastic rounding; fresh OS entropy by
             default. Pass one only for reproducibility.
+        layout
+            ``"full"`` (default) writes the layout table (names, dtypes, shapes), so the
+            payload decodes on its own. ``"hash"`` writes only a 64-bit digest of it: for
+            peers that both know the layout (the server sent the model); decode then needs
+            ``expected`` with the same names, shapes and dtypes, in the same order.
         """
+        if layout not in LAYOUT_MODES:
+            raise CodecError(f"layout must be one of {LAYOUT_MODES}, got {layout!r}")
         if self.needs_seed and seed is None:
             raise CodecError(f"codec {self.spec} needs the shared round seed")
+        layout_mode = layout
         layout, flat = _flatten(arrays)
         rng = rng if rng is not None else np.random.default_rng()
         previous = self._client_state(state, layout)
@@ -222,7 +246,7 @@ class Codec:
                 new_state[self.feedback.state_key] = v - sent
             else:
                 new_state[self.feedback.state_key] = previous + sent
-        return Encoded(payload=self._envelope(layout, body), state=new_state)
+        return Encoded(payload=self._envelope(layout, body, layout_mode), state=new_state)
 
     def _client_state(self, state: Mapping[str, np.ndarray] | None, layout: Layout) -> np.ndarray:
         d = layout.d
@@ -277,23 +301,16 @@ class Codec:
         flat[positions] = values
         return flat
 
-    def _envelope(self, layout: Layout, body: bytes) -> bytes:
+    def _envelope(self, layout: Layout, body: bytes, mode: str) -> bytes:
         w = Writer()
         w.raw(MAGIC)
         w.u8(FORMAT_VERSION)
+        w.u8(_FLAG_LAYOUT_HASH if mode == "hash" else 0)
         spec = self.spec.encode()
-        w.u16(len(spec))
+        w.varint(len(spec))
         w.raw(spec)
-        w.u32(len(layout.names))
-        for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
-            raw_name = name.encode("utf-8")
-            w.u16(len(raw_name))
-            w.raw(raw_name)
-            w.u8(_DTYPE_CODES[dtype])
-            w.u8(len(shape))
-            for dim in shape:
-                w.u64(dim)
-        w.u64(len(body))
+        w.raw(layout_digest(layout) if mode == "hash" else layout_table(layout))
+        w.varint(len(body))
         w.raw(self.lossless.compress(body) if self.lossless is not None else body)
         head = w.getvalue()
         return head + struct.pack("<I", zlib.crc32(head))
@@ -318,6 +335,8 @@ class Codec:
             The same round seed the client used (required when :attr:`needs_seed`).
         expected
             ``{name: (shape, dtype_str)}`` the update must match (recommended on servers).
+            Required for payloads encoded with ``layout="hash"``: there it must list the
+            tensors in the encoder's order, with the dtypes it encoded from.
         state
             EF21 server state for this client from the previous round (or ``None``).
         max_elements
@@ -335,21 +354,31 @@ class Codec:
         data = memoryview(payload).cast("B") if isinstance(payload, memoryview) else payload
         if len(data) < len(MAGIC) + 1 + 2 + 4 or bytes(data[:4]) != MAGIC:
             raise PayloadError("not a fedsqueeze payload (bad magic or too short)")
-        if data[4] != FORMAT_VERSION:
-            raise PayloadError(f"unsupported payload format version {data[4]}")
+        version = data[4]
+        if version not in SUPPORTED_VERSIONS:
+            raise PayloadError(
+                f"unsupported payload format version {version} "
+                f"(this decoder reads {', '.join(map(str, SUPPORTED_VERSIONS))})"
+            )
         (crc,) = struct.unpack("<I", data[-4:])
         if zlib.crc32(data[:-4]) != crc:
             raise PayloadError("payload checksum mismatch (corrupted or truncated)")
         r = Reader(memoryview(data)[5:-4])
-        spec_bytes = bytes(r.take(r.u16()))
-        if spec_bytes != self.spec.encode():
-            raise PayloadError(
-                f"payload was encoded with codec {spec_bytes.decode('utf-8', 'replace')!r}, "
-                f"this codec is {self.spec!r}"
-            )
-        layout = _read_layout(r, expected, max_elements)
+        if version == 1:
+            self._check_spec(bytes(r.take(r.u16())))
+            layout = _read_layout(r, expected, max_elements, version)
+            body_len = r.u64()
+        else:
+            flags = r.u8()
+            if flags & ~_FLAG_LAYOUT_HASH:
+                raise PayloadError(f"unknown payload flags 0x{flags:02x}")
+            self._check_spec(bytes(r.take(r.varint())))
+            if flags & _FLAG_LAYOUT_HASH:
+                layout = _match_digest(bytes(r.take(LAYOUT_DIGEST_SIZE)), expected)
+            else:
+                layout = _read_layout(r, expected, max_elements, version)
+            body_len = r.varint()
         d = layout.d
-        body_len = r.u64()
         if body_len > _max_body_size(self, d):
             raise PayloadError(f"declared body of {body_len} bytes impossible for {d} values")
         if self.lossless is not None:
@@ -373,6 +402,13 @@ class Codec:
             for i, (name, shape) in enumerate(zip(layout.names, layout.shapes, strict=True))
         }
         return Decoded(arrays=arrays, state=new_state)
+
+    def _check_spec(self, spec_bytes: bytes) -> None:
+        if spec_bytes != self.spec.encode():
+            raise PayloadError(
+                f"payload was encoded with codec {spec_bytes.decode('utf-8', 'replace')!r}, "
+                f"this codec is {self.spec!r}"
+            )
 
     def _server_state(self, state: Mapping[str, np.ndarray] | None, d: int) -> np.ndarray:
         assert self.feedback is not None
@@ -419,17 +455,80 @@ def _flatten(arrays: Mapping[str, np.ndarray]) -> tuple[Layout, np.ndarray]:
     return Layout(tuple(names), tuple(shapes), tuple(dtypes)), flat
 
 
-def _read_layout(
-    r: Reader, expected: Mapping[str, tuple[Sequence[int], str]] | None, max_elements: int
+def layout_table(layout: Layout) -> bytes:
+    """The canonical (format version 2) layout table: names, dtypes, shapes, in order."""
+    w = Writer()
+    w.varint(len(layout.names))
+    for name, shape, dtype in zip(layout.names, layout.shapes, layout.dtypes, strict=True):
+        raw_name = name.encode("utf-8")
+        w.varint(len(raw_name))
+        w.raw(raw_name)
+        w.u8(_DTYPE_CODES[dtype])
+        w.u8(len(shape))
+        for dim in shape:
+            w.varint(dim)
+    return w.getvalue()
+
+
+def layout_digest(layout: Layout) -> bytes:
+    """64-bit BLAKE2b digest of :func:`layout_table`, sent by ``layout="hash"`` payloads."""
+    return hashlib.blake2b(layout_table(layout), digest_size=LAYOUT_DIGEST_SIZE).digest()
+
+
+def layout_from_expected(expected: Mapping[str, tuple[Sequence[int], str]]) -> Layout:
+    """The :class:`Layout` an ``expected`` mapping describes (its order is the tensor order)."""
+    if not isinstance(expected, Mapping):
+        raise CodecError(f"expected must be a mapping name -> (shape, dtype), got {expected!r}")
+    names, shapes, dtypes = [], [], []
+    for name, entry in expected.items():
+        try:
+            exp_shape, exp_dtype = entry
+            shape = tuple(int(s) for s in exp_shape)
+            dtype = np.dtype(exp_dtype).name
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"bad expected entry for {name!r}: {entry!r}") from exc
+        if not isinstance(name, str) or dtype not in _DTYPE_CODES or min(shape, default=0) < 0:
+            raise CodecError(f"bad expected entry for {name!r}: {entry!r}")
+        if len(shape) > _MAX_NDIM:
+            raise CodecError(f"expected tensor {name!r} has too many dimensions")
+        names.append(name)
+        shapes.append(shape)
+        dtypes.append(dtype)
+    return Layout(tuple(names), tuple(shapes), tuple(dtypes))
+
+
+def _match_digest(
+    digest: bytes, expected: Mapping[str, tuple[Sequence[int], str]] | None
 ) -> Layout:
-    n = r.u32()
-    if n > r.remaining // 4:
+    if expected is None:
+        raise PayloadError(
+            "payload carries only a layout digest (layout='hash'); decode it with expected="
+        )
+    layout = layout_from_expected(expected)
+    if layout_digest(layout) != digest:
+        raise PayloadError(
+            "payload layout digest does not match expected (tensor names, shapes, dtypes "
+            "or order differ from what the client encoded)"
+        )
+    return layout
+
+
+def _read_layout(
+    r: Reader,
+    expected: Mapping[str, tuple[Sequence[int], str]] | None,
+    max_elements: int,
+    version: int,
+) -> Layout:
+    v1 = version == 1
+    n = r.u32() if v1 else r.varint()
+    # each tensor takes at least 4 (v1) or 3 (v2) bytes of the table
+    if n > r.remaining // (4 if v1 else 3):
         raise PayloadError(f"payload declares {n} tensors, more than fit in it")
     names, shapes, dtypes = [], [], []
     total = 0
     for _ in range(n):
         try:
-            name = bytes(r.take(r.u16())).decode("utf-8")
+            name = bytes(r.take(r.u16() if v1 else r.varint())).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PayloadError("tensor name is not valid UTF-8") from exc
         code = r.u8()
@@ -438,7 +537,7 @@ def _read_layout(
         ndim = r.u8()
         if ndim > _MAX_NDIM:
             raise PayloadError(f"tensor {name!r} declares {ndim} dimensions")
-        shape = tuple(r.u64() for _ in range(ndim))
+        shape = tuple((r.u64() if v1 else r.varint()) for _ in range(ndim))
         # Zero-size tensors count their non-zero dimensions too: numpy cannot even
         # represent a (0, 2**63) array.
         span = math.prod(max(s, 1) for s in shape)

@@ -44,7 +44,9 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = dict(config) if config is not None else resolve_config(dict(context.run_config))
         path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        summary = run_federation(grid, cfg, RunDir(path), on_round=on_round)
+        summary = run_federation(
+            grid, cfg, RunDir(path), on_round=on_round, node_timeout=float(cfg["node-timeout"])
+        )
         if result is not None:
             result["summary"] = summary
             result["run_dir"] = str(path)

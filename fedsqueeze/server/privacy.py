@@ -92,9 +92,7 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
     if mode == "none":
         return
     if float(config["dp-noise-multiplier"]) <= 0 and float(config["dp-epsilon"]) <= 0:
-        raise ConfigError(
-            f"dp = {mode!r} needs dp-noise-multiplier > 0 or a budget dp-epsilon > 0"
-        )
+        raise ConfigError(f"dp = {mode!r} needs dp-noise-multiplier > 0 or a budget dp-epsilon > 0")
     if mode == "distributed" and not bool(config["secagg"]):
         raise ConfigError("dp = 'distributed' needs secagg = true (the noise is added on clients)")
     if bool(config["dp-adaptive-clip"]):
@@ -185,7 +183,11 @@ class ServerPrivacy:
         """Noise multiplier that spends exactly the budget over the planned rounds."""
         try:
             return noise_for_budget(
-                self.budget, self.delta, self.sample_rate, self.num_rounds, self.mechanism  # type: ignore[arg-type]
+                self.budget,
+                self.delta,
+                self.sample_rate,
+                self.num_rounds,
+                self.mechanism,  # type: ignore[arg-type]
             )
         except InvalidPrivacyParameter as err:
             raise ConfigError(f"dp-epsilon = {self.budget}: {err}") from None
@@ -201,7 +203,9 @@ class ServerPrivacy:
         self.accountant = PrivacyAccountant.from_list(state["history"], self.mechanism)  # type: ignore[arg-type]
         # A calibrated multiplier is kept: re-planning on resume (e.g. with more rounds)
         # would change the noise mid-run. An explicit dp-noise-multiplier wins.
-        self.noise_multiplier = configured_z if configured_z > 0 else float(state["noise_multiplier"])
+        self.noise_multiplier = (
+            configured_z if configured_z > 0 else float(state["noise_multiplier"])
+        )
         self.calibrated = bool(state.get("calibrated", False)) and configured_z <= 0
         self.epsilon = float(state["epsilon"])
         self.max_local_delta = float(state.get("max_local_delta", 0.0))
@@ -289,7 +293,12 @@ class ServerPrivacy:
 
     def _dist(self, dim: int, num_clients: int, z: float) -> DistributedDPParams:
         return DistributedDPParams.for_bits(
-            dim, self.clip, self.bits, num_clients, z, self.noise_kind  # type: ignore[arg-type]
+            dim,
+            self.clip,
+            self.bits,
+            num_clients,
+            z,
+            self.noise_kind,  # type: ignore[arg-type]
         )
 
     # ---- the round loop's hooks ----------------------------------------------------------
@@ -299,7 +308,7 @@ class ServerPrivacy:
         return self.noise_multiplier
 
     def refuse_round(self, rnd: int) -> str:
-        """"" if round ``rnd`` may run; otherwise why it would exceed ``dp-epsilon``.
+        """Empty if round ``rnd`` may run; otherwise why it would exceed ``dp-epsilon``.
 
         Central/distributed: one more step at the next round's multiplier (distributed: the
         last effective one) is tried on a copy of the accountant. Local DP: each client

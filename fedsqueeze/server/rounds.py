@@ -118,6 +118,10 @@ def plain_train_round(
     """One training phase without secure aggregation: any reply may be (de)compressed."""
     messages = strategy.configure_train(server_round, to_record(arrays), ConfigRecord(), view)
     replies = view.send_and_receive(messages, timeout=timeout)
+    # Aggregate in partition order, not arrival order: float sums depend on the order,
+    # and a run must be repeatable (and resumable) bit for bit.
+    order = {node: i for i, node in enumerate(view.node_ids or [])}
+    replies = sorted(replies, key=lambda m: order.get(m.metadata.src_node_id, len(order)))
     agg, train_metrics = strategy.aggregate_train(server_round, replies)
     stats = strategy.stats
     loss = None

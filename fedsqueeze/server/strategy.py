@@ -152,6 +152,7 @@ class CompressedStrategy(Strategy):
             payload = content[UPDATE_KEY].get("payload")
             if not isinstance(payload, bytes):
                 raise RejectedUpdate("compressed update without a bytes payload")
+            # In the model's order, float32: what compress_mod encodes (layout="hash").
             expected = {k: (v.shape, "float32") for k, v in reference.items()}
             try:
                 decoded = self.codec.decode(
@@ -203,7 +204,7 @@ class CompressedStrategy(Strategy):
             metrics = msg.content["metrics"]
             stats.client_metrics.append(
                 {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            )  # type: ignore[arg-type]
+            )
             msg.content = RecordDict({"arrays": to_record(local), "metrics": metrics})
             if self.downlink.spec != "none":
                 self._views[node] = (server_round, self._references[node])

@@ -1,0 +1,326 @@
+"""Secure-aggregation glue: integer encoding, config refusals, and whole rounds in-process.
+
+The round tests drive :func:`secure_train_round` against the real ClientApp (its mods,
+its training) and the real SecAgg+ core; only the transport is replaced by a grid that
+calls the ClientApp in this process, which is what makes them run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsqueeze.client.app import build_client_app
+from fedsqueeze.client.secure import (
+    STAGES,
+    SecureConfigError,
+    check_secure_config,
+    choose_encoding,
+    decode_integers,
+    encode_integers,
+    randk_positions,
+    simulated_dropouts,
+)
+from fedsqueeze.client.training import state_to_numpy
+from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.federation import new_model
+from fedsqueeze.secagg import SecAggClient, SecAggConfig, SecAggServer, from_field, to_field
+from fedsqueeze.server.grid import CountingGrid
+from fedsqueeze.server.privacy import build_server_privacy
+from fedsqueeze.server.secure import secure_train_round
+from fedsqueeze.server.strategies import build_strategy
+from fedsqueeze.server.strategy import CompressedStrategy
+
+
+def _secure_sum(vectors: dict[int, np.ndarray], bits: int, drop_after_mask: int = 0) -> Any:
+    """Run the SecAgg+ core on field vectors; optionally drop clients during unmasking."""
+    ids = sorted(vectors)
+    n = len(ids)
+    cfg = SecAggConfig(
+        num_clients=n,
+        neighbours=n - 1,
+        threshold=SecAggConfig.min_secure_threshold(n - 1),
+        bits=bits,
+        vector_len=len(next(iter(vectors.values()))),
+        round_seed=7,
+    )
+    server = SecAggServer(cfg, ids)
+    setup = server.setup()
+    clients = {c: SecAggClient(c, setup[c]) for c in ids}
+    out = server.collect_keys({c: clients[c].advertise_keys() for c in ids})
+    out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in out})
+    out = server.collect_masked({c: clients[c].masked_input(out[c], vectors[c]) for c in out})
+    answering = sorted(out)[drop_after_mask:]
+    return server.finish({c: clients[c].unmask(out[c]) for c in answering})
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_secure_sum_equals_plain_sum_of_integer_encodings(weighted: bool) -> None:
+    rng = np.random.default_rng(0)
+    n, d = 5, 300
+    enc = choose_encoding(num_clients=n, clip=1.0, bits=14, weighted=weighted, weight_cap=50)
+    deltas = {c + 11: rng.normal(0, 0.2, d) for c in range(n)}
+    sizes = {c: int(rng.integers(1, 51)) for c in deltas}
+    ints = {c: encode_integers(deltas[c], enc, sizes[c], None, rng) for c in deltas}
+    assert all(int(np.abs(v).max()) <= enc.max_abs for v in ints.values())
+    result = _secure_sum({c: to_field(v, enc.bits) for c, v in ints.items()}, enc.bits)
+    signed = from_field(result.total, enc.bits)
+    np.testing.assert_array_equal(signed, sum(ints.values()))  # exact, no wrap-around
+    values, total_n = decode_integers(signed, enc)
+    clipped = {c: v * min(1.0, 1.0 / np.linalg.norm(v)) for c, v in deltas.items()}
+    if weighted:
+        assert total_n == sum(sizes.values())
+        mean = values * enc.weight_cap / total_n
+        expected = sum(sizes[c] * clipped[c] for c in deltas) / total_n
+    else:
+        mean = values / n
+        expected = sum(clipped.values()) / n
+    # Unbiased rounding: error per coordinate is at most one step per client.
+    step = 1 / enc.scale * (enc.weight_cap / sum(sizes.values()) if weighted else 1 / n)
+    assert np.abs(mean - expected).max() <= n * step + 1e-12
+    assert np.abs(mean - expected).max() > 0  # rounding really happened
+
+
+def test_sum_over_survivors_when_a_client_drops_during_unmasking() -> None:
+    rng = np.random.default_rng(1)
+    enc = choose_encoding(num_clients=5, clip=1.0, bits=16, weighted=True, weight_cap=9)
+    ints = {c: encode_integers(rng.normal(0, 1, 40), enc, 9, None, rng) for c in range(1, 6)}
+    result = _secure_sum({c: to_field(v, 16) for c, v in ints.items()}, 16, drop_after_mask=1)
+    assert len(result.included) == 5  # it sent its masked input, so it is in the sum
+    np.testing.assert_array_equal(from_field(result.total, 16), sum(ints.values()))
+
+
+def test_random_k_positions_are_shared_and_only_those_are_sent() -> None:
+    d = 1000
+    a = randk_positions(d, 0.1, seed=42)
+    b = randk_positions(d, 0.1, seed=42)
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 100 and len(np.unique(a)) == 100
+    assert not np.array_equal(a, randk_positions(d, 0.1, seed=43))
+    assert randk_positions(d, 1.0, seed=42) is None
+    enc = choose_encoding(num_clients=3, clip=100.0, bits=24, weighted=False)
+    x = np.arange(d, dtype=np.float64) / d
+    ints = encode_integers(x, enc, 1, a, np.random.default_rng(0))
+    assert ints.shape == (100,)
+    np.testing.assert_allclose(ints / enc.scale, x[a], atol=1 / enc.scale)
+
+
+def test_choose_encoding_sizes_bits_and_refuses_overflow() -> None:
+    enc = choose_encoding(num_clients=10, clip=2.0, bits=16, weighted=True, weight_cap=100)
+    assert 10 * enc.max_abs <= 2**15 - 1
+    enc = choose_encoding(num_clients=10, clip=1.0, scale=1000.0, weighted=False)
+    assert enc.bits == (10 * 1000).bit_length() + 1
+    with pytest.raises(SecureConfigError, match=r"overflow.*need 15 bits.*secagg-bits = 12"):
+        choose_encoding(num_clients=10, clip=1.0, scale=1000.0, bits=12, weighted=False)
+    with pytest.raises(SecureConfigError, match="weight coordinate"):
+        choose_encoding(num_clients=10, clip=1.0, bits=12, weighted=True, weight_cap=500)
+    # Auto width grows to hold the weights.
+    assert choose_encoding(num_clients=10, clip=1.0, weighted=True, weight_cap=5000).bits > 16
+
+
+def test_simulated_dropouts_are_seeded_and_sized() -> None:
+    nodes = list(range(100, 110))
+    a = simulated_dropouts(0, 3, nodes, 0.2)
+    assert a == simulated_dropouts(0, 3, nodes, 0.2)
+    assert len(a) == 2 and set(a.values()) <= set(STAGES) and set(a) <= set(nodes)
+    assert simulated_dropouts(0, 3, nodes, 0.0) == {}
+
+
+# --- config refusals -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ({"secagg": True, "codec": "q8"}, "codec stage 'q8' cannot run under secagg.*not linear"),
+        ({"secagg": True, "codec": "topk(0.1)"}, "'topk\\(0.1\\)'"),
+        ({"secagg": True, "codec": "randk(0.1)+ef"}, "'ef'"),
+        ({"secagg": True, "codec": "fp16"}, "'fp16'"),
+        ({"dp": "distributed", "dp-noise-multiplier": 1.0}, "secagg"),
+        ({"secagg": True, "secagg-bits": 8, "secagg-scale": 1000.0}, "overflow"),
+        ({"secagg": True, "clients-per-round": 1}, "clients-per-round >= 2"),
+        ({"secagg": True, "codec": "randk(0.2)", "secagg-randk": 0.1}, "both set random-k"),
+        ({"simulate-dropout": 0.2}, "simulate-dropout needs secagg"),
+    ],
+)
+def test_config_refusals(override: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_config(override)
+
+
+def test_secure_configs_that_are_accepted() -> None:
+    for ok in ({"secagg": True}, {"secagg": True, "codec": "randk(0.1)"}, {"secagg": False}):
+        check_secure_config(resolve_config(ok))
+
+
+# --- whole rounds through the real ClientApp ------------------------------------------------
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to the ClientApp in this process (one Context per node)."""
+
+    def __init__(self, config: dict[str, Any], num_nodes: int) -> None:
+        self.app = build_client_app(config)
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            wire = copy.deepcopy(msg)  # the client gets its own copy, as over the network
+            try:
+                reply = self.app(wire, self.contexts[node])
+            except Exception as exc:  # the engine turns a ClientApp exception into an error
+                reply = Message(Error(code=0, reason=str(exc)), reply_to=wire)
+            replies.append(reply)
+        return replies
+
+    # Unused by the round; required by the ABC.
+    def set_run(self, run_id: int) -> None: ...  # type: ignore[override]
+    def create_message(self, *args: Any, **kwargs: Any) -> Message: ...  # type: ignore[override]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: ...  # type: ignore[override]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...  # type: ignore[override]
+
+    @property
+    def run(self) -> Any:  # type: ignore[override]
+        return None
+
+
+SMALL = {
+    "dataset": "digits",
+    "model": "logreg",
+    "num-clients": 5,
+    "clients-per-round": 5,
+    "local-epochs": 1,
+    "lr": 0.1,
+    "secagg": True,
+    "secagg-clip": 5.0,
+}
+
+
+def _round(overrides: dict[str, Any], rounds: int = 1) -> tuple[list[Any], Any, Any, Any]:
+    cfg = resolve_config(SMALL, overrides)
+    grid = InProcessGrid(cfg, int(cfg["num-clients"]))
+    privacy = build_server_privacy(cfg)
+    strategy = CompressedStrategy(build_strategy(cfg), codec=str(cfg["codec"]), seed=0)
+    arrays = state_to_numpy(new_model(cfg, seed=0))
+    start = arrays
+    outcomes = []
+    for rnd in range(1, rounds + 1):
+        view = CountingGrid(grid, list(grid.get_node_ids()))
+        outcome = secure_train_round(view, rnd, arrays, cfg, strategy, privacy, 60.0)
+        outcomes.append((outcome, view))
+        if privacy is not None:
+            privacy.after_round(rnd, outcome)
+        if outcome.arrays is not None:
+            arrays = outcome.arrays
+    return outcomes, start, arrays, privacy
+
+
+def _plain_fedavg_delta(overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The round's weighted FedAvg delta computed in the clear, for comparison."""
+    cfg = resolve_config(SMALL, overrides, {"secagg": False})
+    from fedsqueeze.server.rounds import plain_train_round
+
+    grid = InProcessGrid(cfg, int(cfg["num-clients"]))
+    strategy = CompressedStrategy(build_strategy(cfg), seed=0)
+    arrays = state_to_numpy(new_model(cfg, seed=0))
+    out = plain_train_round(strategy, CountingGrid(grid, list(grid.get_node_ids())), 1, arrays, 60)
+    assert out.arrays is not None
+    return {k: out.arrays[k] - arrays[k] for k in arrays}
+
+
+def test_secure_round_matches_plain_weighted_fedavg() -> None:
+    ((outcome, view),), start, new, _ = _round({"secagg-clip": 100.0, "secagg-bits": 24})
+    assert outcome.accepted == 5 and outcome.dropped == 0 and outcome.rejected == 0
+    assert outcome.extra["secagg_bits"] == 24
+    plain = _plain_fedavg_delta({"secagg-clip": 100.0})
+    for k in start:
+        np.testing.assert_allclose(new[k] - start[k], plain[k], atol=2e-4)
+    # Every reply of every stage went through the counting view.
+    assert view.replies_received == 4 * 5 and view.uplink_bytes > 0
+
+
+def test_secure_round_with_random_k_updates_only_the_shared_positions() -> None:
+    ((outcome, _),), start, new, _ = _round({"codec": "randk(0.1)"})
+    changed = sum(int(np.count_nonzero(new[k] != start[k])) for k in start)
+    total = sum(v.size for v in start.values())
+    assert outcome.accepted == 5
+    assert 0 < changed <= round(0.1 * total)
+    assert outcome.extra["secagg_vector_len"] == round(0.1 * total) + 1  # + the weight
+
+
+def test_dropouts_at_every_stage_keep_the_round_alive() -> None:
+    # 0.4 of 5 clients = 2 drop each round, at seeded stages; over 4 rounds all stages occur.
+    outcomes, start, new, _ = _round({"simulate-dropout": 0.4}, rounds=4)
+    for outcome, _ in outcomes:
+        assert outcome.accepted + outcome.dropped == 5
+        # A client failing during unmasking is still in the sum (its input arrived).
+        assert outcome.dropped + outcome.extra["secagg_late_dropouts"] == 2
+    stages = set()
+    for rnd in range(1, 5):
+        stages |= set(simulated_dropouts(0, rnd, [1000 + i for i in range(5)], 0.4).values())
+    assert len(stages) >= 3
+    assert any(not np.array_equal(new[k], start[k]) for k in start)
+
+
+def test_too_many_dropouts_abort_and_keep_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    ((outcome, _),), _, _, _ = _round({"simulate-dropout": 0.8, "secagg-threshold": 4})
+    assert outcome.arrays is None and outcome.accepted == 0 and outcome.dropped >= 4
+    assert "secure aggregation aborted" in caplog.text
+
+
+def test_central_dp_under_secagg_adds_noise_and_accounts() -> None:
+    ((outcome, _),), start, new, privacy = _round(
+        {"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 0.5}
+    )
+    assert outcome.arrays is not None and outcome.accepted == 5
+    assert privacy.epsilon > 0
+    # Clipped to 1 and averaged over 5, plus noise of std 0.5/5 per coordinate.
+    step = np.concatenate([(new[k] - start[k]).ravel() for k in start])
+    assert 0.05 < float(np.std(step)) < 0.2
+
+
+def test_distributed_dp_under_secagg_reports_bits_and_effective_noise() -> None:
+    ((outcome, _),), start, new, privacy = _round(
+        {"dp": "distributed", "dp-clip": 1.0, "dp-noise-multiplier": 0.5, "dp-bits": 16}
+    )
+    assert outcome.arrays is not None and outcome.accepted == 5
+    assert outcome.extra["secagg_bits"] == 16
+    z = outcome.extra["effective_noise_multiplier"]
+    assert 0 < z < 0.5  # rounding inflates the sensitivity, so slightly below nominal
+    assert privacy.epsilon > 0
+    step = np.concatenate([(new[k] - start[k]).ravel() for k in start])
+    assert 0.05 < float(np.std(step)) < 0.2
