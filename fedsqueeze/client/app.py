@@ -3,9 +3,10 @@
 Handlers:
 
 - ``train``: load the received global weights, train on this node's partition, reply
-  with the full local weights (``"arrays"``) and ``num-examples``. Compression is not
-  done here: the ``compress_mod`` turns that reply into a compact encoded delta, the
-  same way it would for any other Flower ClientApp.
+  with the full local weights (``"arrays"``) and ``num-examples`` (DP-SGD with Opacus when
+  ``dp = "local"``). Compression and secure aggregation are not done here: ``compress_mod``
+  turns that reply into a compact encoded delta, the same way it would for any other Flower
+  ClientApp, and ``secagg_mod`` runs the SecAgg+ stages.
 - ``evaluate``: federated evaluation on this node's slice of the test split.
 - ``query``: the start-of-run handshake; tells the server this node's partition id so
   that client sampling is reproducible by seed (Flower node ids are random per run).
@@ -52,7 +53,8 @@ def build_client_app(
 ) -> ClientApp:
     """Build the ClientApp; ``config=None`` reads the run config from the Context.
 
-    ``extra_mods`` run outside ``compress_mod`` (they see what travels on the wire).
+    Mods, outermost first: ``extra_mods`` (they see what travels on the wire), then
+    ``secagg_mod`` (secure aggregation, when the server asks for it), then ``compress_mod``.
     """
     app = ClientApp(mods=[*extra_mods, secagg_mod, compress_mod])
 

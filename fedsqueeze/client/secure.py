@@ -6,11 +6,16 @@ Under ``secagg = true`` a round is several ``TRAIN`` messages, each naming its s
 ``setup``   the ordinary train message plus the SecAgg+ setup fields: the mod lets the
             ClientApp train, turns ``local - start`` into an integer vector in Z_{2^b}
             (clip → scale → unbiased stochastic rounding → shared-seed random-k →
-            weighting, or the distributed-DP encoder), keeps it in ``Context.state`` and
-            replies with the advertised public keys;
+            weighting, or the distributed-DP encoder; with ``codec = "...+ef"`` the
+            error-feedback residual is added first, see :func:`encode_with_feedback`),
+            keeps it in ``Context.state`` and replies with the advertised public keys;
 ``share``   → encrypted Shamir shares for the neighbours;
 ``mask``    → the masked input, bit-packed at b bits;
 ``unmask``  → the shares the server needs to strip the masks.
+
+Replies carry the core's fields in a compact wire form (:func:`pack_reply`): one bytes
+field per stage, fixed-size items concatenated, and no ids the server already sent in its
+request (the server glue re-attaches them with :func:`unpack_reply`).
 
 The protocol state (the SecAgg+ client state machine, its private keys, the encoded
 input) lives in ``Context.state`` between stages, so it survives in simulation and on a
@@ -31,11 +36,14 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.compression import parse_codec, random_k_indices, stochastic_round
 from fedsqueeze.compression.errors import CodecError
-from fedsqueeze.compression.stages import RandomK, resolve_k
+from fedsqueeze.compression.stages import ErrorFeedback, RandomK, resolve_k
 from fedsqueeze.privacy.distributed import DistributedDPClient, DistributedDPParams, wrap_mod
-from fedsqueeze.records import from_record
+from fedsqueeze.records import CODEC_META_KEY, CODEC_STATE_KEY, from_record, to_record
 from fedsqueeze.secagg import SecAggClient, to_field
+from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES
+from fedsqueeze.secagg.crypto import KEY_BYTES
 from fedsqueeze.secagg.encoding import MAX_BITS
+from fedsqueeze.secagg.shamir import SHARE_BYTES
 
 STAGE_KEY = "secagg-stage"
 SETUP, SHARE, MASK, UNMASK = "setup", "share", "mask", "unmask"
@@ -43,8 +51,15 @@ STAGES = (SETUP, SHARE, MASK, UNMASK)
 """Protocol stages in order; a simulated dropout names the one at which the client fails."""
 PROTO_PREFIX = "sa."
 """Config-record keys carrying the SecAgg+ core's message fields."""
-REPLY_KEY = "fedsqueeze.secagg"
-"""ConfigRecord in a client's stage reply: the core's reply fields."""
+REPLY_KEY = "sa"
+"""ConfigRecord in a client's stage reply: the core's reply in wire form (:func:`pack_reply`).
+Short on purpose: the record name travels in every one of the four replies."""
+WIRE_FIELD = "b"
+"""The one bytes field of a stage reply."""
+COMMIT_BYTES = 32
+"""Size of the self-mask seed commitment in a ``share`` reply (SHA-256)."""
+EF_STATE_KEY = ErrorFeedback.state_key
+"""Key of the residual (flat float32) in the ``CODEC_STATE_KEY`` ArrayRecord."""
 STATE_KEY = "fedsqueeze.secagg-state"
 """Client ``Context.state`` ConfigRecord: the protocol state between stages."""
 DEFAULT_BITS = 16
@@ -260,8 +275,14 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
     codec = parse_codec(str(config.get("codec", "none")))
     for stage in codec.stages:
-        if isinstance(stage, RandomK):
+        if isinstance(stage, RandomK | ErrorFeedback):
             continue
+        if stage.role == "feedback":
+            raise SecureConfigError(
+                f"codec stage {stage.spec!r} cannot run under secagg = true: the server would "
+                "need each client's own state, but it only sees the masked sum; use "
+                '"randk(F)+ef" (client-only error feedback)'
+            )
         why = (
             "it is not linear (clients' encodings cannot be summed)"
             if not stage.linear
@@ -270,7 +291,22 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         raise SecureConfigError(
             f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
             "path already clips, scales and rounds to secagg-bits integers — use codec = "
-            '"none" or "randk(F)"'
+            '"none", "randk(F)" or "randk(F)+ef"'
+        )
+    # Error feedback is allowed with dp = "central" and "local". Central: every round the
+    # server sees (and the accountant charges for) the sum of contributions each clipped to
+    # dp-clip, plus Gaussian noise; the residual is the client's own data and past public
+    # outputs, and client-level DP-FedAvg already allows any client-side function of those
+    # as long as the contribution is clipped — the sensitivity per round stays dp-clip.
+    # Local: the residual is post-processing of the Opacus-trained (already DP) updates.
+    if isinstance(codec.feedback, ErrorFeedback) and dp == "distributed":
+        # The distributed-DP encoder rotates and adds each client's noise before rounding;
+        # what was "sent" is not separable from that noise without decoding the rotation, and
+        # a residual that absorbed the noise would make the client cancel its own noise
+        # next round. Not supported until that is worked out.
+        raise SecureConfigError(
+            'codec error feedback ("+ef") cannot be combined with dp = "distributed" under '
+            'secagg; use dp = "central" or drop "+ef"'
         )
     randk_fraction(config)
     neighbours = int(config.get("secagg-neighbours", 0))
@@ -304,6 +340,84 @@ def to_fields(msg: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, A
 
 def from_fields(record: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+# --- compact wire form of the stage replies ----------------------------------------------
+
+
+class SecureWireError(ValueError):
+    """A stage reply does not have the size its stage and the server's request imply."""
+
+
+def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -> bytes:
+    """The core's reply for ``stage`` as one byte string (the inverse of :func:`unpack_reply`).
+
+    ``setup``  ``c_pk || s_pk``;
+    ``share``  ``b_commit || ciphertext_1 || ...`` for the recipients in ascending id order,
+               which are exactly the ``peer_ids`` of the server's request (the core shares
+               among the live neighbours it was sent);
+    ``mask``   the bit-packed masked vector;
+    ``unmask`` ``b shares || s shares``, in the ascending order of the request's
+               ``survivor_ids`` and ``dropped_ids``.
+
+    Nothing secret is dropped: only ids the server itself chose, and list framing. Each
+    ciphertext stays bound to its sender and recipient by AES-GCM's associated data, so a
+    server that re-attached the wrong ids would fail to get shares decrypted, not learn more.
+    """
+    if stage == SETUP:
+        return bytes(out["c_pk"]) + bytes(out["s_pk"])
+    if stage == SHARE:
+        if list(out["recipients"]) != sorted(int(v) for v in request["peer_ids"]):
+            raise SecureWireError("share recipients differ from the peers the server sent")
+        return bytes(out["b_commit"]) + b"".join(bytes(c) for c in out["ciphertexts"])
+    if stage == MASK:
+        return bytes(out["masked"])
+    if stage == UNMASK:
+        if list(out["b_ids"]) != sorted(int(v) for v in request["survivor_ids"]) or list(
+            out["s_ids"]
+        ) != sorted(int(v) for v in request["dropped_ids"]):
+            raise SecureWireError("unmask ids differ from the server's request")
+        return b"".join(bytes(x) for x in [*out["b_shares"], *out["s_shares"]])
+    raise SecureWireError(f"unknown secagg stage {stage!r}")
+
+
+def _chunks(blob: bytes, size: int, count: int, what: str) -> list[bytes]:
+    if len(blob) != size * count:
+        raise SecureWireError(f"{what}: expected {count} x {size} bytes, got {len(blob)}")
+    return [blob[i * size : (i + 1) * size] for i in range(count)]
+
+
+def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[str, Any]:
+    """The core's reply fields from :func:`pack_reply`'s bytes and the request sent for it.
+
+    Raises
+    ------
+    SecureWireError
+        The length does not match what the stage and the request imply.
+    """
+    if stage == SETUP:
+        c_pk, s_pk = _chunks(blob, KEY_BYTES, 2, "public keys")
+        return {"c_pk": c_pk, "s_pk": s_pk}
+    if stage == SHARE:
+        recipients = sorted(int(v) for v in request["peer_ids"])
+        commit, rest = blob[:COMMIT_BYTES], blob[COMMIT_BYTES:]
+        if len(commit) != COMMIT_BYTES:
+            raise SecureWireError("share reply shorter than the seed commitment")
+        cts = _chunks(rest, SHARE_CIPHERTEXT_BYTES, len(recipients), "encrypted shares")
+        return {"recipients": recipients, "ciphertexts": cts, "b_commit": commit}
+    if stage == MASK:
+        return {"masked": bytes(blob)}
+    if stage == UNMASK:
+        b_ids = sorted(int(v) for v in request["survivor_ids"])
+        s_ids = sorted(int(v) for v in request["dropped_ids"])
+        shares = _chunks(blob, SHARE_BYTES, len(b_ids) + len(s_ids), "unmask shares")
+        return {
+            "b_ids": b_ids,
+            "b_shares": shares[: len(b_ids)],
+            "s_ids": s_ids,
+            "s_shares": shares[len(b_ids) :],
+        }
+    raise SecureWireError(f"unknown secagg stage {stage!r}")
 
 
 # --- client state in Context.state --------------------------------------------------------
@@ -397,7 +511,12 @@ def encode_update(
             x = x[positions]
         ints = DistributedDPClient(params).encode(x, rng, int(cfg["secagg-rotation-seed"]))
         return wrap_mod(ints, params.bits).astype(np.uint64)
-    enc = IntegerEncoding(
+    enc = _plain_encoding(cfg)
+    return to_field(encode_integers(flat_delta, enc, num_examples, positions, rng), enc.bits)
+
+
+def _plain_encoding(cfg: Mapping[str, Any]) -> IntegerEncoding:
+    return IntegerEncoding(
         clip=float(cfg["secagg-clip"]),
         scale=float(cfg["secagg-scale"]),
         bits=int(cfg["sa.bits"]),
@@ -405,7 +524,88 @@ def encode_update(
         weight_cap=int(cfg["secagg-weight-cap"]),
         num_clients=int(cfg["sa.num_clients"]),
     )
-    return to_field(encode_integers(flat_delta, enc, num_examples, positions, rng), enc.bits)
+
+
+def encode_with_feedback(
+    cfg: Mapping[str, Any],
+    flat_delta: np.ndarray,
+    residual: np.ndarray,
+    num_examples: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Error feedback under secure aggregation: (field vector, residual after sending it).
+
+    Error feedback is client-local: the client knows exactly what it contributes to the
+    masked sum (the selected coordinates after clipping and rounding, before masking), so
+    it can carry the rest to the next round while the server side stays unchanged. With
+    ``v = delta + residual``:
+
+    - the shared-seed random-k positions are taken from ``v``, and that selected sub-vector
+      (what travels) is clipped to L2 norm ``C`` — the bound protects what is sent: the
+      overflow check and a DP sensitivity both concern the sent vector only. Clipping all of
+      ``v`` first would shrink the sent part by the growing norm of the unsent residual;
+    - the selected values are weighted, scaled and rounded exactly as without feedback;
+    - ``sent`` is what those integers mean in update units: ``ints / (scale * w)`` with
+      ``w = n / W`` (weighted FedAvg) or 1, at the kept positions and zero elsewhere;
+    - the new residual is ``v - sent``: everything unsent, clipped off or rounded away.
+
+    The residual is kept in *unweighted* update units, like ``compress_mod``'s: the weight
+    ``n / W`` multiplies the whole ``v`` (delta and carried residual alike) when it is sent,
+    so the server's weighted mean of ``sent`` plus the weighted residuals equals the weighted
+    mean of the true updates, as in FedAvg with error feedback in the clear. ``n`` is the
+    client's partition size, the same every round, so no weight drifts between rounds.
+
+    Hence, over any number of rounds: ``sum(sent) + residual == sum(delta)`` (up to the
+    float32 storage of the residual).
+    """
+    if str(cfg["secagg-mode"]) == "distributed":
+        raise SecureConfigError('error feedback is not supported with dp = "distributed"')
+    d = flat_delta.size
+    if int(cfg["secagg-dim"]) != d:
+        raise ValueError(f"model has {d} parameters, the server expects {cfg['secagg-dim']}")
+    if residual.shape != (d,):
+        raise ValueError(f"residual has shape {residual.shape}, the model has {d} parameters")
+    enc = _plain_encoding(cfg)
+    v = np.asarray(flat_delta, dtype=np.float64) + np.asarray(residual, dtype=np.float64)
+    positions = randk_positions(d, _amount(cfg), int(cfg["secagg-randk-seed"]))
+    selected = v if positions is None else v[positions]
+    ints = encode_integers(selected, enc, num_examples, None, rng)  # clips what is sent
+    if enc.weighted:
+        w = min(int(num_examples), enc.weight_cap) / enc.weight_cap
+        sent = ints[:-1].astype(np.float64) / (enc.scale * w)
+    else:
+        sent = ints.astype(np.float64) / enc.scale
+    new_residual = v.copy()
+    if positions is None:
+        new_residual -= sent
+    else:
+        new_residual[positions] -= sent
+    return to_field(ints, enc.bits), new_residual
+
+
+def uses_feedback(cfg: Mapping[str, Any]) -> str | None:
+    """The codec spec if the round's codec has client-side error feedback (``+ef``), else None."""
+    try:
+        codec = parse_codec(str(cfg.get("codec", "none")))
+    except CodecError:
+        return None
+    return codec.spec if isinstance(codec.feedback, ErrorFeedback) else None
+
+
+def load_residual(context: Context, spec: str, d: int) -> np.ndarray:
+    """The stored residual of codec ``spec`` (zeros if none, another codec's, or resized)."""
+    meta = context.state.config_records.get(CODEC_META_KEY)
+    if meta is None or meta.get("codec") != spec or CODEC_STATE_KEY not in context.state:
+        return np.zeros(d, dtype=np.float32)
+    stored = from_record(context.state[CODEC_STATE_KEY]).get(EF_STATE_KEY)
+    if stored is None or stored.shape != (d,):
+        return np.zeros(d, dtype=np.float32)
+    return stored.astype(np.float32)
+
+
+def store_residual(context: Context, spec: str, residual: np.ndarray) -> None:
+    context.state[CODEC_STATE_KEY] = to_record({EF_STATE_KEY: residual.astype(np.float32)})
+    context.state[CODEC_META_KEY] = ConfigRecord({"codec": spec})
 
 
 def _amount(cfg: Mapping[str, Any]) -> float | int:
@@ -418,8 +618,14 @@ def _maybe_drop(cfg: Mapping[str, Any], stage: str) -> None:
         raise SimulatedDropout(f"simulate-dropout: this client fails at stage {stage!r}")
 
 
-def _reply(msg: Message, fields: Mapping[str, Any], metrics: MetricRecord | None = None) -> Message:
-    content = RecordDict({REPLY_KEY: ConfigRecord(dict(fields))})
+def _reply(
+    msg: Message,
+    stage: str,
+    out: Mapping[str, Any],
+    request: Mapping[str, Any],
+    metrics: MetricRecord | None = None,
+) -> Message:
+    content = RecordDict({REPLY_KEY: ConfigRecord({WIRE_FIELD: pack_reply(stage, out, request)})})
     if metrics is not None:
         content["metrics"] = metrics
     return Message(content=content, reply_to=msg)
@@ -448,13 +654,18 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     elif stage == MASK:
         x = np.frombuffer(bytes(glue["input"]), dtype="<u8").astype(np.uint64)
         out = client.masked_input(request, x)
-        glue = {k: v for k, v in glue.items() if k != "input"}  # not needed any more
+        if "ef-spec" in glue:
+            # The masked input is leaving: from now on it is in the sum (or the round aborts
+            # for everyone), so the residual becomes what this input leaves unsent.
+            pending = np.frombuffer(bytes(glue["ef-pending"]), dtype="<f4")
+            store_residual(context, str(glue["ef-spec"]), pending)
+        glue = {k: v for k, v in glue.items() if k not in ("input", "ef-pending")}
     elif stage == UNMASK:
         out = client.unmask(request)
     else:
         raise RuntimeError(f"unknown secagg stage {stage!r}")
     context.state[STATE_KEY] = _save(client, from_fields(context.state[STATE_KEY], "setup."), glue)
-    return _reply(msg, out)
+    return _reply(msg, stage, out, request)
 
 
 def _setup_stage(
@@ -479,18 +690,28 @@ def _setup_stage(
     metrics = reply.content.metric_records.get("metrics", MetricRecord())
     num_examples = int(metrics.get("num-examples", 1))
     rng = np.random.default_rng()  # private: rounding and noise must not be predictable
-    x = encode_update(cfg, delta, num_examples, rng)
-    glue = {
+    glue: dict[str, Any] = {
         "round": int(cfg.get("server-round", 0)),
         "secagg-drop-stage": str(cfg.get("secagg-drop-stage", "")),
-        "input": x.astype("<u8").tobytes(),
     }
+    spec = uses_feedback(cfg)
+    if spec is None:
+        x = encode_update(cfg, delta, num_examples, rng)
+    else:
+        residual = load_residual(context, spec, delta.size)
+        x, pending = encode_with_feedback(cfg, delta, residual, num_examples, rng)
+        # Nothing is sent until the masked input leaves (stage "mask"): a client failing
+        # before that keeps all of delta + residual for its next round.
+        store_residual(context, spec, delta + residual)
+        glue["ef-spec"] = spec
+        glue["ef-pending"] = pending.astype("<f4").tobytes()
+    glue["input"] = x.astype("<u8").tobytes()
     _maybe_drop(glue, SETUP)
     out = client.advertise_keys()
     context.state[STATE_KEY] = _save(client, setup, glue)
     # num-examples travels inside the masked vector, not in the clear.
     public = MetricRecord({k: v for k, v in metrics.items() if k != "num-examples"})
-    return _reply(msg, out, public)
+    return _reply(msg, SETUP, out, {}, public)
 
 
 def simulated_dropouts(

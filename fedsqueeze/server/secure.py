@@ -33,8 +33,10 @@ from fedsqueeze.client.secure import (
     SHARE,
     STAGE_KEY,
     UNMASK,
+    WIRE_FIELD,
     IntegerEncoding,
     SecureConfigError,
+    SecureWireError,
     choose_encoding,
     decode_integers,
     flatten,
@@ -43,6 +45,7 @@ from fedsqueeze.client.secure import (
     simulated_dropouts,
     to_fields,
     unflatten,
+    unpack_reply,
 )
 from fedsqueeze.compression.stages import resolve_k
 from fedsqueeze.privacy.distributed import center_mod, decode_sum
@@ -149,15 +152,28 @@ def _stage_message(node: int, rnd: int, stage: str, fields: Mapping[str, Any]) -
     )
 
 
-def _collect(replies: list[Message]) -> tuple[dict[int, dict[str, Any]], list[Message]]:
-    """Usable stage replies by node; error replies count as dropouts at that stage."""
+def _collect(
+    replies: list[Message], stage: str, requests: Mapping[int, Mapping[str, Any]]
+) -> tuple[dict[int, dict[str, Any]], list[Message]]:
+    """Stage replies by node, in the core's form; error replies count as dropouts.
+
+    A reply whose wire form does not fit the request (:func:`unpack_reply`) reaches the core
+    as an empty message, so the core rejects that client and lists it in ``rejected``.
+    """
     out: dict[int, dict[str, Any]] = {}
     ok: list[Message] = []
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() or REPLY_KEY not in reply.content.config_records:
             continue
-        out[node] = dict(reply.content.config_records[REPLY_KEY])
+        blob = reply.content.config_records[REPLY_KEY].get(WIRE_FIELD)
+        try:
+            if not isinstance(blob, bytes):
+                raise SecureWireError(f"field {WIRE_FIELD!r} is not bytes")
+            out[node] = unpack_reply(stage, blob, requests.get(node, {}))
+        except SecureWireError as exc:
+            log.warning("client %d: malformed %s reply (%s); rejected", node, stage, exc)
+            out[node] = {}
         ok.append(reply)
     return out, ok
 
@@ -225,7 +241,7 @@ def secure_train_round(
         content["config"] = cfg
         msg.content = content
     replies = list(view.send_and_receive(messages, timeout=node_timeout))
-    keys, ok = _collect(replies)
+    keys, ok = _collect(replies, SETUP, {})
     losses = []
     client_metrics: list[dict[str, float]] = []
     for reply in ok:
@@ -241,7 +257,8 @@ def secure_train_round(
 
     def exchange(stage: str, requests: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         messages = [_stage_message(v, rnd, stage, m) for v, m in requests.items()]
-        return _collect(list(view.send_and_receive(messages, timeout=node_timeout)))[0]
+        replies = list(view.send_and_receive(messages, timeout=node_timeout))
+        return _collect(replies, stage, requests)[0]
 
     try:
         shares = exchange(SHARE, server.collect_keys(keys))

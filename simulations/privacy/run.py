@@ -6,13 +6,15 @@ Runs every ``simulations/privacy/*.toml`` (or ``--only`` those) through the real
 Engine with ``simulations/run.py``'s runner, one run directory per config under
 ``simulations/results/privacy/``, then writes ``privacy_table.md`` and
 ``accuracy_vs_epsilon.png`` from *all* run directories found there (``--report-only`` skips
-the runs and only rebuilds the report from what is on disk).
+the runs and only rebuilds the report from what is on disk). The plot also shows, as error
+bars, the noise-only spread written there by ``noise_spread.py`` (``noise_spread_*.txt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,45 +68,91 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _family(cfg: dict[str, Any]) -> str:
+    """Which curve a run belongs to: "central" (plain path), "distributed-16" or ""."""
+    if cfg.get("secagg-randk", 1.0) != 1.0 or str(cfg.get("codec", "none")) != "none":
+        return ""
+    if cfg.get("dp") == "central" and not cfg.get("secagg"):
+        return "central"
+    if cfg.get("dp") == "distributed" and int(cfg.get("dp-bits", 0)) == 16:
+        return "distributed-16"
+    return ""
+
+
+def mean_last(r: dict[str, Any], n: int = 5) -> float:
+    last = [x["accuracy"] for x in r["rounds"][-n:]]
+    return sum(last) / len(last)
+
+
+def curves(runs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, list[float]]]]:
+    """Per family, sorted by target ε: (ε, mean over seeds of mean-last-5, each seed's value)."""
+    grouped: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        cfg = r["summary"]["config"]
+        fam = _family(cfg)
+        if fam:
+            eps = float(cfg["dp-epsilon"])
+            grouped.setdefault(fam, {}).setdefault(eps, []).append(mean_last(r))
+    return {
+        fam: [(e, sum(v) / len(v), v) for e, v in sorted(by_eps.items())]
+        for fam, by_eps in grouped.items()
+    }
+
+
+def noise_spread(out: Path) -> dict[tuple[str, float], list[float]]:
+    """Mean-of-last-5 values per (mode, ε) from ``noise_spread.py``'s output files in ``out``."""
+    spread: dict[tuple[str, float], list[float]] = {}
+    for path in sorted(out.glob("noise_spread_*.txt")):
+        for line in path.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                key = (str(row["mode"]), float(row["epsilon"]))
+                spread.setdefault(key, []).append(float(row["mean_last5"]))
+    return spread
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def mean_last(r: dict[str, Any]) -> float:
-        last = [x["accuracy"] for x in r["rounds"][-5:]]
-        return sum(last) / len(last)
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    central = sorted(
-        (r for r in runs if r["summary"]["config"].get("dp") == "central"
-         and not r["summary"]["config"].get("secagg")),
-        key=lambda r: r["summary"]["epsilon"],
-    )  # fmt: skip
-    if central:
-        ax1.plot(
-            [r["summary"]["epsilon"] for r in central],
-            [mean_last(r) for r in central],
-            marker="o",
-            label="central DP",
-        )
+    styles = {"central": ("central DP (plain path)", "o", "C0"),
+              "distributed-16": ("distributed DP, 16 bits (secagg)", "s", "C1")}  # fmt: skip
+    for fam, points in curves(runs).items():
+        label, marker, color = styles[fam]
+        eps = [e for e, _, _ in points]
+        ax1.plot(eps, [m for _, m, _ in points], marker=marker, color=color, label=label)
+        for e, _, values in points:
+            if len(values) > 1:
+                ax1.scatter([e] * len(values), values, marker=".", color=color, alpha=0.6)
+    colors = {"central": "C0", "distributed": "C1"}
+    for (mode, eps), values in noise_spread(path.parent).items():
+        if len(values) > 1:
+            mean, sd = statistics.mean(values), statistics.stdev(values)
+            offset = 0.93 if mode == "central" else 1.07
+            ax1.errorbar([eps * offset], [mean], yerr=[sd], fmt="D", ms=4, capsize=3,
+                         color=colors.get(mode, "k"),
+                         label=f"{mode}: {len(values)} noise seeds, mean ± sd")  # fmt: skip
     for r in runs:
         cfg = r["summary"]["config"]
-        if cfg.get("dp") == "distributed" or (cfg.get("dp") == "central" and cfg.get("secagg")):
-            ax1.scatter([r["summary"]["epsilon"]], [mean_last(r)], marker="x", label=r["label"])
-        if cfg.get("dp", "none") == "none":
+        dp = cfg.get("dp", "none")
+        if dp == "none":
             ax1.axhline(mean_last(r), color="gray", linestyle="--", label="no DP")
+        elif not _family(cfg):
+            ax1.scatter([float(cfg["dp-epsilon"])], [mean_last(r)], marker="x", label=r["label"])
         ax2.plot([x["accuracy"] for x in r["rounds"]], label=r["label"])
     ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("ε (user level, final)")
+    ax1.set_xlabel("target ε (user level; final ε in the table)")
     ax1.set_ylabel("test accuracy (mean of last 5 rounds)")
+    ax1.set_title("line: mean over seeds, dots: single seeds", fontsize=8)
     ax1.grid(alpha=0.3, which="both")
     ax1.legend(fontsize=7)
     ax2.set_xlabel("round")
     ax2.set_ylabel("test accuracy")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=6)
+    ax2.legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
