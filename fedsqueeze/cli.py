@@ -106,6 +106,8 @@ def _configure_environment(verbose: bool) -> None:
     if not verbose:
         # Flower logs every round at INFO and warns that run_simulation is deprecated
         # (fedsqueeze uses it deliberately: it takes app objects built from a config).
+        import flwr.supercore.logger  # noqa: F401  (importing it resets the level to DEBUG)
+
         logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
