@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,22 @@ def test_real_process_exit_status(tmp_path: Path) -> None:
     assert proc.stderr.strip().count("\n") == 0
     assert "partition" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_prints_the_result_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = {
+        "final_accuracy": 0.91234,
+        "best_accuracy": 0.95,
+        "total_uplink_bytes": 2_500_000,
+        "total_downlink_bytes": 7_000_000,
+        "num_rounds": 4,
+        "wall_s": 12.5,
+        "config": {"dataset": "digits", "model": "mlp", "num-clients": 3, "codec": "q8"},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("0.9123", "2.500 MB", "7.000 MB", "codec q8", "12.5 s", str(tmp_path)):
+        assert fragment in out, fragment
+    assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
+    assert "no summary.json" in capsys.readouterr().err
