@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fedsqueeze simulate
 
+# Lint first (seconds), then every test, end-to-end ones included.
 test: setup
+	$(BIN)/ruff check fedsqueeze tests benchmarks simulations
+	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsqueeze.client.dp import STATE_KEY, plan_local_dp, train_local_dp
@@ -135,6 +136,51 @@ def test_aborted_round_is_not_accounted_and_effective_multiplier_is_used() -> No
     row = privacy.after_round(2, out)
     assert row["dp_noise_multiplier"] == 0.8
     assert row["epsilon"] == pytest.approx(_opacus_epsilon(0.8, 0.1, 1, privacy.delta))
+
+
+def test_noised_but_dropped_aggregate_is_accounted() -> None:
+    """The server computed a noised aggregate and dropped it (non-finite): it saw it."""
+    privacy = _central()
+    row = privacy.after_round(1, TrainOutcome(arrays=None, dp_released=True))
+    assert row["dp_released"] is True
+    assert privacy.accountant.total_steps == 1
+    assert row["epsilon"] == pytest.approx(_opacus_epsilon(1.0, 0.1, 1, privacy.delta))
+    # A round that computed nothing (abort, no usable replies) stays free.
+    row = privacy.after_round(2, TrainOutcome(arrays=None))
+    assert row["dp_released"] is False and privacy.accountant.total_steps == 1
+
+
+def test_plain_aggregator_round_reports_dp_released_even_if_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Central DP without secagg: the noise overflows float32, the strategy drops the
+    aggregate, and the round still says a noised aggregate was computed."""
+    from test_secure_glue import SMALL, InProcessGrid
+
+    from fedsqueeze.client.training import state_to_numpy
+    from fedsqueeze.federation import new_model
+    from fedsqueeze.server.grid import CountingGrid
+    from fedsqueeze.server.rounds import plain_train_round
+    from fedsqueeze.server.strategies import build_strategy
+    from fedsqueeze.server.strategy import CompressedStrategy
+
+    for name in ("_run_id", "_task_id", "_node_id"):  # what Message() needs outside an engine
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+    cfg = resolve_config(
+        SMALL, {"secagg": False, "dp": "central", "dp-noise-multiplier": 1e40, "num-rounds": 2}
+    )
+    privacy = build_server_privacy(cfg)
+    assert privacy is not None
+    strategy = CompressedStrategy(build_strategy(cfg), seed=0, aggregator=privacy.aggregator())
+    grid = InProcessGrid(cfg, int(cfg["num-clients"]))
+    arrays = state_to_numpy(new_model(cfg, seed=0))
+    view = CountingGrid(grid, list(grid.get_node_ids()))
+    with np.errstate(over="ignore"):
+        outcome = plain_train_round(strategy, view, 1, arrays, 60)
+    assert outcome.arrays is None and strategy.stats.aggregate_rejected
+    assert outcome.dp_released is True and outcome.accepted == 5
+    row = privacy.after_round(1, outcome)
+    assert row["dp_released"] is True and privacy.accountant.total_steps == 1
 
 
 def test_budget_stops_before_the_round_that_would_exceed_it() -> None:

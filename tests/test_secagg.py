@@ -433,3 +433,104 @@ def test_wrong_mask_key_share_detected_by_public_key() -> None:
     answers[1] = {**answers[1], "s_shares": [bad]}
     with pytest.raises(SecAggAbort, match=r"public key|reconstruct"):
         srv.finish(answers)
+
+
+# --- saving and restoring the client state machine (to_state / from_state) -----------------
+
+
+def _restored(client: SecAggClient) -> SecAggClient:
+    """Save, copy the saved values (as a record store would) and restore."""
+    state = client.to_state()
+    copied = {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
+    return SecAggClient.from_state(copied)
+
+
+def test_state_round_trip_at_every_stage_recovers_exact_sum() -> None:
+    """Every client is rebuilt from its saved state before every stage; one drops at stage
+    3 so the unmask stage needs both kinds of share. The sum is exact."""
+    ids = [5, 17, 2**64 - 1, 40, 123456789, 8]
+    cfg = _cfg(n=6, k=4, t=3, bits=24, d=33, seed=2**63 + 7)
+    rng = np.random.default_rng(3)
+    xs = {c: rng.integers(0, 2**24, 33, dtype=np.uint64) for c in ids}
+    rnd = Round(cfg, ids)
+    srv = rnd.server
+    cl = {c: _restored(rnd.clients[c]) for c in ids}
+    assert all(c.stage == "setup" for c in cl.values())
+    out = srv.collect_keys({c: cl[c].advertise_keys() for c in ids})
+    cl = {c: _restored(cl[c]) for c in ids}
+    out = srv.collect_shares({c: cl[c].share_keys(out[c]) for c in out})
+    cl = {c: _restored(cl[c]) for c in ids}
+    out = srv.collect_masked({c: cl[c].masked_input(out[c], xs[c]) for c in out if c != 40})
+    cl = {c: _restored(cl[c]) for c in ids}
+    assert cl[5].stage == "masked"
+    result = srv.finish({c: cl[c].unmask(out[c]) for c in out})
+    assert 40 in result.dropped and len(result.included) == 5
+    expected = sum(xs[c] for c in result.included) % np.uint64(2**24)
+    assert np.array_equal(result.total, expected)
+
+
+def test_state_round_trip_keeps_reveals_and_is_stable() -> None:
+    rnd, out = _at_unmask()
+    client = rnd.clients[1]
+    first = client.unmask(out[1])
+    restored = _restored(client)
+    assert restored.to_state() == client.to_state()
+    assert restored.stage == "unmasked"
+    assert restored.unmask(out[1]) == first  # identical retry still answered
+    # The restored client remembers which b shares it revealed.
+    with pytest.raises(SecAggProtocolError, match="both"):
+        restored.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+
+
+def test_state_values_are_flat_record_types() -> None:
+    rnd, _ = _at_unmask()
+    state = rnd.clients[2].to_state()
+    for key, value in state.items():
+        assert isinstance(value, int | str | bytes | list), key
+        if isinstance(value, list):
+            assert all(isinstance(v, int | bytes) for v in value), key
+    assert len(state["s_key"]) == 32 and len(state["held_b"]) == 5
+
+
+def test_restored_client_rejects_stage_out_of_order() -> None:
+    rnd, _ = _at_unmask()
+    restored = _restored(rnd.clients[3])
+    with pytest.raises(SecAggProtocolError, match="stage"):
+        restored.advertise_keys()
+
+
+def _tampered(state: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    new = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            new.pop(key)
+        else:
+            new[key] = value
+    return new
+
+
+def test_from_state_rejects_malformed_state_with_typed_error() -> None:
+    rnd, _ = _at_unmask()
+    state = rnd.clients[1].to_state()
+    SecAggClient.from_state(state)  # the untouched state loads
+    bad = [
+        _tampered(state, version=2),
+        _tampered(state, stage="done"),
+        _tampered(state, extra=1),
+        _tampered(state, s_key=None),
+        _tampered(state, b_seed=b"short"),
+        _tampered(state, c_key=b"\x00" * 31),
+        _tampered(state, client_id=999),  # not a participant
+        _tampered(state, neighbours=2),  # another graph: peers are not neighbours
+        _tampered(state, held_b=state["held_b"][:-1]),
+        _tampered(state, held_s=[b"\xff" * 33] * 5),  # outside the field
+        _tampered(state, revealed_s=[2]),
+        _tampered(state, threshold=1),  # insecure parameters
+        _tampered(state, peer_ids="1,2"),
+        _tampered(_tampered(state, stage="keys"), b_seed=None),  # shares before sharing
+    ]
+    for broken in bad:
+        with pytest.raises(SecAggProtocolError, match="invalid saved client state"):
+            SecAggClient.from_state(broken)
+    with pytest.raises(SecAggProtocolError, match="invalid saved client state"):
+        SecAggClient.from_state([("stage", "setup")])  # type: ignore[arg-type]

@@ -24,9 +24,11 @@ from fedsqueeze.client.secure import (
     SETUP,
     SHARE,
     STAGES,
+    STATE_KEY,
     UNMASK,
     SecureConfigError,
     SecureWireError,
+    _load,
     check_secure_config,
     choose_encoding,
     decode_integers,
@@ -390,6 +392,46 @@ def test_secure_round_with_error_feedback_keeps_residuals_in_client_state() -> N
         assert np.count_nonzero(r[unsent]) > 0.5 * unsent.size  # logreg: blank pixels stay 0
 
 
+class PersistingGrid(InProcessGrid):
+    """Like :class:`InProcessGrid`, but each node's ``Context.state`` is serialized to
+    Flower's protobuf and parsed back after every message, as a SuperNode persisting it
+    between ClientApp processes would."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for ctx in self.contexts.values():
+            ctx.state = recorddict_from_proto(recorddict_to_proto(ctx.state))
+        return replies
+
+
+def test_secagg_client_state_survives_serialization_between_stages() -> None:
+    overrides = {"secagg-clip": 100.0, "secagg-bits": 24}
+    cfg = resolve_config(SMALL, overrides)
+    grid = PersistingGrid(cfg, int(cfg["num-clients"]))
+    strategy = CompressedStrategy(build_strategy(cfg), codec=str(cfg["codec"]), seed=0)
+    start = state_to_numpy(new_model(cfg, seed=0))
+    view = CountingGrid(grid, list(grid.get_node_ids()))
+    outcome = secure_train_round(view, 1, start, cfg, strategy, None, 60.0)
+    assert outcome.accepted == 5 and outcome.dropped == 0 and outcome.rejected == 0
+    assert outcome.arrays is not None
+    plain = _plain_fedavg_delta({"secagg-clip": 100.0})
+    for k in start:
+        np.testing.assert_allclose(outcome.arrays[k] - start[k], plain[k], atol=2e-4)
+    # What each node kept is the core's to_state() plus the glue's values, and it loads.
+    for node, ctx in grid.contexts.items():
+        record = ctx.state[STATE_KEY]
+        client, glue = _load(record, node)
+        assert client.stage == "unmasked" and client.client_id == node
+        assert int(glue["round"]) == 1 and "input" not in glue
+        assert not any(k.startswith("_") for k in record)
+        with pytest.raises(RuntimeError, match="belongs to node"):
+            _load(record, node + 1)
+
+
 def test_compact_replies_round_trip_and_reject_bad_lengths() -> None:
     rng = np.random.default_rng(0)
     req_share = {"peer_ids": [30, 10, 20]}
@@ -462,6 +504,18 @@ def test_central_dp_under_secagg_adds_noise_and_accounts() -> None:
     # Clipped to 1 and averaged over 5, plus noise of std 0.5/5 per coordinate.
     step = np.concatenate([(new[k] - start[k]).ravel() for k in start])
     assert 0.05 < float(np.std(step)) < 0.2
+
+
+def test_central_dp_under_secagg_non_finite_aggregate_is_still_accounted() -> None:
+    # Noise this large overflows float32: the model is kept, but the server saw the sum.
+    with np.errstate(over="ignore"):
+        ((outcome, _),), start, new, privacy = _round(
+            {"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 1e40}
+        )
+    assert outcome.arrays is None and outcome.accepted == 5
+    assert outcome.dp_released is True
+    assert privacy.accountant.total_steps == 1 and privacy.epsilon > 0
+    assert all(np.array_equal(new[k], start[k]) for k in start)
 
 
 def test_distributed_dp_under_secagg_reports_bits_and_effective_noise() -> None:

@@ -423,56 +423,26 @@ def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[st
 # --- client state in Context.state --------------------------------------------------------
 
 
-def _save(client: SecAggClient, setup: Mapping[str, Any], extra: Mapping[str, Any]) -> ConfigRecord:
-    """Everything the state machine needs for its next stage, as a ConfigRecord."""
-    from fedsqueeze.secagg import crypto, shamir
+GLUE_PREFIX = "glue."
+"""Keys of the glue's own per-round values in the :data:`STATE_KEY` record; every other key
+is the core's :meth:`SecAggClient.to_state`."""
 
-    rec: dict[str, Any] = to_fields(setup, "setup.")
-    rec["stage"] = client.stage
-    if client.stage != "setup":
-        rec["c_key"] = crypto.private_key_bytes(client._c_key)
-        rec["s_key"] = crypto.private_key_bytes(client._s_key)
-    if hasattr(client, "_b_seed"):
-        rec["b_seed"] = client._b_seed
-    peers = sorted(client._peers)
-    rec["peer_ids"] = peers
-    rec["peer_c"] = [client._peers[p][0] for p in peers]
-    rec["peer_s"] = [client._peers[p][1] for p in peers]
-    held = sorted(client._held)
-    rec["held_ids"] = held
-    rec["held_b"] = [shamir.encode_share(client._held[h][0]) for h in held]
-    rec["held_s"] = [shamir.encode_share(client._held[h][1]) for h in held]
-    rec["rev_b"] = sorted(v for v, kind in client._revealed.items() if kind == "b")
-    rec["rev_s"] = sorted(v for v, kind in client._revealed.items() if kind == "s")
-    rec["mask_peers"] = list(getattr(client, "_mask_peers", []))
-    rec.update(to_fields(extra, "glue."))
+
+def _save(client: SecAggClient, extra: Mapping[str, Any]) -> ConfigRecord:
+    """Everything the state machine needs for its next stage, as a ConfigRecord."""
+    rec: dict[str, Any] = dict(client.to_state())
+    rec.update(to_fields(extra, GLUE_PREFIX))
     return ConfigRecord(rec)
 
 
 def _load(record: ConfigRecord, client_id: int) -> tuple[SecAggClient, dict[str, Any]]:
-    from fedsqueeze.secagg import crypto, shamir
-
-    setup = from_fields(record, "setup.")
-    client = SecAggClient(client_id, setup)
-    client.stage = str(record["stage"])
-    if "c_key" in record:
-        client._c_key = crypto.load_private_key(bytes(record["c_key"]))
-        client._s_key = crypto.load_private_key(bytes(record["s_key"]))
-    if "b_seed" in record:
-        client._b_seed = bytes(record["b_seed"])
-    client._peers = {
-        int(p): (bytes(c), bytes(s))
-        for p, c, s in zip(record["peer_ids"], record["peer_c"], record["peer_s"], strict=True)
-    }
-    client._held = {
-        int(h): (shamir.decode_share(bytes(b)), shamir.decode_share(bytes(s)))
-        for h, b, s in zip(record["held_ids"], record["held_b"], record["held_s"], strict=True)
-    }
-    client._revealed = {int(v): "b" for v in record["rev_b"]} | {
-        int(v): "s" for v in record["rev_s"]
-    }
-    client._mask_peers = [int(v) for v in record["mask_peers"]]
-    return client, from_fields(record, "glue.")
+    state = {k: v for k, v in record.items() if not k.startswith(GLUE_PREFIX)}
+    client = SecAggClient.from_state(state)
+    if client.client_id != client_id:
+        raise RuntimeError(
+            f"saved secagg state belongs to node {client.client_id}, not this node {client_id}"
+        )
+    return client, from_fields(record, GLUE_PREFIX)
 
 
 # --- the mod ------------------------------------------------------------------------------
@@ -664,7 +634,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         out = client.unmask(request)
     else:
         raise RuntimeError(f"unknown secagg stage {stage!r}")
-    context.state[STATE_KEY] = _save(client, from_fields(context.state[STATE_KEY], "setup."), glue)
+    context.state[STATE_KEY] = _save(client, glue)
     return _reply(msg, stage, out, request)
 
 
@@ -708,7 +678,7 @@ def _setup_stage(
     glue["input"] = x.astype("<u8").tobytes()
     _maybe_drop(glue, SETUP)
     out = client.advertise_keys()
-    context.state[STATE_KEY] = _save(client, setup, glue)
+    context.state[STATE_KEY] = _save(client, glue)
     # num-examples travels inside the masked vector, not in the clear.
     public = MetricRecord({k: v for k, v in metrics.items() if k != "num-examples"})
     return _reply(msg, SETUP, out, {}, public)

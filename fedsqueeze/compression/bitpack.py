@@ -80,7 +80,7 @@ def _pack_sub_byte(v: np.ndarray, bits: int) -> bytes:
     return acc.tobytes()
 
 
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+def unpack_bits(data: bytes | bytearray | memoryview, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`; returns ``count`` values as ``uint64``.
 
     Raises ``ValueError`` if ``data`` has the wrong length.

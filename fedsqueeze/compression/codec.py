@@ -30,7 +30,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,10 +226,9 @@ class Codec:
             raise CodecError(f"layout must be one of {LAYOUT_MODES}, got {layout!r}")
         if self.needs_seed and seed is None:
             raise CodecError(f"codec {self.spec} needs the shared round seed")
-        layout_mode = layout
-        layout, flat = _flatten(arrays)
+        table, flat = _flatten(arrays)
         rng = rng if rng is not None else np.random.default_rng()
-        previous = self._client_state(state, layout)
+        previous = self._client_state(state, table)
         if isinstance(self.feedback, ErrorFeedback):
             v = flat + previous
         elif isinstance(self.feedback, EF21):
@@ -238,15 +237,15 @@ class Codec:
             v = flat
         if not np.all(np.isfinite(v)):
             raise CodecError("update plus error-feedback state overflows float32")
-        body = self._encode_body(v, layout, seed, rng)
+        body = self._encode_body(v, table, seed, rng)
         new_state: dict[str, np.ndarray] = {}
         if self.feedback is not None:
-            sent = self._decode_body(Reader(body, "body"), layout, seed)
+            sent = self._decode_body(Reader(body, "body"), table, seed)
             if isinstance(self.feedback, ErrorFeedback):
                 new_state[self.feedback.state_key] = v - sent
             else:
                 new_state[self.feedback.state_key] = previous + sent
-        return Encoded(payload=self._envelope(layout, body, layout_mode), state=new_state)
+        return Encoded(payload=self._envelope(table, body, layout), state=new_state)
 
     def _client_state(self, state: Mapping[str, np.ndarray] | None, layout: Layout) -> np.ndarray:
         d = layout.d
@@ -628,23 +627,30 @@ def _build_stage(name: str, args: list[str], kwargs: dict[str, str]) -> Stage | 
         text = args[0] if args else kwargs.get("level")
         return None if text is None else _parse_int(text, name, "level")
 
-    simple: dict[str, object] = {
+    def bare(factory: Callable[[], Stage]) -> Callable[[], Stage]:
+        def make() -> Stage:
+            no_args()
+            return factory()
+
+        return make
+
+    simple: dict[str, Callable[[], Stage]] = {
         "topk": lambda: TopK(one_amount()),
         "topk_pt": lambda: TopKPerTensor(one_amount()),
         "randk": lambda: RandomK(one_amount()),
         "thresh": lambda: Threshold(one_amount()),
         "sign": lambda: Sign(block_only()),
-        "ternary": lambda: (no_args(), Ternary())[1],
-        "fp16": lambda: (no_args(), Float16())[1],
-        "bf16": lambda: (no_args(), BFloat16())[1],
-        "fp32": lambda: (no_args(), Float32())[1],
-        "ef": lambda: (no_args(), ErrorFeedback())[1],
-        "ef21": lambda: (no_args(), EF21())[1],
+        "ternary": bare(Ternary),
+        "fp16": bare(Float16),
+        "bf16": bare(BFloat16),
+        "fp32": bare(Float32),
+        "ef": bare(ErrorFeedback),
+        "ef21": bare(EF21),
         "zstd": lambda: Zstd(level()),
         "zlib": lambda: Zlib(level()),
     }
     if name in simple:
-        return simple[name]()  # type: ignore[operator]
+        return simple[name]()
     m = _NUMBERED.match(name)
     if m:
         bits = int(m.group(2))

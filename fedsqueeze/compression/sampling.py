@@ -83,4 +83,5 @@ def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     low = np.floor(x)
     frac = x - low
     up = rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) < frac
-    return low.astype(np.int64) + up
+    result: np.ndarray = low.astype(np.int64) + up
+    return result

@@ -83,7 +83,7 @@ class Stage(ABC):
         return []
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.spec == other.spec  # type: ignore[attr-defined]
+        return isinstance(other, Stage) and type(self) is type(other) and self.spec == other.spec
 
     def __hash__(self) -> int:
         return hash((type(self), self.spec))
@@ -272,7 +272,7 @@ def group_starts(
         return np.zeros(0, dtype=np.int64)
     if mode == "global":
         return np.zeros(1, dtype=np.int64)
-    seg_start = (np.cumsum(counts) - counts)[counts > 0]
+    seg_start: np.ndarray = (np.cumsum(counts) - counts)[counts > 0]
     seg_count = counts[counts > 0]
     if block is None:
         return seg_start
@@ -280,7 +280,8 @@ def group_starts(
     first_block = np.cumsum(n_blocks) - n_blocks
     idx = np.arange(int(n_blocks.sum()), dtype=np.int64)
     within = idx - np.repeat(first_block, n_blocks)
-    return np.repeat(seg_start, n_blocks) + within * block
+    starts: np.ndarray = np.repeat(seg_start, n_blocks) + within * block
+    return starts
 
 
 def _lengths(starts: np.ndarray, total: int) -> np.ndarray:
@@ -452,7 +453,8 @@ class Quantize(_Scaled):
         with np.errstate(over="ignore", invalid="ignore"):
             step = (hi - lo) / np.float32((1 << self.bits) - 1)
             lengths = _lengths(starts, count)
-            return np.repeat(lo, lengths) + q * np.repeat(step, lengths)
+            values: np.ndarray = np.repeat(lo, lengths) + q * np.repeat(step, lengths)
+            return values
 
 
 class QSGD(_Scaled):

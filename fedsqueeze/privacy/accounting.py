@@ -204,7 +204,7 @@ def default_delta(num_units: int) -> float:
     """δ = min(1e-5, 1 / N^1.1) for N privacy units (clients, or local examples)."""
     if isinstance(num_units, bool) or int(num_units) != num_units or num_units < 1:
         raise InvalidPrivacyParameter(f"num_units must be a positive int, got {num_units!r}")
-    return min(1e-5, 1.0 / float(num_units) ** 1.1)
+    return min(1e-5, 1.0 / math.pow(float(num_units), 1.1))
 
 
 def fedavg_sample_rate(clients_per_round: int, num_clients: int) -> float:

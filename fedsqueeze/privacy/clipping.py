@@ -104,7 +104,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
             f"count_noise_std={sigma_b} is too small for noise_multiplier={z}: "
             f"need 2*count_noise_std > noise_multiplier"
         )
-    return rest**-0.5
+    return math.pow(rest, -0.5)
 
 
 def effective_noise_multiplier(update_multiplier: float, count_noise_std: float) -> float:
@@ -115,7 +115,7 @@ def effective_noise_multiplier(update_multiplier: float, count_noise_std: float)
     """
     s = _check_positive("update_multiplier", update_multiplier)
     sigma_b = _check_positive("count_noise_std", count_noise_std)
-    return (s**-2 + (2.0 * sigma_b) ** -2) ** -0.5
+    return math.pow(s**-2 + (2.0 * sigma_b) ** -2, -0.5)
 
 
 @dataclass

@@ -393,7 +393,7 @@ class DistributedDPClient:
         frac = x - floor
         base = floor.astype(np.int64)
         for _ in range(_MAX_ROUNDING_ATTEMPTS):
-            rounded = base + (rng.random(x.shape) < frac)
+            rounded: np.ndarray = base + (rng.random(x.shape) < frac)
             if self._max_sq_norm is None:
                 return rounded
             sq = float(np.dot(rounded.astype(np.float64), rounded.astype(np.float64)))
@@ -438,7 +438,8 @@ class DistributedDPClient:
             noise = skellam_noise(rounded.shape, p.skellam_mu_per_client, rng)
         else:
             noise = discrete_gaussian(rounded.shape, p.dgauss_sigma_per_client, rng)
-        return rounded + noise
+        noised: np.ndarray = rounded + noise
+        return noised
 
 
 def decode_sum(

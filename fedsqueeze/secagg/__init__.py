@@ -12,7 +12,9 @@ Framework-free (``cryptography`` + numpy). Typical round::
     out = server.collect_masked({c: clients[c].masked_input(out[c], x[c]) for c in out})
     result = server.finish({c: clients[c].unmask(out[c]) for c in out})
 
-Clients absent from a dict are treated as dropped at that stage.
+Clients absent from a dict are treated as dropped at that stage. Between stages a client can
+be saved with ``state = client.to_state()`` (flat, fits a Flower ``ConfigRecord``) and
+resumed with ``SecAggClient.from_state(state)``.
 """
 
 from fedsqueeze.secagg.client import SecAggClient

@@ -8,6 +8,12 @@ Stages, in order (each method may be called only in its stage)::
     masked_input(msg, vector)      -> {"masked"}
     unmask(msg)                    -> {"b_ids", "b_shares", "s_ids", "s_shares"}
 
+Between stages the whole state machine can be saved with :meth:`SecAggClient.to_state`
+(a flat dict of ints, bools, strs, bytes and lists of them, so it fits a Flower
+``ConfigRecord``) and restored with :meth:`SecAggClient.from_state`; a restored client
+continues the protocol exactly where the saved one stood. The state holds this round's
+private keys and shares: keep it on the client.
+
 Any violation raises a :class:`~fedsqueeze.secagg.errors.SecAggError` subclass; the glue
 should then drop this client from the round.
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -28,6 +34,7 @@ from fedsqueeze.secagg.config import (
     SecAggConfig,
     check_client_ids,
     get_bool,
+    get_bytes,
     get_bytes_list,
     get_id_list,
     get_int,
@@ -44,6 +51,38 @@ from fedsqueeze.secagg.errors import (
 
 SHARE_PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + 16
+
+STAGES = ("setup", "keys", "shared", "masked", "unmasked")
+"""The client's stages, in order (:attr:`SecAggClient.stage`)."""
+STATE_VERSION = 1
+"""Format version of :meth:`SecAggClient.to_state`."""
+
+StateValue: TypeAlias = int | bool | str | bytes | list[int] | list[bytes]
+"""A value of :meth:`SecAggClient.to_state` (all of them fit a Flower ``ConfigRecord``)."""
+
+_SETUP_INTS = ("num_clients", "neighbours", "threshold", "bits", "vector_len", "round_seed")
+_STATE_KEYS = frozenset(
+    {
+        "version",
+        "client_id",
+        "stage",
+        *_SETUP_INTS,
+        "allow_low_threshold",
+        "client_ids",
+        "c_key",
+        "s_key",
+        "b_seed",
+        "peer_ids",
+        "peer_c_pks",
+        "peer_s_pks",
+        "held_ids",
+        "held_b",
+        "held_s",
+        "revealed_b",
+        "revealed_s",
+        "mask_peers",
+    }
+)
 
 
 def share_position(client_id: int) -> int:
@@ -116,6 +155,165 @@ class SecAggClient:
         self._peers: dict[int, tuple[bytes, bytes]] = {}
         self._held: dict[int, tuple[int, int]] = {}  # peer -> (b share, s share)
         self._revealed: dict[int, str] = {}  # peer -> "b" or "s"
+        self._mask_peers: list[int] = []  # set at stage 3: the peers this client masked with
+
+    # -- saving and restoring between stages ---------------------------------------------
+
+    def to_state(self) -> dict[str, StateValue]:
+        """The whole protocol state as a flat, ``ConfigRecord``-friendly dict.
+
+        Holds the public round parameters, the stage, and what the client has made or
+        received so far: its private keys (from stage 1 on), its self-mask seed (stage 2),
+        the peers' public keys, the shares it holds and the shares it has revealed. The
+        entropy source is not saved; :meth:`from_state` takes one again.
+        """
+        c = self.config
+        state: dict[str, StateValue] = {
+            "version": STATE_VERSION,
+            "client_id": self.client_id,
+            "stage": self.stage,
+            "num_clients": c.num_clients,
+            "neighbours": c.neighbours,
+            "threshold": c.threshold,
+            "bits": c.bits,
+            "vector_len": c.vector_len,
+            "round_seed": c.round_seed,
+            "allow_low_threshold": c.allow_low_threshold,
+            "client_ids": list(self.client_ids),
+        }
+        if self.stage != "setup":
+            state["c_key"] = crypto.private_key_bytes(self._c_key)
+            state["s_key"] = crypto.private_key_bytes(self._s_key)
+        if STAGES.index(self.stage) >= STAGES.index("shared"):
+            state["b_seed"] = self._b_seed
+        peers = sorted(self._peers)
+        state["peer_ids"] = peers
+        state["peer_c_pks"] = [self._peers[p][0] for p in peers]
+        state["peer_s_pks"] = [self._peers[p][1] for p in peers]
+        held = sorted(self._held)
+        state["held_ids"] = held
+        state["held_b"] = [shamir.encode_share(self._held[h][0]) for h in held]
+        state["held_s"] = [shamir.encode_share(self._held[h][1]) for h in held]
+        state["revealed_b"] = sorted(v for v, kind in self._revealed.items() if kind == "b")
+        state["revealed_s"] = sorted(v for v, kind in self._revealed.items() if kind == "s")
+        state["mask_peers"] = list(self._mask_peers)
+        return state
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        *,
+        entropy: Callable[[int], bytes] | None = None,
+    ) -> SecAggClient:
+        """Rebuild a client saved with :meth:`to_state`, in the stage it was saved in.
+
+        The round parameters are re-verified as for a setup message, and the saved keys,
+        shares and peer lists are checked for size and consistency with the neighbour graph.
+
+        Raises
+        ------
+        SecAggProtocolError
+            ``state`` is not a state this module wrote (wrong version, unknown or missing
+            field, wrong type or size, or fields inconsistent with its stage).
+        """
+        try:
+            return cls._from_state(state, entropy)
+        except SecAggProtocolError as exc:
+            raise SecAggProtocolError(f"invalid saved client state: {exc}") from exc
+
+    @classmethod
+    def _from_state(
+        cls, state: Mapping[str, Any], entropy: Callable[[int], bytes] | None
+    ) -> SecAggClient:
+        if not isinstance(state, Mapping):
+            raise SecAggProtocolError(f"expected a mapping, got {type(state).__name__}")
+        unknown = sorted(set(state) - _STATE_KEYS)
+        if unknown:
+            raise SecAggProtocolError(f"unknown fields {unknown}")
+        if get_int(state, "version") != STATE_VERSION:
+            raise SecAggProtocolError(
+                f"version {state['version']!r} is not the supported {STATE_VERSION}"
+            )
+        stage = get_str(state, "stage")
+        if stage not in STAGES:
+            raise SecAggProtocolError(f"unknown stage {stage!r}")
+        client_id = get_int(state, "client_id")
+        client_ids = get_id_list(state, "client_ids")
+        setup: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "client_id": client_id,
+            "client_ids": client_ids,
+            "allow_low_threshold": get_bool(state, "allow_low_threshold"),
+            **{k: get_int(state, k) for k in _SETUP_INTS},
+        }
+        try:
+            config = SecAggConfig(
+                num_clients=setup["num_clients"],
+                neighbours=setup["neighbours"],
+                threshold=setup["threshold"],
+                bits=setup["bits"],
+                vector_len=setup["vector_len"],
+                round_seed=setup["round_seed"],
+                allow_low_threshold=setup["allow_low_threshold"],
+            )
+            ids = check_client_ids(client_ids, config.num_clients)
+        except SecAggConfigError as exc:
+            raise SecAggProtocolError(str(exc)) from exc
+        if client_id in ids:
+            graph = neighbour_graph(ids, config.neighbours, config.round_seed)
+            setup["neighbour_ids"] = list(graph[client_id])
+        else:
+            setup["neighbour_ids"] = []  # the constructor rejects it with a clear message
+        client = cls(client_id, setup, entropy=entropy)
+
+        order = STAGES.index(stage)
+        for key, from_stage in (("c_key", "keys"), ("s_key", "keys"), ("b_seed", "shared")):
+            if (key in state) != (order >= STAGES.index(from_stage)):
+                raise SecAggProtocolError(f"field {key!r} does not match stage {stage!r}")
+        if order >= STAGES.index("keys"):
+            client._c_key = crypto.load_private_key(get_bytes(state, "c_key"))
+            client._s_key = crypto.load_private_key(get_bytes(state, "s_key"))
+        if order >= STAGES.index("shared"):
+            client._b_seed = get_bytes(state, "b_seed", shamir.SECRET_BYTES)
+
+        peer_ids = get_id_list(state, "peer_ids")
+        c_pks = get_bytes_list(state, "peer_c_pks", crypto.KEY_BYTES)
+        s_pks = get_bytes_list(state, "peer_s_pks", crypto.KEY_BYTES)
+        if not len(peer_ids) == len(c_pks) == len(s_pks):
+            raise SecAggProtocolError("peer_ids, peer_c_pks and peer_s_pks differ in length")
+        if not set(peer_ids) <= set(client.neighbours):
+            raise SecAggProtocolError("peer_ids holds clients that are not neighbours")
+        held_ids = get_id_list(state, "held_ids")
+        held_b = get_bytes_list(state, "held_b", shamir.SHARE_BYTES)
+        held_s = get_bytes_list(state, "held_s", shamir.SHARE_BYTES)
+        if not len(held_ids) == len(held_b) == len(held_s):
+            raise SecAggProtocolError("held_ids, held_b and held_s differ in length")
+        if not set(held_ids) <= {client_id, *peer_ids}:
+            raise SecAggProtocolError("held_ids holds clients that are not live peers")
+        revealed_b = get_id_list(state, "revealed_b")
+        revealed_s = get_id_list(state, "revealed_s")
+        if set(revealed_b) & set(revealed_s):
+            raise SecAggProtocolError("a peer is marked as revealed both ways")
+        mask_peers = get_id_list(state, "mask_peers")
+        if not set(mask_peers) <= set(peer_ids):
+            raise SecAggProtocolError("mask_peers holds clients that are not live peers")
+        if order < STAGES.index("shared") and (peer_ids or held_ids):
+            raise SecAggProtocolError(f"peers or shares saved before stage 'shared' ({stage!r})")
+        if order < STAGES.index("masked") and mask_peers:
+            raise SecAggProtocolError(f"mask_peers saved before stage 'masked' ({stage!r})")
+        if order < STAGES.index("unmasked") and (revealed_b or revealed_s):
+            raise SecAggProtocolError(f"revealed shares saved before stage 'unmasked' ({stage!r})")
+
+        client._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
+        client._held = {
+            h: (shamir.decode_share(b), shamir.decode_share(s))
+            for h, b, s in zip(held_ids, held_b, held_s, strict=True)
+        }
+        client._revealed = {v: "b" for v in revealed_b} | {v: "s" for v in revealed_s}
+        client._mask_peers = sorted(mask_peers)
+        client.stage = stage
+        return client
 
     # -- stage 1 -------------------------------------------------------------------------
 

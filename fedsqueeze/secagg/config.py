@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from fedsqueeze.secagg.encoding import MAX_BITS, MIN_BITS
 from fedsqueeze.secagg.errors import SecAggConfigError, SecAggProtocolError
@@ -20,7 +20,7 @@ MAX_ID = (1 << 64) - 1  # Flower node ids and round seeds are uint64
 MAX_VECTOR_LEN = 1 << 31
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -160,7 +160,7 @@ def neighbour_graph(
         ).digest(), cid
 
     order = sorted(client_ids, key=rank)
-    offsets = set()
+    offsets: set[int] = set()
     for j in range(1, neighbours // 2 + 1):
         offsets.update((j, n - j))
     if neighbours % 2:

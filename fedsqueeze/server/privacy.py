@@ -10,7 +10,8 @@
   examples cannot leak through the weights);
 - ``refuse_round(rnd)`` — "" to go, or why the next round would overspend ``dp-epsilon``;
 - ``after_round(rnd, outcome)`` — steps the accountant when the round released an
-  aggregate and returns ``epsilon`` (and friends) for ``metrics.jsonl``;
+  aggregate, or computed a noised one it then dropped (``outcome.dp_released``), and
+  returns ``epsilon`` (and friends) for ``metrics.jsonl``;
 - ``state()`` / ``build_server_privacy(config, state)`` — checkpoint and resume;
 - ``summary()`` — final ε, δ, noise multiplier, accountant for ``summary.json``.
 
@@ -332,10 +333,10 @@ class ServerPrivacy:
         if self.mode == "local":
             return self._after_local_round(outcome)
         z = float(outcome.extra.get("effective_noise_multiplier", self.noise_multiplier))
-        # With adaptive clipping the noised count was released even if the aggregate was
-        # then dropped (non-finite), so that round is accounted too.
-        released = outcome.arrays is not None or (
-            self.clipper is not None and self._aggregated_round == rnd
+        # A noised aggregate (or, with adaptive clipping, a noised count) that the server
+        # computed but then dropped as non-finite was still seen: that round is accounted too.
+        released = (
+            outcome.arrays is not None or bool(outcome.dp_released) or self._aggregated_round == rnd
         )
         row: dict[str, Any] = {"dp_noise_multiplier": z, "dp_released": released}
         if released:

@@ -106,6 +106,9 @@ class TrainOutcome:
     """Each accepted client's train MetricRecord (e.g. a local-DP client's epsilon)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More per-round fields for metrics.jsonl (e.g. the secure-aggregation bit width)."""
+    dp_released: bool = False
+    """The server computed a DP-noised aggregate this round, even if it then dropped it
+    (non-finite): the server saw it, so the privacy accountant charges the round."""
 
 
 def plain_train_round(
@@ -134,6 +137,7 @@ def plain_train_round(
         dropped=stats.failed + (len(view.node_ids or []) - stats.replies),
         train_loss=loss,
         client_metrics=stats.client_metrics,
+        dp_released=stats.aggregator_applied,
     )
 
 

@@ -295,9 +295,11 @@ def secure_train_round(
         log.warning("round %d: secagg rejected %s", rnd, result.rejected)
 
     per_round = int(config["clients-per-round"])
+    dp_released = False  # the server has seen a DP-noised sum (accounted even if unusable)
     if dp_params is not None:
         centered = center_mod(result.total.astype(np.int64), bits)
         sub_sum = decode_sum(centered, len(included), dp_params, rotation_seed)
+        dp_released = True
         sub_mean = sub_sum / per_round
         extra["effective_noise_multiplier"] = float(
             dp_params.effective_noise_multiplier(len(included))
@@ -314,6 +316,7 @@ def secure_train_round(
             noised = privacy.noise_secure_sum(
                 values, np.random.default_rng([int(config["seed"]), rnd, 0xD9])
             )
+            dp_released = True
             sub_mean = np.asarray(noised, dtype=np.float64) / per_round
     if positions is None:
         mean_delta = sub_mean
@@ -343,6 +346,7 @@ def secure_train_round(
         train_loss=float(np.mean(losses)) if losses else None,
         client_metrics=client_metrics,
         extra=extra,
+        dp_released=dp_released,
     )
 
 

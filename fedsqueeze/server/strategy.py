@@ -52,6 +52,8 @@ class RoundStats:
     rejected: int = 0
     failed: int = 0
     aggregate_rejected: bool = False
+    aggregator_applied: bool = False
+    """The ``aggregator`` hook (central DP: clip + sum + noise) computed this round's delta."""
     client_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -215,6 +217,7 @@ class CompressedStrategy(Strategy):
             return None, None
         if self.aggregator is not None:
             usable = self._aggregate_with(server_round, usable)
+            stats.aggregator_applied = True
         arrays, metrics = self.inner.aggregate_train(server_round, usable)
         if arrays is not None and not all_finite(from_record(arrays)):
             log.warning("round %d: aggregate is not finite; global model kept", server_round)
