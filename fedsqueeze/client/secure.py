@@ -39,7 +39,7 @@ from fedsqueeze.compression.errors import CodecError
 from fedsqueeze.compression.stages import ErrorFeedback, RandomK, resolve_k
 from fedsqueeze.privacy.distributed import DistributedDPClient, DistributedDPParams, wrap_mod
 from fedsqueeze.records import CODEC_META_KEY, CODEC_STATE_KEY, from_record, to_record
-from fedsqueeze.secagg import SecAggClient, to_field
+from fedsqueeze.secagg import SecAggClient, required_bits, to_field
 from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES
 from fedsqueeze.secagg.crypto import KEY_BYTES
 from fedsqueeze.secagg.encoding import MAX_BITS
@@ -105,10 +105,6 @@ class IntegerEncoding:
         return max(self.coord_bound, self.weight_cap if self.weighted else 0)
 
 
-def _needed_bits(num_clients: int, max_abs: int) -> int:
-    return (num_clients * max_abs).bit_length() + 1
-
-
 def choose_encoding(
     *,
     num_clients: int,
@@ -138,7 +134,7 @@ def choose_encoding(
         raise SecureConfigError(f"weight cap must be >= 1, got {weight_cap}")
     if scale > 0:
         coord = math.ceil(scale * clip)
-        need = _needed_bits(num_clients, max(coord, cap if weighted else 0))
+        need = required_bits(num_clients, max(coord, cap if weighted else 0))
         if bits == 0:
             bits = need
         elif need > bits:
@@ -154,20 +150,20 @@ def choose_encoding(
         return IntegerEncoding(clip, float(scale), bits, weighted, cap, num_clients)
     auto = bits == 0
     if auto:
-        bits = max(DEFAULT_BITS, _needed_bits(num_clients, 2 * cap if weighted else 2))
+        bits = max(DEFAULT_BITS, required_bits(num_clients, 2 * cap if weighted else 2))
     if bits > MAX_BITS:
         raise SecureConfigError(f"secagg needs {bits} bits, more than the {MAX_BITS} maximum")
     per_client = ((1 << (bits - 1)) - 1) // num_clients
     if weighted and cap > per_client:
         raise SecureConfigError(
             f"secagg overflow: the weight coordinate (up to {cap} examples per client) of "
-            f"{num_clients} clients needs {_needed_bits(num_clients, cap)} bits, but "
+            f"{num_clients} clients needs {required_bits(num_clients, cap)} bits, but "
             f"secagg-bits = {bits}; raise secagg-bits"
         )
     if per_client < 1:
         raise SecureConfigError(
             f"secagg-bits = {bits} cannot hold the sum of {num_clients} clients' values; "
-            f"use at least {_needed_bits(num_clients, 1)} bits"
+            f"use at least {required_bits(num_clients, 1)} bits"
         )
     # ceil(scale * clip) == per_client exactly (floating point cannot push it over).
     scale = per_client / clip * (1.0 - 1e-12)
@@ -186,7 +182,8 @@ def unflatten(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.
     return out
 
 
-def clip_l2(x: np.ndarray, clip: float) -> np.ndarray:
+def clip_flat(x: np.ndarray, clip: float) -> np.ndarray:
+    """``x`` scaled to L2 norm at most ``clip`` (the flat-vector form of ``privacy.clip_l2``)."""
     norm = float(np.linalg.norm(x))
     return x * (clip / norm) if norm > clip else x
 
@@ -199,7 +196,7 @@ def encode_integers(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Signed int64 input of one client (see :class:`IntegerEncoding`)."""
-    x = clip_l2(np.asarray(flat_delta, dtype=np.float64), enc.clip)
+    x = clip_flat(np.asarray(flat_delta, dtype=np.float64), enc.clip)
     if positions is not None:
         x = x[positions]
     if enc.weighted:
@@ -476,7 +473,7 @@ def encode_update(
     positions = randk_positions(d, _amount(cfg), int(cfg["secagg-randk-seed"]))
     if mode == "distributed":
         params = _dp_params(cfg)
-        x = clip_l2(np.asarray(flat_delta, dtype=np.float64), params.clip)
+        x = clip_flat(np.asarray(flat_delta, dtype=np.float64), params.clip)
         if positions is not None:
             x = x[positions]
         ints = DistributedDPClient(params).encode(x, rng, int(cfg["secagg-rotation-seed"]))

@@ -30,10 +30,10 @@ import numpy as np
 from fedsqueeze.compression.bitpack import pack_bits
 from fedsqueeze.secagg import crypto, shamir
 from fedsqueeze.secagg.config import (
+    CONFIG_FIELDS,
     PROTOCOL,
     SecAggConfig,
     check_client_ids,
-    get_bool,
     get_bytes,
     get_bytes_list,
     get_id_list,
@@ -60,14 +60,12 @@ STATE_VERSION = 1
 StateValue: TypeAlias = int | bool | str | bytes | list[int] | list[bytes]
 """A value of :meth:`SecAggClient.to_state` (all of them fit a Flower ``ConfigRecord``)."""
 
-_SETUP_INTS = ("num_clients", "neighbours", "threshold", "bits", "vector_len", "round_seed")
 _STATE_KEYS = frozenset(
     {
         "version",
         "client_id",
         "stage",
-        *_SETUP_INTS,
-        "allow_low_threshold",
+        *CONFIG_FIELDS,
         "client_ids",
         "c_key",
         "s_key",
@@ -102,15 +100,7 @@ def config_from_setup(msg: Mapping[str, Any]) -> tuple[SecAggConfig, list[int]]:
     if get_str(msg, "protocol") != PROTOCOL:
         raise SecAggProtocolError(f"unsupported protocol {msg['protocol']!r}, expected {PROTOCOL}")
     try:
-        config = SecAggConfig(
-            num_clients=get_int(msg, "num_clients"),
-            neighbours=get_int(msg, "neighbours"),
-            threshold=get_int(msg, "threshold"),
-            bits=get_int(msg, "bits"),
-            vector_len=get_int(msg, "vector_len"),
-            round_seed=get_int(msg, "round_seed"),
-            allow_low_threshold=get_bool(msg, "allow_low_threshold"),
-        )
+        config = SecAggConfig.from_fields(msg)
         ids = check_client_ids(get_id_list(msg, "client_ids"), config.num_clients)
     except SecAggConfigError as exc:
         raise SecAggProtocolError(f"setup message carries invalid parameters: {exc}") from exc
@@ -172,13 +162,7 @@ class SecAggClient:
             "version": STATE_VERSION,
             "client_id": self.client_id,
             "stage": self.stage,
-            "num_clients": c.num_clients,
-            "neighbours": c.neighbours,
-            "threshold": c.threshold,
-            "bits": c.bits,
-            "vector_len": c.vector_len,
-            "round_seed": c.round_seed,
-            "allow_low_threshold": c.allow_low_threshold,
+            **c.to_fields(),
             "client_ids": list(self.client_ids),
         }
         if self.stage != "setup":
@@ -244,22 +228,9 @@ class SecAggClient:
             "protocol": PROTOCOL,
             "client_id": client_id,
             "client_ids": client_ids,
-            "allow_low_threshold": get_bool(state, "allow_low_threshold"),
-            **{k: get_int(state, k) for k in _SETUP_INTS},
+            **{k: state[k] for k in CONFIG_FIELDS if k in state},
         }
-        try:
-            config = SecAggConfig(
-                num_clients=setup["num_clients"],
-                neighbours=setup["neighbours"],
-                threshold=setup["threshold"],
-                bits=setup["bits"],
-                vector_len=setup["vector_len"],
-                round_seed=setup["round_seed"],
-                allow_low_threshold=setup["allow_low_threshold"],
-            )
-            ids = check_client_ids(client_ids, config.num_clients)
-        except SecAggConfigError as exc:
-            raise SecAggProtocolError(str(exc)) from exc
+        config, ids = config_from_setup(setup)
         if client_id in ids:
             graph = neighbour_graph(ids, config.neighbours, config.round_seed)
             setup["neighbour_ids"] = list(graph[client_id])

@@ -18,6 +18,15 @@ PROTOCOL = "fedsqueeze-secagg+/1"
 MAX_ID = (1 << 64) - 1  # Flower node ids and round seeds are uint64
 # The PRG output for one mask is vector_len * 8 bytes at most; keep it sane.
 MAX_VECTOR_LEN = 1 << 31
+CONFIG_FIELDS = (
+    "num_clients",
+    "neighbours",
+    "threshold",
+    "bits",
+    "vector_len",
+    "round_seed",
+    "allow_low_threshold",  # last: the only bool
+)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -99,6 +108,18 @@ class SecAggConfig:
             raise SecAggConfigError(f"vector_len must be in 1..{MAX_VECTOR_LEN}, got {d}")
         if not 0 <= self.round_seed <= MAX_ID:
             raise SecAggConfigError(f"round_seed must be a uint64, got {self.round_seed}")
+
+    def to_fields(self) -> dict[str, int | bool]:
+        """The parameters as flat message fields (setup messages, saved client state)."""
+        return {name: getattr(self, name) for name in CONFIG_FIELDS}
+
+    @classmethod
+    def from_fields(cls, msg: Mapping[str, Any]) -> SecAggConfig:
+        """Inverse of :meth:`to_fields`; type errors raise ``SecAggProtocolError``."""
+        return cls(
+            **{name: get_int(msg, name) for name in CONFIG_FIELDS[:-1]},
+            allow_low_threshold=get_bool(msg, "allow_low_threshold"),
+        )
 
     @staticmethod
     def min_secure_threshold(neighbours: int) -> int:

@@ -98,13 +98,7 @@ class SecAggServer:
         common: Message = {
             "protocol": PROTOCOL,
             "client_ids": list(self.client_ids),
-            "num_clients": c.num_clients,
-            "neighbours": c.neighbours,
-            "threshold": c.threshold,
-            "bits": c.bits,
-            "vector_len": c.vector_len,
-            "round_seed": c.round_seed,
-            "allow_low_threshold": c.allow_low_threshold,
+            **c.to_fields(),
         }
         return {
             cid: {**common, "client_id": cid, "neighbour_ids": list(self.graph[cid])}

@@ -50,9 +50,14 @@ class CountingGrid(Grid):
         return self.inner.get_node_ids()
 
     def _count_out(self, messages: list[Message]) -> None:
+        # A broadcast shares one RecordDict between messages: serialize it once.
+        sizes: dict[int, int] = {}
         for msg in messages:
             if msg.has_content():
-                self.downlink_bytes += serialized_size(msg.content)
+                key = id(msg.content)
+                if key not in sizes:
+                    sizes[key] = serialized_size(msg.content)
+                self.downlink_bytes += sizes[key]
         self.messages_sent += len(messages)
 
     def _count_in(self, replies: list[Message]) -> None:

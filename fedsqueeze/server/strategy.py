@@ -119,14 +119,21 @@ class CompressedStrategy(Strategy):
         self._references = {}
         compress_downlink = self.downlink.spec != "none"
         seed = round_seed(self.seed, server_round, DOWNLINK)
+        full: tuple[bytes, dict[str, np.ndarray]] | None = None  # the same for every node
         for msg in messages:
             node = msg.metadata.dst_node_id
             if not compress_downlink:
                 self._references[node] = self._global
                 continue
             version, base = self._views.get(node, (downlink.FULL, None))
-            payload = downlink.encode(self.downlink, self._global, seed, base)
-            self._references[node] = downlink.reconstruct(self.downlink, payload, seed, base)
+            if base is None and full is not None:
+                payload, reference = full
+            else:
+                payload = downlink.encode(self.downlink, self._global, seed, base)
+                reference = downlink.reconstruct(self.downlink, payload, seed, base)
+                if base is None:
+                    full = (payload, reference)
+            self._references[node] = reference
             content = RecordDict({k: v for k, v in msg.content.items() if k != "arrays"})
             content[DOWNLINK_KEY] = ConfigRecord(
                 {
