@@ -91,11 +91,11 @@ def _preflight(config: Mapping[str, Any]) -> None:
     """Load the data, partition it, build the model and the privacy calibration: user errors
     surface here, before the run directory exists, rather than inside Ray."""
     from fedsqueeze.federation import new_model, partitions_for
-    from fedsqueeze.server.privacy import build_server_privacy
+    from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
     new_model(config)
-    build_server_privacy(config, None)
+    build_chain(config)
 
 
 def _configure_environment(verbose: bool) -> None:

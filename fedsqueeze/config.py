@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedsqueeze.contracts.checks import ConfigError, check_run_config
+
+__all__ = ["DEFAULTS", "SCHEMA", "ConfigError", "resolve_config"]
+
 Value = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """A run-config key or value a user supplied is invalid."""
 
 
 def _positive_int(v: Any) -> str | None:
@@ -199,15 +199,7 @@ def _check_names(config: Mapping[str, Value]) -> None:
             parse_codec(str(config[key]))
         except CodecError as err:
             raise ConfigError(f"{key} = {config[key]!r}: {err}") from None
-    from fedsqueeze.client.secure import SecureConfigError, check_secure_config
-
-    try:
-        check_secure_config(config)
-    except SecureConfigError as err:
-        raise ConfigError(str(err)) from None
-    from fedsqueeze.server.privacy import check_dp_config
-
-    check_dp_config(config)
+    check_run_config(config)
 
 
 def parse_set_option(item: str) -> tuple[str, str]:

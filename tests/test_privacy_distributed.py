@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays, integer_dtypes
 
+from fedsqueeze.secagg.field import from_field, to_field
 from fedsqueeze.privacy import (
     BitWidthTooSmall,
     DistributedDPClient,
@@ -18,13 +19,11 @@ from fedsqueeze.privacy import (
     NonFiniteUpdateError,
     PrivacyError,
     ShapeMismatchError,
-    center_mod,
     choose_scale,
     choose_scale_and_bits,
     decode_sum,
-    required_bits,
+    bits_for_noise,
     rounded_l2_sensitivity,
-    wrap_mod,
 )
 
 DIM = 300  # padded to 512
@@ -32,10 +31,11 @@ DIM = 300  # padded to 512
 
 def _secure_sum(vectors: list[np.ndarray], bits: int) -> np.ndarray:
     """What secure aggregation hands the server: the centred sum of the inputs mod 2^b."""
-    total = np.zeros_like(vectors[0])
+    mask = np.uint64((1 << bits) - 1)
+    total = np.zeros(vectors[0].shape, dtype=np.uint64)
     for v in vectors:
-        total = wrap_mod(total + wrap_mod(v, bits), bits)
-    return center_mod(total, bits)
+        total = (total + to_field(v, bits, wrap=True)) & mask
+    return from_field(total, bits)
 
 
 def _run_round(
@@ -110,7 +110,7 @@ def test_too_few_bits_wraps_and_required_bits_does_not() -> None:
     # Little noise, so a wrap (an error of 2^b / scale on a coordinate) cannot hide in it.
     n, clip, z, k = 8, 1.0, 1e-3, 6.0
     scale = choose_scale(DIM, clip, n, z, bits=20, k_sigma=k)
-    needed = required_bits(DIM, clip, n, z, scale, k_sigma=k)
+    needed = bits_for_noise(DIM, clip, n, z, scale, k_sigma=k)
     assert needed == 20
     # Worst case for the range: every client sends the same full-norm update.
     same = np.tile(np.random.default_rng(2).normal(size=DIM), (n, 1))
@@ -146,9 +146,9 @@ def test_choose_scale_and_required_bits_agree(
         assert (2.0 ** (bits - 1) / k) ** 2 <= n / 4
         return
     assert b == bits
-    assert required_bits(dim, clip, n, z, scale, k) == bits
+    assert bits_for_noise(dim, clip, n, z, scale, k) == bits
     # Doubling the scale needs one more bit (up to the rounding term's share).
-    assert required_bits(dim, clip, n, z, 2 * scale, k) in (bits, bits + 1)
+    assert bits_for_noise(dim, clip, n, z, 2 * scale, k) in (bits, bits + 1)
     assert choose_scale_and_bits(dim, clip, n, z, scale=scale, k_sigma=k) == (scale, bits)
 
 
@@ -225,10 +225,12 @@ def test_encode_validates_input() -> None:
             DistributedDPParams(**kwargs)  # type: ignore[arg-type]
 
 
-def test_center_mod_and_wrap_mod() -> None:
+def test_field_map_wraps_and_centres() -> None:
     v = np.array([-9, -8, -1, 0, 7, 8, 15, 16], dtype=np.int64)
-    np.testing.assert_array_equal(wrap_mod(v, 4), [7, 8, 15, 0, 7, 8, 15, 0])
-    np.testing.assert_array_equal(center_mod(v, 4), [7, -8, -1, 0, 7, -8, -1, 0])
+    np.testing.assert_array_equal(to_field(v, 4, wrap=True), [7, 8, 15, 0, 7, 8, 15, 0])
+    np.testing.assert_array_equal(
+        from_field(to_field(v, 4, wrap=True), 4), [7, -8, -1, 0, 7, -8, -1, 0]
+    )
 
 
 _PARAMS = DistributedDPParams.for_bits(20, 1.0, 16, 3, 1.0)

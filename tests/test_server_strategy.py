@@ -15,8 +15,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.compression import parse_codec
-from fedsqueeze.records import UPDATE_KEY, from_record, to_record
-from fedsqueeze.server.strategy import CompressedStrategy, round_seed
+from fedsqueeze.contracts.records import CODEC_KEY, UPDATE_KEY, from_record, to_record
+from fedsqueeze.contracts.streams import Stream, round_seed
+from fedsqueeze.server.strategy import CompressedStrategy
 
 NODES = [11, 22, 33]
 
@@ -74,9 +75,9 @@ def test_compressed_replies_are_decoded_against_the_reference() -> None:
     spec = "q8"
     strategy = CompressedStrategy(FedAvg(min_train_nodes=3, min_available_nodes=3), codec=spec)
     msgs = _configure(strategy, rnd=5)
-    assert msgs[0].content["config"]["codec"] == parse_codec(spec).spec
-    seed = msgs[0].content["config"]["codec-seed"]
-    assert seed == round_seed(0, 5)
+    assert msgs[0].content[CODEC_KEY]["codec"] == parse_codec(spec).spec
+    seed = msgs[0].content[CODEC_KEY]["codec-seed"]
+    assert seed == round_seed(0, 5, Stream.UPLINK_CODEC)
     g = _global()
     delta = {k: np.full_like(v, 0.5) for k, v in g.items()}
     codec = parse_codec(spec)
@@ -102,7 +103,7 @@ def test_bad_reply_is_dropped_and_counted(bad: str) -> None:
     msgs = _configure(strategy)
     g = _global()
     codec = parse_codec("q8")
-    seed = msgs[0].content["config"]["codec-seed"]
+    seed = msgs[0].content[CODEC_KEY]["codec-seed"]
     good_delta = {k: np.full_like(v, 0.25) for k, v in g.items()}
 
     def good(m: Message) -> Message:
@@ -173,9 +174,11 @@ def test_all_replies_bad_keeps_the_global_model() -> None:
 
 
 def test_downlink_full_then_delta_matches_client_reconstruction() -> None:
-    """The server's record of each client's starting weights equals what the client rebuilt."""
+    """The server's record of each client's starting weights equals what the client rebuilt,
+    and the new global is the server's exact global plus the mean delta (not the clients'
+    lossy reconstruction plus it)."""
     from fedsqueeze import downlink
-    from fedsqueeze.records import DOWNLINK_KEY
+    from fedsqueeze.contracts.records import DOWNLINK_ACK_KEY, DOWNLINK_KEY
 
     strategy = CompressedStrategy(
         FedAvg(min_train_nodes=3, min_available_nodes=3), downlink_codec="q8"
@@ -191,7 +194,7 @@ def test_downlink_full_then_delta_matches_client_reconstruction() -> None:
             assert "arrays" not in m.content
             node = m.metadata.dst_node_id
             base_version = rec["base-version"]
-            assert base_version == (downlink.FULL if rnd == 1 else 1)
+            assert base_version == (downlink.FULL if rnd == 1 else 0)
             base = None if base_version == downlink.FULL else client_views[node]
             view = downlink.reconstruct(
                 parse_codec(str(rec["codec"])), rec["payload"], rec["seed"], base
@@ -199,11 +202,12 @@ def test_downlink_full_then_delta_matches_client_reconstruction() -> None:
             client_views[node] = view
             for k in arrays:  # q8 of the model: close to, not equal to, the global weights
                 np.testing.assert_allclose(view[k], arrays[k], atol=0.05)
-            replies.append(
-                _reply(m, RecordDict({"arrays": to_record(view), "metrics": _metrics(1)}))
-            )
+            trained = {k: v + 0.25 * (node % 3) for k, v in view.items()}
+            ack = ConfigRecord({"version": rec["version"]})
+            content = {"arrays": to_record(trained), "metrics": _metrics(1), DOWNLINK_ACK_KEY: ack}
+            replies.append(_reply(m, RecordDict(content)))
         agg, _ = strategy.aggregate_train(rnd, replies)
         assert strategy.stats.accepted == 3
-        mean_view = {k: np.mean([client_views[n][k] for n in NODES], axis=0) for k in arrays}
+        mean_delta = np.mean([0.25 * (n % 3) for n in NODES])
         for k, v in from_record(agg).items():
-            np.testing.assert_allclose(v, mean_view[k], atol=1e-6)
+            np.testing.assert_allclose(v, arrays[k] + mean_delta, atol=1e-5)

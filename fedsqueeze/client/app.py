@@ -4,9 +4,9 @@ Handlers:
 
 - ``train``: load the received global weights, train on this node's partition, reply
   with the full local weights (``"arrays"``) and ``num-examples`` (DP-SGD with Opacus when
-  ``dp = "local"``). Compression and secure aggregation are not done here: ``compress_mod``
-  turns that reply into a compact encoded delta, the same way it would for any other Flower
-  ClientApp, and ``secagg_mod`` runs the SecAgg+ stages.
+  ``dp = "local"``). Compression and secure aggregation are not done here: the public mods
+  ``downlink_mod``, ``secagg_mod`` and ``compress_mod`` do it, exactly as they would for any
+  other Flower ClientApp.
 - ``evaluate``: federated evaluation on this node's slice of the test split.
 - ``query``: the start-of-run handshake; tells the server this node's partition id so
   that client sampling is reproducible by seed (Flower node ids are random per run).
@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedsqueeze.client.mods import compress_mod
+from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.secure import secagg_mod
 from fedsqueeze.client.training import (
     evaluate,
@@ -34,8 +34,12 @@ from fedsqueeze.client.training import (
     train_local,
 )
 from fedsqueeze.config import resolve_config
+from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.federation import client_eval_data, client_train_data, new_model
-from fedsqueeze.records import from_record, to_record
+
+MODS = (downlink_mod, secagg_mod, compress_mod)
+"""fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
+sees the message; secure aggregation and compression each act on their own request."""
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -54,9 +58,9 @@ def build_client_app(
     """Build the ClientApp; ``config=None`` reads the run config from the Context.
 
     Mods, outermost first: ``extra_mods`` (they see what travels on the wire), then
-    ``secagg_mod`` (secure aggregation, when the server asks for it), then ``compress_mod``.
+    :data:`MODS` — each a no-op unless the server's message asks for it.
     """
-    app = ClientApp(mods=[*extra_mods, secagg_mod, compress_mod])
+    app = ClientApp(mods=[*extra_mods, *MODS])
 
     def run_config(context: Context) -> dict[str, Any]:
         if config is not None:

@@ -1,28 +1,48 @@
-"""Client mods: compression glue between Flower messages and the codec core.
+"""Client mods for compression: each one concern, none aware of another.
 
-``compress_mod`` makes any Flower ClientApp whose train handler replies with full
-weights in an ArrayRecord send a compact encoded delta instead::
+Any Flower ClientApp whose train handler replies with its full weights in one ArrayRecord
+gains compression by adding them (outermost first)::
 
-    app = ClientApp(mods=[compress_mod])
+    app = ClientApp(mods=[downlink_mod, secagg_mod, compress_mod])
 
-The server says what to do in the train message's ``"config"`` record (``codec``,
-``codec-seed``); a compressed downlink arrives in the ``fedsqueeze.downlink`` record and
-is turned back into a plain ``"arrays"`` record before the handler runs, so the handler
-never knows. Codec state (error-feedback residuals) lives in ``Context.state`` and so
-survives between the rounds of the same client, in simulation and in deployment.
+- :func:`downlink_mod` turns a compressed global model (``fedsqueeze.downlink`` record, in a
+  train or evaluate message) back into the ArrayRecord the handler expects, keeps it as the
+  client's view in ``Context.state`` and acknowledges the version it now holds;
+- :func:`compress_mod` encodes a train reply as a compact delta when the server asks for it
+  (``fedsqueeze.codec`` record); codec state (error-feedback residuals) lives in
+  ``Context.state`` and so survives between rounds, in simulation and on a SuperNode;
+- ``secagg_mod`` (:mod:`fedsqueeze.client.secure`) runs the SecAgg+ stages.
+
+Each mod reads only its own record, so each is a no-op unless the server's message asks for
+it. A mod whose precondition fails replies with a Flower ``Error`` (code
+``MOD_FAILED_PRECONDITION``), as Flower's own mods do, instead of raising.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from fedsqueeze import downlink
 from fedsqueeze.compression import parse_codec
-from fedsqueeze.records import (
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.contracts.records import (
+    CODEC_KEY,
     CODEC_META_KEY,
     CODEC_STATE_KEY,
+    DOWNLINK_ACK_KEY,
     DOWNLINK_KEY,
     UPDATE_KEY,
     VIEW_KEY,
@@ -31,31 +51,72 @@ from fedsqueeze.records import (
     to_record,
 )
 
-
-class ProtocolError(ValueError):
-    """A train message or reply does not have the records compression needs."""
+log = logging.getLogger(__name__)
 
 
-def _receive_downlink(msg: Message, context: Context) -> dict[str, np.ndarray]:
-    """Rebuild the global model from the downlink record and keep it as this client's view."""
-    rec = msg.content[DOWNLINK_KEY]
-    codec = parse_codec(str(rec["codec"]))
-    base_version = int(rec["base-version"])
+class ModPreconditionError(ValueError):
+    """A message or reply lacks what a mod needs; turned into a Flower ``Error`` reply."""
+
+
+def failed_precondition(msg: Message, mod: str, reason: str) -> Message:
+    """An ``Error`` reply to ``msg`` naming the mod and why it could not run."""
+    log.error("%s: %s", mod, reason)
+    return Message(
+        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"{mod}: {reason}"), reply_to=msg
+    )
+
+
+def single_arrays(content: RecordDict, what: str) -> tuple[str, ArrayRecord]:
+    """The only ArrayRecord of ``content`` (Flower's convention for model weights)."""
+    records = content.array_records
+    if len(records) != 1:
+        raise ModPreconditionError(f"{what} must hold exactly one ArrayRecord, has {len(records)}")
+    return next(iter(records.items()))
+
+
+# ---- downlink ---------------------------------------------------------------------------
+
+
+def _rebuild(record: ConfigRecord, context: Context) -> tuple[dict[str, np.ndarray], int]:
+    """The global model of a downlink record, and its version; keeps it as the client's view."""
+    codec = parse_codec(str(record["codec"]))
+    base_version = int(record["base-version"])
     base = None
     if base_version != downlink.FULL:
-        held = (
-            int(context.state[VIEW_META_KEY]["version"]) if VIEW_META_KEY in context.state else None
-        )
+        meta = context.state.config_records.get(VIEW_META_KEY)
+        held = int(meta["version"]) if meta is not None else None
         if held != base_version:
-            raise ProtocolError(
+            raise ModPreconditionError(
                 f"server sent a delta against model version {base_version}, "
                 f"but this client holds {held}"
             )
         base = from_record(context.state[VIEW_KEY])
-    arrays = downlink.reconstruct(codec, bytes(rec["payload"]), int(rec["seed"]), base)
+    arrays = downlink.reconstruct(codec, bytes(record["payload"]), int(record["seed"]), base)
+    version = int(record["version"])
     context.state[VIEW_KEY] = to_record(arrays)
-    context.state[VIEW_META_KEY] = ConfigRecord({"version": int(rec["version"])})
-    return arrays
+    context.state[VIEW_META_KEY] = ConfigRecord({"version": version})
+    return arrays, version
+
+
+def downlink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Decode a compressed global model before the handler runs; acknowledge its version."""
+    if DOWNLINK_KEY not in msg.content.config_records:
+        return call_next(msg, context)
+    record = msg.content.config_records[DOWNLINK_KEY]
+    try:
+        arrays, version = _rebuild(record, context)
+    except (ModPreconditionError, CodecError, KeyError, ValueError, TypeError) as err:
+        return failed_precondition(msg, "downlink_mod", str(err))
+    content = RecordDict({k: v for k, v in msg.content.items() if k != DOWNLINK_KEY})
+    content[str(record.get("arrays", "arrays"))] = to_record(arrays)
+    msg.content = content
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        reply.content[DOWNLINK_ACK_KEY] = ConfigRecord({"version": version})
+    return reply
+
+
+# ---- uplink ------------------------------------------------------------------------------
 
 
 def _codec_state(context: Context, spec: str) -> dict[str, np.ndarray] | None:
@@ -65,53 +126,51 @@ def _codec_state(context: Context, spec: str) -> dict[str, np.ndarray] | None:
     return from_record(context.state[CODEC_STATE_KEY])
 
 
-def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Decode a compressed downlink and encode the train reply as a compressed delta."""
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, context)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    spec = str(config.get("codec", "none"))
-    received_downlink = DOWNLINK_KEY in msg.content
-    if received_downlink:
-        reference = _receive_downlink(msg, context)
-        content = RecordDict({k: v for k, v in msg.content.items() if k != DOWNLINK_KEY})
-        content["arrays"] = to_record(reference)
-        msg.content = content
-    elif "arrays" in msg.content:
-        reference = from_record(msg.content["arrays"])
-    else:
-        raise ProtocolError("train message has neither 'arrays' nor a compressed downlink")
-
-    reply = call_next(msg, context)
-    if reply.has_error() or (spec == "none" and not received_downlink):
-        return reply
-    if bool(config.get("secagg", False)):
-        # Under secure aggregation the secagg mod (outside this one) encodes the update.
-        return reply
-
-    if "arrays" not in reply.content:
-        raise ProtocolError("compress_mod needs the train reply to hold full weights in 'arrays'")
-    local = from_record(reply.content["arrays"])
+def _encode_reply(
+    instructions: ConfigRecord,
+    reference: dict[str, np.ndarray],
+    reply: Message,
+    context: Context,
+) -> RecordDict:
+    """The reply's content with its weights replaced by the encoded delta."""
+    codec = parse_codec(str(instructions["codec"]))
+    name, received = single_arrays(reply.content, "the train reply")
+    local = from_record(received)
     if list(local) != list(reference) or any(local[k].shape != reference[k].shape for k in local):
-        raise ProtocolError("train reply weights do not match the received model's names/shapes")
-    delta = {k: (local[k].astype(np.float32) - reference[k].astype(np.float32)) for k in local}
-    codec = parse_codec(spec)
+        raise ModPreconditionError("reply weights do not match the received model's names/shapes")
+    delta = {k: local[k].astype(np.float32) - reference[k].astype(np.float32) for k in local}
     # The server sent the model, so it knows the layout: send its digest, not the table.
     encoded = codec.encode(
         delta,
-        seed=int(config.get("codec-seed", 0)),
+        seed=int(instructions["codec-seed"]),
         state=_codec_state(context, codec.spec),
         layout="hash",
     )
     if encoded.state:
         context.state[CODEC_STATE_KEY] = to_record(encoded.state)
         context.state[CODEC_META_KEY] = ConfigRecord({"codec": codec.spec})
-
-    content = RecordDict({k: v for k, v in reply.content.items() if k != "arrays"})
+    content = RecordDict({k: v for k, v in reply.content.items() if k != name})
     content[UPDATE_KEY] = ConfigRecord({"payload": encoded.payload})
-    if received_downlink:
-        metrics = content.metric_records.get("metrics", MetricRecord())
-        metrics["model-version"] = int(context.state[VIEW_META_KEY]["version"])
-        content["metrics"] = metrics
-    reply.content = content
+    return content
+
+
+def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Encode the train reply as a compressed delta when the server asks (``fedsqueeze.codec``)."""
+    if (
+        msg.metadata.message_type != MessageType.TRAIN
+        or CODEC_KEY not in msg.content.config_records
+    ):
+        return call_next(msg, context)
+    instructions = msg.content.config_records[CODEC_KEY]
+    try:
+        reference = from_record(single_arrays(msg.content, "the train message")[1])
+    except ModPreconditionError as err:
+        return failed_precondition(msg, "compress_mod", str(err))
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    try:
+        reply.content = _encode_reply(instructions, reference, reply, context)
+    except (ModPreconditionError, CodecError, KeyError, ValueError, TypeError) as err:
+        return failed_precondition(msg, "compress_mod", str(err))
     return reply

@@ -21,13 +21,11 @@ from .clipping import (
 from .distributed import (
     DistributedDPClient,
     DistributedDPParams,
-    center_mod,
+    bits_for_noise,
     choose_scale,
     choose_scale_and_bits,
     decode_sum,
-    required_bits,
     rounded_l2_sensitivity,
-    wrap_mod,
 )
 from .errors import (
     BitWidthTooSmall,
@@ -59,7 +57,7 @@ __all__ = [
     "RandomizedHadamard",
     "RoundingFailed",
     "ShapeMismatchError",
-    "center_mod",
+    "bits_for_noise",
     "choose_scale",
     "choose_scale_and_bits",
     "clip_l2",
@@ -72,10 +70,8 @@ __all__ = [
     "gaussian_noise",
     "l2_norm",
     "noise_for_budget",
-    "required_bits",
     "rounded_l2_sensitivity",
     "skellam_noise",
     "update_noise_multiplier",
     "would_exceed",
-    "wrap_mod",
 ]

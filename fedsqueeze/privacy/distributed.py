@@ -33,6 +33,8 @@ from typing import Literal
 
 import numpy as np
 
+from fedsqueeze.secagg.field import MAX_BITS
+
 from .errors import (
     BitWidthTooSmall,
     InvalidPrivacyParameter,
@@ -52,14 +54,12 @@ __all__ = [
     "DEFAULT_BETA",
     "DistributedDPClient",
     "DistributedDPParams",
-    "center_mod",
+    "bits_for_noise",
     "choose_scale",
     "choose_scale_and_bits",
     "decode_sum",
     "noisy_sum_coordinate_std",
-    "required_bits",
     "rounded_l2_sensitivity",
-    "wrap_mod",
 ]
 
 NoiseKind = Literal["skellam", "dgauss"]
@@ -67,7 +67,6 @@ NoiseKind = Literal["skellam", "dgauss"]
 #: Failure probability of one conditional-rounding attempt, as in Kairouz et al. (2021).
 DEFAULT_BETA = math.exp(-0.5)
 #: Largest field width: the centred sum of a few thousand clients must still fit in int64.
-MAX_BITS = 62
 _MAX_ROUNDING_ATTEMPTS = 1000
 
 
@@ -173,14 +172,14 @@ def choose_scale(
     if budget <= 0:
         raise BitWidthTooSmall(
             f"{b} bits cannot hold the rounding noise of {n} clients at {k} sigma; "
-            f"need at least {required_bits(dim, clip, n, z, 1e-12, k)} bits"
+            f"need at least {bits_for_noise(dim, clip, n, z, 1e-12, k)} bits"
         )
     # Shave a hair off so float rounding never lands the bound just above 2^(b-1), which
-    # would make required_bits() of the result report b + 1.
+    # would make bits_for_noise() of the result report b + 1.
     return math.sqrt(budget / (c * c * (n * n / d + z * z))) * (1.0 - 1e-9)
 
 
-def required_bits(
+def bits_for_noise(
     dim: int,
     clip: float,
     num_clients: int,
@@ -216,28 +215,14 @@ def choose_scale_and_bits(
     """Complete a (scale, bits) pair from exactly one of the two.
 
     Given ``bits``, pick the largest safe scale (:func:`choose_scale`); given ``scale``,
-    report the bit width it needs (:func:`required_bits`).
+    report the bit width it needs (:func:`bits_for_noise`).
     """
     if (bits is None) == (scale is None):
         raise InvalidPrivacyParameter("give exactly one of bits= or scale=")
     if bits is not None:
         return choose_scale(dim, clip, num_clients, noise_multiplier, bits, k_sigma), int(bits)
     assert scale is not None
-    return float(scale), required_bits(dim, clip, num_clients, noise_multiplier, scale, k_sigma)
-
-
-def wrap_mod(values: np.ndarray, bits: int) -> np.ndarray:
-    """Reduce int64 values into Z_{2^b} = [0, 2^b) (what secure aggregation operates on)."""
-    b = _check_bits(bits)
-    return np.mod(np.asarray(values, dtype=np.int64), np.int64(1) << b)
-
-
-def center_mod(values: np.ndarray, bits: int) -> np.ndarray:
-    """Map elements of Z_{2^b} to their signed representatives in [-2^(b-1), 2^(b-1))."""
-    b = _check_bits(bits)
-    v = wrap_mod(values, b)
-    half = np.int64(1) << (b - 1)
-    return np.where(v >= half, v - (np.int64(1) << b), v)
+    return float(scale), bits_for_noise(dim, clip, num_clients, noise_multiplier, scale, k_sigma)
 
 
 @dataclass(frozen=True)
@@ -451,7 +436,8 @@ def decode_sum(
     ----------
     int_sum
         Sum of the clients' encoded vectors, already reduced mod 2^b and mapped to
-        [-2^(b-1), 2^(b-1)) (see :func:`center_mod`), length ``params.padded_dim``.
+        [-2^(b-1), 2^(b-1)) (see :func:`fedsqueeze.secagg.field.from_field`), length
+        ``params.padded_dim``.
     num_clients
         How many clients' vectors are in the sum (>= 1). Decoding itself does not need it
         (rounding and noise are zero-mean, so there is nothing to debias); it is validated
@@ -478,7 +464,7 @@ def decode_sum(
     if s.size and (int(s.min()) < -half or int(s.max()) >= half):
         raise InvalidPrivacyParameter(
             f"int_sum is not centred in [-2^{params.bits - 1}, 2^{params.bits - 1}); "
-            f"apply center_mod first"
+            f"apply from_field first"
         )
     return RandomizedHadamard(params.dim, rotation_seed).unrotate(
         s.astype(np.float64) / params.scale

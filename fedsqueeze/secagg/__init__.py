@@ -19,7 +19,6 @@ resumed with ``SecAggClient.from_state(state)``.
 
 from fedsqueeze.secagg.client import SecAggClient
 from fedsqueeze.secagg.config import SecAggConfig, neighbour_graph
-from fedsqueeze.secagg.encoding import check_no_overflow, from_field, required_bits, to_field
 from fedsqueeze.secagg.errors import (
     SecAggAbort,
     SecAggConfigError,
@@ -29,6 +28,7 @@ from fedsqueeze.secagg.errors import (
     SecAggOverflowError,
     SecAggProtocolError,
 )
+from fedsqueeze.secagg.field import check_no_overflow, from_field, required_bits, to_field
 from fedsqueeze.secagg.server import SecAggResult, SecAggServer
 
 __all__ = [

@@ -361,7 +361,7 @@ class SecAggClient:
 
         ``msg`` holds ``sender_ids`` and ``ciphertexts``; ``vector`` is a 1-D integer array
         of length ``vector_len`` with values in ``[0, 2^bits)`` (see
-        :func:`fedsqueeze.secagg.encoding.to_field`). The result's ``masked`` field is
+        :func:`fedsqueeze.secagg.field.to_field`). The result's ``masked`` field is
         ``y = x + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^b`` bit-packed at ``bits`` bits.
         """
         self._expect("shared")

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from fedsqueeze.secagg.encoding import MAX_BITS, MIN_BITS
 from fedsqueeze.secagg.errors import SecAggConfigError, SecAggProtocolError
+from fedsqueeze.secagg.field import MAX_BITS, MIN_BITS
 
 PROTOCOL = "fedsqueeze-secagg+/1"
 MAX_ID = (1 << 64) - 1  # Flower node ids and round seeds are uint64

@@ -53,7 +53,7 @@ class SecAggResult:
     ----------
     total:
         ``uint64`` array of length ``vector_len``: the sum mod ``2^bits`` of the inputs of
-        ``included`` (decode signed sums with :func:`~fedsqueeze.secagg.encoding.from_field`).
+        ``included`` (decode signed sums with :func:`~fedsqueeze.secagg.field.from_field`).
     included:
         Sorted ids whose input is in ``total`` (they sent a masked input).
     dropped:

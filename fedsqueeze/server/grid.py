@@ -13,7 +13,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsqueeze.records import serialized_size
+from fedsqueeze.contracts.records import serialized_size
 
 
 class CountingGrid(Grid):
@@ -26,6 +26,13 @@ class CountingGrid(Grid):
         self.uplink_bytes = 0
         self.messages_sent = 0
         self.replies_received = 0
+
+    def add_counts(self, other: CountingGrid) -> None:
+        """Add ``other``'s byte and message counts to this one's."""
+        self.downlink_bytes += other.downlink_bytes
+        self.uplink_bytes += other.uplink_bytes
+        self.messages_sent += other.messages_sent
+        self.replies_received += other.replies_received
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)

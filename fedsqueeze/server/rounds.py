@@ -2,7 +2,11 @@
 
 Flower's ``Strategy.start`` runs a fixed loop from round 1; fedsqueeze needs to resume
 from a checkpoint, sample reproducibly and count every byte, so it drives the same
-strategy methods (``configure_train``/``aggregate_train``/...) in its own loop.
+strategy methods (``configure_train``/``aggregate_train``/...) in its own loop. The loop
+knows nothing of compression, secure aggregation or privacy: those are the strategy chain
+(:func:`~fedsqueeze.server.strategies.build_chain`), and everything a capability adds to a
+round — a privacy budget that stops the run, fields in ``metrics.jsonl``, checkpoint state,
+``summary.json`` fields — comes through round hooks (:class:`~fedsqueeze.server.hooks.RoundHook`).
 """
 
 from __future__ import annotations
@@ -11,24 +15,25 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.client.training import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.config import to_toml
+from fedsqueeze.contracts.records import from_record, to_record
+from fedsqueeze.contracts.streams import Stream, round_rng
 from fedsqueeze.data import partition_stats
 from fedsqueeze.federation import dataset_for, new_model, partitions_for
-from fedsqueeze.records import from_record, to_record
+from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.grid import CountingGrid
-from fedsqueeze.server.privacy import build_server_privacy
+from fedsqueeze.server.hooks import RoundHook, hooks_in
 from fedsqueeze.server.rundir import CLIENTS, CONFIG, SUMMARY, Checkpoint, RunDir
-from fedsqueeze.server.strategies import build_strategy
-from fedsqueeze.server.strategy import CompressedStrategy
+from fedsqueeze.server.strategies import build_chain, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -85,64 +90,163 @@ def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     return mapping
 
 
-def sample_partitions(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
-    """The partitions trained in a round: reproducible from (seed, round)."""
-    rng = np.random.default_rng([seed, server_round, 0xC11E])
+def sample_partitions(
+    seed: int, server_round: int, num_clients: int, k: int, stream: Stream = Stream.CLIENT_SAMPLING
+) -> list[int]:
+    """The partitions trained (or evaluated) in a round: reproducible from (seed, round)."""
+    rng = round_rng(seed, server_round, stream)
     return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
 
 
-@dataclass
-class TrainOutcome:
-    """What the training phase of one round produced."""
-
-    arrays: dict[str, np.ndarray] | None
-    """The new global model, or None to keep the current one."""
-    accepted: int = 0
-    rejected: int = 0
-    dropped: int = 0
-    """Sampled clients that sent nothing usable: errors, time-outs, protocol drop-outs."""
-    train_loss: float | None = None
-    client_metrics: list[dict[str, float]] = field(default_factory=list)
-    """Each accepted client's train MetricRecord (e.g. a local-DP client's epsilon)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """More per-round fields for metrics.jsonl (e.g. the secure-aggregation bit width)."""
-    dp_released: bool = False
-    """The server computed a DP-noised aggregate this round, even if it then dropped it
-    (non-finite): the server saw it, so the privacy accountant charges the round."""
-
-
-def plain_train_round(
-    strategy: CompressedStrategy,
+def train_round(
+    strategy: Strategy,
     view: CountingGrid,
     server_round: int,
     arrays: dict[str, np.ndarray],
     timeout: float,
-) -> TrainOutcome:
-    """One training phase without secure aggregation: any reply may be (de)compressed."""
+) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+    """One training phase: the new global model (None = keep) and the aggregated metrics."""
     messages = strategy.configure_train(server_round, to_record(arrays), ConfigRecord(), view)
     replies = view.send_and_receive(messages, timeout=timeout)
     # Aggregate in partition order, not arrival order: float sums depend on the order,
     # and a run must be repeatable (and resumable) bit for bit.
     order = {node: i for i, node in enumerate(view.node_ids or [])}
     replies = sorted(replies, key=lambda m: order.get(m.metadata.src_node_id, len(order)))
-    agg, train_metrics = strategy.aggregate_train(server_round, replies)
-    stats = strategy.stats
-    loss = None
-    if train_metrics is not None and "train-loss" in train_metrics:
-        loss = float(train_metrics["train-loss"])
-    return TrainOutcome(
-        arrays=from_record(agg) if agg is not None else None,
-        accepted=stats.accepted,
-        rejected=stats.rejected,
-        dropped=stats.failed + (len(view.node_ids or []) - stats.replies),
-        train_loss=loss,
-        client_metrics=stats.client_metrics,
-        dp_released=stats.aggregator_applied,
+    agg, metrics = strategy.aggregate_train(server_round, replies)
+    values = {} if metrics is None else {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+    return (from_record(agg) if agg is not None else None), values
+
+
+def evaluate_round(
+    strategy: Strategy,
+    view: CountingGrid,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    timeout: float,
+) -> dict[str, float]:
+    """Federated evaluation on the nodes of ``view``; the aggregated metrics."""
+    messages = strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(), view)
+    metrics = strategy.aggregate_evaluate(
+        server_round, view.send_and_receive(messages, timeout=timeout)
+    )
+    return {} if metrics is None else {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+
+
+@dataclass
+class Federation:
+    """What the loop needs between rounds."""
+
+    config: Mapping[str, Any]
+    grid: Grid
+    partition_nodes: dict[int, int]
+    inner: Strategy
+    strategy: Strategy
+    hooks: list[RoundHook]
+    arrays: dict[str, np.ndarray]
+    metrics: list[dict[str, Any]]
+    start_round: int
+    elapsed: float
+    timeout: float
+
+    def nodes(self, partitions: Iterable[int]) -> list[int]:
+        return [self.partition_nodes[p] for p in partitions]
+
+
+def start_federation(
+    grid: Grid,
+    config: Mapping[str, Any],
+    run_dir: RunDir,
+    timeout: float,
+    extra_hooks: Iterable[RoundHook] = (),
+) -> Federation:
+    """Connect to the nodes and build the strategy chain, fresh or from the checkpoint."""
+    t_setup = time.monotonic()
+    partition_nodes = handshake(grid, int(config["num-clients"]), timeout)
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is None:
+        inner = build_strategy(config)
+        arrays = state_to_numpy(new_model(config, seed=int(config["seed"])))
+        metrics: list[dict[str, Any]] = []
+        run_dir.write_text(CONFIG, to_toml(config))
+        run_dir.write_json(CLIENTS, partition_stats(dataset_for(config), partitions_for(config)))
+    else:
+        inner, arrays, metrics = pickle.loads(ckpt.strategy_state), ckpt.arrays, ckpt.metrics
+        run_dir.write_metrics(metrics)  # drop any row written after the checkpoint
+        log.info("resuming after round %d", ckpt.completed_round)
+    strategy = build_chain(config, inner)
+    hooks = hooks_in(strategy, extra_hooks)
+    saved = ckpt.extra.get("hooks", {}) if ckpt is not None else {}
+    for hook in hooks:
+        if hook.hook_name in saved:
+            hook.restore(saved[hook.hook_name])
+    return Federation(
+        config,
+        grid,
+        partition_nodes,
+        inner,
+        strategy,
+        hooks,
+        arrays,
+        list(metrics),
+        start_round=1 if ckpt is None else ckpt.completed_round + 1,
+        elapsed=(float(ckpt.extra.get("elapsed_s", 0.0)) if ckpt else 0.0)
+        + time.monotonic()
+        - t_setup,
+        timeout=timeout,
     )
 
 
-def _param_count(arrays: Mapping[str, np.ndarray]) -> int:
-    return int(sum(a.size for a in arrays.values()))
+def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
+    """Train (and federated-evaluate) round ``rnd``; its metrics row."""
+    cfg, t0 = fed.config, time.monotonic()
+    num_clients, seed = int(cfg["num-clients"]), int(cfg["seed"])
+    sampled = sample_partitions(seed, rnd, num_clients, int(cfg["clients-per-round"]))
+    view = CountingGrid(fed.grid, fed.nodes(sampled))
+    arrays, train_metrics = train_round(fed.strategy, view, rnd, fed.arrays, fed.timeout)
+    if arrays is not None:
+        fed.arrays = arrays
+    row: dict[str, Any] = {"round": rnd}
+    if float(cfg["fraction-evaluate"]) > 0:
+        n_eval = max(1, round(float(cfg["fraction-evaluate"]) * num_clients))
+        evaluated = sample_partitions(seed, rnd, num_clients, n_eval, Stream.EVAL_SAMPLING)
+        eval_view = CountingGrid(fed.grid, fed.nodes(evaluated))
+        eval_metrics = evaluate_round(fed.strategy, eval_view, rnd, fed.arrays, fed.timeout)
+        view.add_counts(eval_view)
+        if "eval-acc" in eval_metrics:
+            row["federated_accuracy"] = eval_metrics["eval-acc"]
+    load_numpy_state(model, fed.arrays)
+    ds = dataset_for(cfg)
+    loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    wall = time.monotonic() - t0
+    fed.elapsed += wall
+    row.update({"accuracy": acc, "loss": loss, "wall_s": round(wall, 4)})
+    row["elapsed_s"] = round(fed.elapsed, 4)
+    for hook in fed.hooks:
+        hook.after_round(rnd, row)
+    row.update(_byte_fields(view, fed.arrays, len(sampled), row, train_metrics))
+    return row
+
+
+def _byte_fields(
+    view: CountingGrid,
+    arrays: Mapping[str, np.ndarray],
+    sampled: int,
+    row: Mapping[str, Any],
+    train_metrics: Mapping[str, float],
+) -> dict[str, Any]:
+    """Bytes of the round, per parameter and per update that reached the server."""
+    n_params = int(sum(a.size for a in arrays.values()))
+    updates = max(int(row.get("clients", 0)) + int(row.get("rejected_updates", 0)), 1)
+    out: dict[str, Any] = {
+        "uplink_bytes": view.uplink_bytes,
+        "downlink_bytes": view.downlink_bytes,
+        "uplink_compression": 4 * n_params * updates / max(view.uplink_bytes, 1),
+        "uplink_bits_per_param": 8 * view.uplink_bytes / (updates * n_params),
+        "downlink_bits_per_param": 8 * view.downlink_bytes / (max(sampled, 1) * n_params),
+    }
+    if "train-loss" in train_metrics:
+        out["train_loss"] = train_metrics["train-loss"]
+    return out
 
 
 def run_federation(
@@ -151,142 +255,46 @@ def run_federation(
     run_dir: RunDir,
     on_round: RoundCallback | None = None,
     node_timeout: float = 600.0,
+    hooks: Iterable[RoundHook] = (),
 ) -> dict[str, Any]:
     """Run (or continue) the federation described by ``config``; return the summary."""
-    num_clients = int(config["num-clients"])
-    k = int(config["clients-per-round"])
-    seed = int(config["seed"])
-    num_rounds = int(config["num-rounds"])
-    ds = dataset_for(config)
-
-    t_setup = time.monotonic()
-    partition_nodes = handshake(grid, num_clients, node_timeout)
-
-    inner = build_strategy(config)
-    ckpt = run_dir.load_checkpoint()
-    if ckpt is None:
-        model = new_model(config, seed=seed)
-        arrays = state_to_numpy(model)
-        metrics: list[dict[str, Any]] = []
-        start_round = 1
-        elapsed = 0.0
-        run_dir.write_text(CONFIG, to_toml(config))
-        parts = partitions_for(config)
-        run_dir.write_json(CLIENTS, partition_stats(ds, parts))
-    else:
-        model = new_model(config)
-        arrays = ckpt.arrays
-        inner = pickle.loads(ckpt.strategy_state)
-        metrics = list(ckpt.metrics)
-        start_round = ckpt.completed_round + 1
-        elapsed = float(ckpt.extra.get("elapsed_s", 0.0))
-        run_dir.write_metrics(metrics)  # drop any row written after the checkpoint
-        log.info("resuming after round %d", ckpt.completed_round)
-
-    privacy = build_server_privacy(config, ckpt.extra.get("privacy") if ckpt else None)
-    strategy = CompressedStrategy(
-        inner,
-        codec=str(config["codec"]),
-        downlink_codec=str(config["downlink-codec"]),
-        seed=seed,
-        aggregator=privacy.aggregator() if privacy is not None else None,
-    )
-    n_params = _param_count(arrays)
-    fp32_bytes = 4 * n_params
-    elapsed += time.monotonic() - t_setup
+    fed = start_federation(grid, config, run_dir, node_timeout, hooks)
+    model = new_model(config)
     stopped_reason = ""
-
-    for rnd in range(start_round, num_rounds + 1):
-        if privacy is not None:
-            refusal = privacy.refuse_round(rnd)
-            if refusal:
-                stopped_reason = refusal
-                log.warning("stopping before round %d: %s", rnd, refusal)
-                break
-        t0 = time.monotonic()
-        sampled = sample_partitions(seed, rnd, num_clients, k)
-        view = CountingGrid(grid, [partition_nodes[p] for p in sampled])
-        if bool(config["secagg"]):
-            from fedsqueeze.server.secure import secure_train_round
-
-            outcome = secure_train_round(view, rnd, arrays, config, strategy, privacy, node_timeout)
-        else:
-            outcome = plain_train_round(strategy, view, rnd, arrays, node_timeout)
-        if outcome.arrays is not None:
-            arrays = outcome.arrays
-
-        row: dict[str, Any] = {"round": rnd}
-        if float(config["fraction-evaluate"]) > 0:
-            n_eval = max(1, round(float(config["fraction-evaluate"]) * num_clients))
-            eval_parts = sample_partitions(seed + 1, rnd, num_clients, n_eval)
-            eval_view = CountingGrid(grid, [partition_nodes[p] for p in eval_parts])
-            eval_msgs = strategy.configure_evaluate(
-                rnd, to_record(arrays), ConfigRecord(), eval_view
-            )
-            eval_metrics = strategy.aggregate_evaluate(
-                rnd, eval_view.send_and_receive(eval_msgs, timeout=node_timeout)
-            )
-            view.downlink_bytes += eval_view.downlink_bytes
-            view.uplink_bytes += eval_view.uplink_bytes
-            if eval_metrics is not None:
-                row["federated_accuracy"] = float(eval_metrics.get("eval-acc", float("nan")))
-
-        load_numpy_state(model, arrays)
-        loss, acc = evaluate(model, ds.x_test, ds.y_test)
-        wall = time.monotonic() - t0
-        elapsed += wall
-        uplink_payload = max(outcome.accepted + outcome.rejected, 1)
-        row.update(
-            {
-                "accuracy": acc,
-                "loss": loss,
-                "uplink_bytes": view.uplink_bytes,
-                "downlink_bytes": view.downlink_bytes,
-                "wall_s": round(wall, 4),
-                "elapsed_s": round(elapsed, 4),
-                "clients": outcome.accepted,
-                "rejected_updates": outcome.rejected,
-                "dropped_clients": outcome.dropped,
-                "uplink_compression": fp32_bytes * uplink_payload / max(view.uplink_bytes, 1),
-                "uplink_bits_per_param": 8 * view.uplink_bytes / (uplink_payload * n_params),
-                "downlink_bits_per_param": 8
-                * view.downlink_bytes
-                / (max(len(sampled), 1) * n_params),
-            }
-        )
-        if outcome.train_loss is not None:
-            row["train_loss"] = outcome.train_loss
-        row.update(outcome.extra)
-        if privacy is not None:
-            row.update(privacy.after_round(rnd, outcome))
-        metrics.append(row)
+    for rnd in range(fed.start_round, int(config["num-rounds"]) + 1):
+        stopped_reason = next((r for h in fed.hooks if (r := h.before_round(rnd))), "")
+        if stopped_reason:
+            log.warning("stopping before round %d: %s", rnd, stopped_reason)
+            break
+        row = run_round(fed, rnd, model)
+        fed.metrics.append(row)
         run_dir.save_checkpoint(
             Checkpoint(
                 completed_round=rnd,
-                arrays=arrays,
-                strategy_state=pickle.dumps(inner),
-                metrics=metrics,
+                arrays=fed.arrays,
+                strategy_state=pickle.dumps(fed.inner),
+                metrics=fed.metrics,
                 extra={
-                    "elapsed_s": elapsed,
-                    "privacy": privacy.state() if privacy is not None else None,
+                    "elapsed_s": fed.elapsed,
+                    "hooks": {h.hook_name: h.state() for h in fed.hooks if h.hook_name},
                 },
             )
         )
-        run_dir.write_metrics(metrics)
-        run_dir.save_model(arrays)
+        run_dir.write_metrics(fed.metrics)
+        run_dir.save_model(fed.arrays)
         if on_round is not None:
             on_round(row)
         if os.environ.get(CRASH_ENV) == str(rnd):
             os.kill(os.getpid(), 9)
-
-    summary = summarize(metrics, config, n_params)
+    n_params = int(sum(a.size for a in fed.arrays.values()))
+    summary = summarize(fed.metrics, config, n_params)
     if stopped_reason:
         summary["stopped_reason"] = stopped_reason
-    if privacy is not None:
-        summary.update(privacy.summary())
+    for hook in fed.hooks:
+        summary.update(hook.summary_fields())
     run_dir.write_json(SUMMARY, summary)
-    run_dir.save_model(arrays)
-    _plot(run_dir, metrics)
+    run_dir.save_model(fed.arrays)
+    _plot(run_dir, fed.metrics)
     return summary
 
 

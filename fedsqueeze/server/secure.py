@@ -1,164 +1,126 @@
-"""Server side of secure aggregation: one training round driven through SecAgg+.
+"""Server side of secure aggregation: ``SecAggStrategy``, a wrapper for any Flower strategy.
 
-``secure_train_round`` replaces the plain "send train messages, decode replies" phase when
-``secagg = true``. Every stage goes through the round's :class:`CountingGrid` view, so the
-uplink/downlink byte counts include the whole protocol::
+``SecAggStrategy(FedAvg(), clip=1.0)`` runs SecAgg+ inside Flower's own round loop
+(``strategy.start(grid=..., ...)``): ``configure_train`` adds the setup to the wrapped
+strategy's train messages; ``aggregate_train`` receives the public keys, drives the other
+three stages over the same grid (``grid.send_and_receive``, so a byte-counting grid counts
+them), unmasks the sum and hands the wrapped strategy one reply, ``global + mean delta``::
 
     setup (= the train message)  → public keys        SecAggServer.collect_keys
     share (neighbours' keys)     → encrypted shares    SecAggServer.collect_shares
     mask  (shares for me)        → masked input        SecAggServer.collect_masked
     unmask (who survived)        → shares to unmask    SecAggServer.finish
 
-The server learns only the sum over the clients whose masked input was included; it
-divides it by the summed weights (hidden inside the vector) or, under DP, by
-``clients-per-round``, and hands ``global + mean delta`` to the wrapped Flower strategy as
-a single reply, exactly like :class:`~fedsqueeze.server.strategy.CompressedStrategy` does
-for central DP.
+The server learns only the sum over the clients whose masked input was included. What the
+clients sum is a summable encoding (:mod:`fedsqueeze.contracts.summable`): by default each
+update clipped to ``clip`` and weighted by ``min(n_i, weight_cap)`` inside the mask (or
+unweighted with ``weight_cap = 0``); with ``CentralDP`` or ``DistributedDP`` directly inside,
+the encoding is theirs and the decoded sum goes to them (they noise, divide and account).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.client.secure import (
+from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
+from fedsqueeze.contracts.secure_wire import (
+    ENCODING_PREFIX,
     MASK,
     REPLY_KEY,
+    SECAGG_KEY,
     SETUP,
     SHARE,
-    STAGE_KEY,
+    STAGES,
     UNMASK,
     WIRE_FIELD,
-    IntegerEncoding,
-    SecureConfigError,
     SecureWireError,
-    choose_encoding,
-    decode_integers,
-    flatten,
-    randk_fraction,
-    randk_positions,
-    simulated_dropouts,
+    stage_record,
     to_fields,
-    unflatten,
     unpack_reply,
 )
-from fedsqueeze.compression.stages import resolve_k
-from fedsqueeze.privacy.distributed import center_mod, decode_sum
-from fedsqueeze.records import from_record, to_record
-from fedsqueeze.secagg import SecAggAbort, SecAggConfig, SecAggServer, from_field
-from fedsqueeze.server.grid import CountingGrid
-from fedsqueeze.server.rounds import TrainOutcome
-from fedsqueeze.server.strategy import CompressedStrategy, all_finite, round_seed
+from fedsqueeze.contracts.streams import Stream, round_rng, round_seed
+from fedsqueeze.contracts.summable import (
+    SummableEncoding,
+    choose_integer_encoding,
+    random_k,
+)
+from fedsqueeze.secagg import SecAggAbort, SecAggConfig, SecAggServer
+from fedsqueeze.secagg.field import from_field
+from fedsqueeze.server.compose import (
+    FLOWER_DP,
+    StrategyCompositionError,
+    below,
+    refuse_below,
+    refuse_flower_dp_caller,
+)
+from fedsqueeze.server.dp import LocalDP
+from fedsqueeze.server.hooks import RoundHook
+from fedsqueeze.server.strategy import CompressedStrategy, mean_metric, merge_delta
 
 log = logging.getLogger(__name__)
 
-RANDK_STREAM, ROTATION_STREAM = 2, 3
-_weight_caps: dict[tuple[Any, ...], int] = {}
+Arrays = dict[str, np.ndarray]
 
 
-def weight_cap(config: Mapping[str, Any]) -> int:
-    """Largest client training-set size of the federation (bounds the hidden weight n_i)."""
-    from fedsqueeze.federation import partitions_for
+class SecureSumAggregator(Protocol):
+    """A DP mode that works on a secure sum (``CentralDP``, ``DistributedDP``)."""
 
-    key = tuple(
-        config[k]
-        for k in (
-            "dataset",
-            "partition",
-            "num-clients",
-            "seed",
-            "dirichlet-alpha",
-            "shards-per-client",
-        )
-    )
-    if key not in _weight_caps:
-        _weight_caps[key] = max(1, max(len(p) for p in partitions_for(config)))
-    return _weight_caps[key]
+    def summable_encoding(
+        self, *, dim: int, num_clients: int, bits: int, scale: float, rotation_seed: int
+    ) -> SummableEncoding:
+        """The encoding clients use for a ``dim``-long (sub-)vector this round."""
+
+    def aggregate_secure_sum(
+        self,
+        server_round: int,
+        total: Arrays,
+        contributors: int,
+        template: Message,
+        metrics: Mapping[str, float],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate from the decoded sum of ``contributors`` clients' encoded updates."""
 
 
-def protocol_params(config: Mapping[str, Any], num_clients: int) -> tuple[int, int]:
-    """(neighbours k, threshold t) for ``num_clients``: ``secagg-*`` or the defaults
+def protocol_params(neighbours: int, threshold: int, num_clients: int) -> tuple[int, int]:
+    """(neighbours k, threshold t) for ``num_clients``: the given ones or the defaults
     (full graph; the smallest threshold safe against a server lying about dropouts)."""
     n = num_clients
-    k = int(config["secagg-neighbours"]) or n - 1
-    k = min(k, n - 1)
+    k = min(int(neighbours) or n - 1, n - 1)
     if (n * k) % 2:  # no k-regular graph on n nodes: take one more neighbour (or one fewer)
         k = k + 1 if k + 1 <= n - 1 else k - 1
-    t = int(config["secagg-threshold"]) or SecAggConfig.min_secure_threshold(k)
+    t = int(threshold) or SecAggConfig.min_secure_threshold(k)
     return k, min(t, k + 1)
 
 
-def _encoding_fields(
-    config: Mapping[str, Any],
-    privacy: Any,
-    n: int,
-    sub_dim: int,
-) -> tuple[dict[str, Any], int, int, IntegerEncoding | None, Any]:
-    """Per-round glue fields for clients; returns (fields, bits, vector_len, enc, dp_params)."""
-    mode = "plain" if privacy is None or privacy.mode == "local" else str(privacy.mode)
-    fields: dict[str, Any] = {"secagg-mode": mode}
-    if mode == "distributed":
-        params = privacy.distributed_params(sub_dim, n)
-        if int(config["secagg-bits"]) and int(config["secagg-bits"]) != params.bits:
-            log.warning(
-                "secagg-bits = %s ignored: distributed DP uses dp-bits = %d",
-                config["secagg-bits"],
-                params.bits,
-            )
-        fields.update(
-            {
-                "dp.dim": params.dim,
-                "dp.clip": float(params.clip),
-                "dp.scale": float(params.scale),
-                "dp.bits": params.bits,
-                "dp.num_clients": params.num_clients,
-                "dp.noise_multiplier": float(params.noise_multiplier),
-                "dp.mechanism": str(params.mechanism),
-                "dp.conditional_rounding": bool(params.conditional_rounding),
-                "dp.beta": float(params.beta),
-            }
-        )
-        return fields, params.bits, params.padded_dim, None, params
-    central = mode == "central"
-    enc = choose_encoding(
-        num_clients=n,
-        clip=float(privacy.clip) if central else float(config["secagg-clip"]),
-        bits=int(config["secagg-bits"]),
-        scale=float(config["secagg-scale"]),
-        weighted=not central,
-        weight_cap=1 if central else weight_cap(config),
-    )
-    fields.update(
-        {
-            "secagg-clip": enc.clip,
-            "secagg-scale": enc.scale,
-            "secagg-weighted": enc.weighted,
-            "secagg-weight-cap": enc.weight_cap,
-        }
-    )
-    return fields, enc.bits, sub_dim + (1 if enc.weighted else 0), enc, None
-
-
-def _stage_message(node: int, rnd: int, stage: str, fields: Mapping[str, Any]) -> Message:
-    cfg = ConfigRecord({"secagg": True, STAGE_KEY: stage, "server-round": rnd})
-    cfg.update(to_fields(fields))
-    return Message(
-        content=RecordDict({"config": cfg}), message_type=MessageType.TRAIN, dst_node_id=node
-    )
+def simulated_dropouts(
+    seed: int, server_round: int, node_ids: Sequence[int], fraction: float
+) -> dict[int, str]:
+    """Which sampled clients fail this round, and at which stage (seeded by seed and round)."""
+    if fraction <= 0 or not node_ids:
+        return {}
+    rng = round_rng(seed, server_round, Stream.SIMULATED_DROPOUT)
+    count = round(fraction * len(node_ids))
+    ids = sorted(node_ids)
+    chosen = rng.choice(len(ids), size=count, replace=False) if count else []
+    return {ids[int(i)]: STAGES[int(rng.integers(len(STAGES)))] for i in chosen}
 
 
 def _collect(
-    replies: list[Message], stage: str, requests: Mapping[int, Mapping[str, Any]]
+    replies: Iterable[Message], stage: str, requests: Mapping[int, Mapping[str, Any]]
 ) -> tuple[dict[int, dict[str, Any]], list[Message]]:
     """Stage replies by node, in the core's form; error replies count as dropouts.
 
-    A reply whose wire form does not fit the request (:func:`unpack_reply`) reaches the core
-    as an empty message, so the core rejects that client and lists it in ``rejected``.
+    A reply whose wire form does not fit the request reaches the core as an empty message,
+    so the core rejects that client and lists it in ``rejected``.
     """
     out: dict[int, dict[str, Any]] = {}
     ok: list[Message] = []
@@ -178,176 +140,267 @@ def _collect(
     return out, ok
 
 
-def secure_train_round(
-    view: CountingGrid,
-    rnd: int,
-    arrays: dict[str, np.ndarray],
-    config: Mapping[str, Any],
-    strategy: CompressedStrategy,
-    privacy: Any,
-    node_timeout: float,
-) -> TrainOutcome:
-    """One training phase under SecAgg+ (see the module docstring)."""
-    t_start = time.perf_counter()
-    nodes = sorted(view.node_ids or view.get_node_ids())
-    n = len(nodes)
-    if n < 2:
-        raise SecureConfigError(f"secure aggregation needs >= 2 clients in a round, got {n}")
-    seed = int(config["seed"])
-    d = int(sum(a.size for a in arrays.values()))
-    amount = randk_fraction(config)
-    randk_seed = round_seed(seed, rnd, RANDK_STREAM)
-    rotation_seed = round_seed(seed, rnd, ROTATION_STREAM)
-    positions = randk_positions(d, amount, randk_seed)
-    sub_dim = d if positions is None else resolve_k(amount, d)
-    glue, bits, vector_len, enc, dp_params = _encoding_fields(config, privacy, n, sub_dim)
-    k, t = protocol_params(config, n)
-    sa_config = SecAggConfig(
-        num_clients=n,
-        neighbours=k,
-        threshold=t,
-        bits=bits,
-        vector_len=vector_len,
-        round_seed=round_seed(seed, rnd, 4),
-    )
-    server = SecAggServer(sa_config, nodes)
-    drops = simulated_dropouts(seed, rnd, nodes, float(config["simulate-dropout"]))
-    glue.update(
-        {
-            "secagg-dim": d,
-            "secagg-randk": amount,
-            "secagg-randk-seed": randk_seed,
-            "secagg-rotation-seed": rotation_seed,
+@dataclass
+class _Round:
+    """One round's protocol: its server core, encoding and global model."""
+
+    server_round: int
+    server: SecAggServer
+    encoding: SummableEncoding
+    global_arrays: Arrays
+    started: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class SecAggStrategy(Strategy, RoundHook):
+    """SecAgg+ around ``inner`` (any weighted-mean Flower strategy, or a DP mode).
+
+    Parameters
+    ----------
+    inner
+        FedAvg and its family, or ``CentralDP`` / ``DistributedDP`` wrapping one.
+    clip
+        L2 bound of each client's update (without a DP mode; a DP mode brings its own).
+    bits, scale
+        Field width b and integer scale; 0 = the other one's complement (see
+        :func:`~fedsqueeze.contracts.summable.choose_integer_encoding`).
+    neighbours, threshold
+        SecAgg+ graph degree k and Shamir threshold t (0 = full graph, safe threshold).
+    weight_cap
+        Weight each update by ``min(n_i, weight_cap)`` inside the mask (``n_i`` = the
+        strategy's weight key in the client's reply); 0 = the unweighted mean.
+    randk
+        Shared-seed random-k: only this fraction (or count) of coordinates is masked and sent.
+    error_feedback
+        Clients keep what random-k and rounding did not send, in their own state.
+    seed
+        Run seed for the reproducible per-round streams (graph, random-k, rotation).
+    timeout
+        Seconds to wait for each stage's replies.
+    simulate_dropout
+        Tell this fraction of sampled clients to fail at a random stage (tests, studies).
+    """
+
+    secure_sum = True
+    """Marks a wrapper that aggregates by secure sum (what ``CompressedStrategy`` checks)."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        clip: float = 1.0,
+        bits: int = 0,
+        scale: float = 0.0,
+        neighbours: int = 0,
+        threshold: int = 0,
+        weight_cap: int = 0,
+        randk: float | int = 1.0,
+        error_feedback: bool = False,
+        seed: int = 0,
+        timeout: float = 600.0,
+        simulate_dropout: float = 0.0,
+    ) -> None:
+        self.inner = inner
+        refuse_below(
+            self,
+            (CompressedStrategy, LocalDP, *FLOWER_DP),
+            "the server never sees a client's update under secure aggregation; use "
+            "fedsqueeze's CentralDP or DistributedDP directly inside SecAggStrategy, and "
+            "CompressedStrategy (downlink only) and LocalDP outside it",
+        )
+        summers = [s for s in below(self) if hasattr(s, "summable_encoding")]
+        if summers and summers[0] is not inner:
+            raise StrategyCompositionError(
+                f"{type(summers[0]).__name__} must be directly inside SecAggStrategy"
+            )
+        self.dp: SecureSumAggregator | None = inner if summers else None  # type: ignore[assignment]
+        if summers:
+            inner.attach_secure_sum()  # type: ignore[attr-defined]
+        self.names = RecordNames.of(inner)
+        self.clip, self.bits, self.scale = float(clip), int(bits), float(scale)
+        self.neighbours, self.threshold = int(neighbours), int(threshold)
+        self.weight_cap = int(weight_cap)
+        self.randk = randk
+        self.feedback = f"secagg:randk({randk})+ef" if error_feedback else ""
+        self.seed, self.timeout = int(seed), float(timeout)
+        self.simulate_dropout = float(simulate_dropout)
+        self._grid: Grid | None = None
+        self._round: _Round | None = None
+        self.report: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        log.info("SecAggStrategy(clip=%s, bits=%s, randk=%s)", self.clip, self.bits, self.randk)
+        self.inner.summary()
+
+    # ---- setup ------------------------------------------------------------------------
+    def _encoding(self, d: int, n: int, server_round: int) -> SummableEncoding:
+        rotation_seed = round_seed(self.seed, server_round, Stream.ROTATION)
+
+        def inner_for(length: int) -> SummableEncoding:
+            if self.dp is not None:
+                return self.dp.summable_encoding(
+                    dim=length,
+                    num_clients=n,
+                    bits=self.bits,
+                    scale=self.scale,
+                    rotation_seed=rotation_seed,
+                )
+            return choose_integer_encoding(
+                dim=length,
+                num_clients=n,
+                clip=self.clip,
+                bits=self.bits,
+                scale=self.scale,
+                weight_cap=self.weight_cap,
+            )
+
+        randk_seed = round_seed(self.seed, server_round, Stream.SECURE_RANDK)
+        return random_k(inner_for, d, self.randk, randk_seed)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        refuse_flower_dp_caller(self)
+        self._grid = grid
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        nodes = sorted(m.metadata.dst_node_id for m in messages)
+        if len(nodes) < 2:
+            log.warning("round %d: secure aggregation needs >= 2 clients", server_round)
+            self._round = None
+            return []
+        global_arrays = from_record(arrays)
+        encoding = self._encoding(int(flatten(global_arrays).size), len(nodes), server_round)
+        k, t = protocol_params(self.neighbours, self.threshold, len(nodes))
+        sa_config = SecAggConfig(
+            num_clients=len(nodes),
+            neighbours=k,
+            threshold=t,
+            bits=encoding.bits,
+            vector_len=encoding.vector_len,
+            round_seed=round_seed(self.seed, server_round, Stream.SECAGG_GRAPH),
+        )
+        server = SecAggServer(sa_config, nodes)
+        setup = server.setup()
+        drops = simulated_dropouts(self.seed, server_round, nodes, self.simulate_dropout)
+        fields = to_fields(encoding.to_fields(), ENCODING_PREFIX)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            content = RecordDict(dict(msg.content.items()))  # broadcasts share one RecordDict
+            content[SECAGG_KEY] = stage_record(
+                SETUP,
+                server_round,
+                setup[node],
+                **fields,
+                **{"weight-key": self.names.weight, "feedback": self.feedback},
+                **{"drop-stage": drops.get(node, "")},
+            )
+            msg.content = content
+        self._round = _Round(server_round, server, encoding, global_arrays, time.perf_counter())
+        self._round.report = {
+            "secagg_bits": encoding.bits,
+            "secagg_vector_len": encoding.vector_len,
+            "secagg_neighbours": k,
+            "secagg_threshold": t,
         }
-    )
-    extra: dict[str, Any] = {
-        "secagg_bits": bits,
-        "secagg_vector_len": vector_len,
-        "secagg_neighbours": k,
-        "secagg_threshold": t,
-    }
+        return messages
 
-    # Stage 0/1: the train message carries the setup; the reply carries the public keys.
-    setup = server.setup()
-    messages = list(strategy.configure_train(rnd, to_record(arrays), ConfigRecord(), view))
-    for msg in messages:
-        node = msg.metadata.dst_node_id
-        cfg = ConfigRecord(dict(msg.content.config_records.get("config", ConfigRecord())))
-        cfg.update(glue)
-        cfg.update({"secagg": True, STAGE_KEY: SETUP, "server-round": rnd})
-        cfg["secagg-drop-stage"] = drops.get(node, "")
-        cfg.update(to_fields(setup[node]))
-        content = RecordDict(dict(msg.content.items()))
-        content["config"] = cfg
-        msg.content = content
-    replies = list(view.send_and_receive(messages, timeout=node_timeout))
-    keys, ok = _collect(replies, SETUP, {})
-    losses = []
-    client_metrics: list[dict[str, float]] = []
-    for reply in ok:
-        metrics = reply.content.metric_records.get("metrics")
-        if metrics is not None:
-            row = {k2: float(v) for k2, v in metrics.items() if isinstance(v, int | float)}
-            client_metrics.append(row)
-            if "train-loss" in row:
-                losses.append(row["train-loss"])
-    template = ok[0] if ok else None
-    t_train = time.perf_counter()
-    unmask_s = 0.0
-
-    def exchange(stage: str, requests: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        messages = [_stage_message(v, rnd, stage, m) for v, m in requests.items()]
-        replies = list(view.send_and_receive(messages, timeout=node_timeout))
+    # ---- the other stages and the sum ---------------------------------------------------
+    def _exchange(
+        self, server_round: int, stage: str, requests: Mapping[int, Mapping[str, Any]]
+    ) -> dict[int, dict[str, Any]]:
+        assert self._grid is not None
+        messages = [
+            Message(
+                content=RecordDict({SECAGG_KEY: stage_record(stage, server_round, request)}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node, request in requests.items()
+        ]
+        replies = self._grid.send_and_receive(messages, timeout=self.timeout)
         return _collect(replies, stage, requests)[0]
 
-    try:
-        shares = exchange(SHARE, server.collect_keys(keys))
-        masked = exchange(MASK, server.collect_shares(shares))
-        out = server.collect_masked(masked)
-        answers = exchange(UNMASK, out)
+    def _run_protocol(self, r: _Round, keys: dict[int, dict[str, Any]]) -> tuple[np.ndarray, int]:
+        """``(signed integer sum, included clients)``; raises SecAggAbort."""
+        t_train = time.perf_counter()
+        shares = self._exchange(r.server_round, SHARE, r.server.collect_keys(keys))
+        masked = self._exchange(r.server_round, MASK, r.server.collect_shares(shares))
+        out = r.server.collect_masked(masked)
+        answers = self._exchange(r.server_round, UNMASK, out)
         t_unmask = time.perf_counter()
-        result = server.finish(answers)
-        unmask_s = time.perf_counter() - t_unmask
-    except SecAggAbort as exc:
-        log.warning("round %d: %s; global model kept", rnd, exc)
-        extra.update({"secagg_aborted": 1, "secagg_s": round(time.perf_counter() - t_train, 4)})
-        return TrainOutcome(
-            arrays=None,
-            accepted=0,
-            rejected=len(server.rejected),
-            dropped=n - len(server.rejected),
-            train_loss=float(np.mean(losses)) if losses else None,
-            client_metrics=client_metrics,
-            extra=extra,
+        result = r.server.finish(answers)
+        r.report["secagg_unmask_s"] = round(time.perf_counter() - t_unmask, 4)
+        r.report["secagg_s"] = round(time.perf_counter() - t_train, 4)
+        if result.rejected:
+            log.warning("round %d: secagg rejected %s", r.server_round, result.rejected)
+        rejected = len(set(result.rejected) & set(result.dropped))
+        r.report.update(
+            {
+                "clients": len(result.included),
+                "rejected_updates": rejected,
+                "dropped_clients": len(result.dropped) - rejected,
+                "secagg_included": len(result.included),
+                # Sent the masked input (so it is in the sum) but not its unmasking shares.
+                "secagg_late_dropouts": len(set(out) - set(answers)),
+            }
         )
-    included = result.included
-    extra.update(
-        {
-            "secagg_included": len(included),
-            # Sent the masked input (so it is in the sum) but not its unmasking shares.
-            "secagg_late_dropouts": len(set(out) - set(answers)),
-            "secagg_unmask_s": round(unmask_s, 4),
-            "secagg_s": round(time.perf_counter() - t_train, 4),
-            "secagg_round_s": round(time.perf_counter() - t_start, 4),
-        }
-    )
-    if result.rejected:
-        log.warning("round %d: secagg rejected %s", rnd, result.rejected)
+        return from_field(result.total, r.encoding.bits), len(result.included)
 
-    per_round = int(config["clients-per-round"])
-    dp_released = False  # the server has seen a DP-noised sum (accounted even if unusable)
-    if dp_params is not None:
-        centered = center_mod(result.total.astype(np.int64), bits)
-        sub_sum = decode_sum(centered, len(included), dp_params, rotation_seed)
-        dp_released = True
-        sub_mean = sub_sum / per_round
-        extra["effective_noise_multiplier"] = float(
-            dp_params.effective_noise_multiplier(len(included))
-        )
-    else:
-        assert enc is not None
-        values, total_weight = decode_integers(from_field(result.total, bits), enc)
-        if enc.weighted:
-            if total_weight <= 0:
-                log.warning("round %d: summed weight is %d; global model kept", rnd, total_weight)
-                return TrainOutcome(arrays=None, dropped=n - len(included), extra=extra)
-            sub_mean = values * enc.weight_cap / total_weight
-        else:
-            noised = privacy.noise_secure_sum(
-                values, np.random.default_rng([int(config["seed"]), rnd, 0xD9])
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = self._round
+        if r is None or r.server_round != server_round:
+            return None, None
+        self.report = r.report
+        keys, ok = _collect(replies, SETUP, {})
+        client_metrics = [
+            {k: float(v) for k, v in rec.items() if isinstance(v, int | float)}
+            for msg in ok
+            for rec in msg.content.metric_records.values()
+        ]
+        metrics = mean_metric(client_metrics, "train-loss")
+        try:
+            total, included = self._run_protocol(r, keys)
+        except SecAggAbort as exc:
+            log.warning("round %d: %s; global model kept", server_round, exc)
+            rejected = len(r.server.rejected)
+            r.report.update(
+                {
+                    "secagg_aborted": 1,
+                    "clients": 0,
+                    "rejected_updates": rejected,
+                    "dropped_clients": len(r.server.client_ids) - rejected,
+                }
             )
-            dp_released = True
-            sub_mean = np.asarray(noised, dtype=np.float64) / per_round
-    if positions is None:
-        mean_delta = sub_mean
-    else:
-        mean_delta = np.zeros(d, dtype=np.float64)
-        mean_delta[positions] = sub_mean
-    delta = unflatten(mean_delta, arrays)
-    merged = {name: (arrays[name] + delta[name]).astype(np.float32) for name in arrays}
-    new_arrays: dict[str, np.ndarray] | None = None
-    if template is not None and all_finite(merged):
-        metrics = MetricRecord({"num-examples": 1})
-        if losses:
-            metrics["train-loss"] = float(np.mean(losses))
-        template.content = RecordDict({"arrays": to_record(merged), "metrics": metrics})
-        agg, _ = strategy.inner.aggregate_train(rnd, [template])
-        if agg is not None:
-            candidate = from_record(agg)
-            new_arrays = candidate if all_finite(candidate) else None
-    if new_arrays is None:
-        log.warning("round %d: secure aggregate unusable; global model kept", rnd)
-    rejected = set(result.rejected) & set(result.dropped)
-    return TrainOutcome(
-        arrays=new_arrays,
-        accepted=len(included),
-        rejected=len(rejected),
-        dropped=len(result.dropped) - len(rejected),
-        train_loss=float(np.mean(losses)) if losses else None,
-        client_metrics=client_metrics,
-        extra=extra,
-        dp_released=dp_released,
-    )
+            return None, None
+        sum_flat, weight = r.encoding.decode_sum(total, included)
+        template = ok[0]
+        r.report["secagg_round_s"] = round(time.perf_counter() - r.started, 4)
+        if self.dp is not None:
+            total_arrays = unflatten(sum_flat, r.global_arrays)
+            return self.dp.aggregate_secure_sum(
+                server_round, total_arrays, included, template, metrics
+            )
+        if weight <= 0:
+            log.warning("round %d: summed weight is %s; global model kept", server_round, weight)
+            return None, None
+        mean = unflatten(sum_flat / weight, r.global_arrays)
+        return merge_delta(
+            self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
+        )
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-__all__ = ["flatten", "protocol_params", "secure_train_round", "weight_cap"]
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    # ---- round hook ---------------------------------------------------------------------
+    def after_round(self, server_round: int, row: dict[str, Any]) -> None:
+        row.update(self.report)
+        self.report = {}

@@ -1,4 +1,5 @@
-"""Build the Flower strategy named by the run config (``strategy`` key)."""
+"""The strategy chain a run config describes: a stock Flower strategy inside fedsqueeze's
+public wrappers, assembled exactly as a plain Flower app would assemble them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedsqueeze.config import ConfigError
+from fedsqueeze.compression import parse_codec
+from fedsqueeze.compression.stages import ErrorFeedback
+from fedsqueeze.contracts.checks import ConfigError, randk_fraction
+from fedsqueeze.federation import partitions_for
+from fedsqueeze.privacy import default_delta
+from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.secure import SecAggStrategy
+from fedsqueeze.server.strategy import CompressedStrategy
 
 
 def build_strategy(config: Mapping[str, Any]) -> Strategy:
@@ -47,3 +55,70 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
     if name == "fedadagrad":
         return FedAdagrad(**common, eta=server_lr)
     raise ConfigError(f"unknown strategy {name!r}")
+
+
+def weight_cap(config: Mapping[str, Any]) -> int:
+    """Largest client training-set size of the federation (bounds the hidden weight n_i)."""
+    return max(1, max(len(p) for p in partitions_for(config)))
+
+
+def _dp_wrapper(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
+    mode = str(config["dp"])
+    if mode not in ("central", "distributed"):
+        return inner
+    common: dict[str, Any] = {
+        "clip": float(config["dp-clip"]),
+        "clients_per_round": int(config["clients-per-round"]),
+        "num_clients": int(config["num-clients"]),
+        "noise_multiplier": float(config["dp-noise-multiplier"]),
+        "epsilon": float(config["dp-epsilon"]),
+        "num_rounds": int(config["num-rounds"]),
+        "delta": float(config["dp-delta"]),
+        "accountant": str(config["dp-accountant"]),
+    }
+    if mode == "central":
+        quantile = float(config["dp-target-quantile"]) if config["dp-adaptive-clip"] else 0.0
+        # Seeded noise keeps resume bit-identical; see fedsqueeze.contracts.streams.
+        seed = int(config["seed"])
+        return CentralDP(inner, noise_seed=seed, adaptive_quantile=quantile, **common)
+    return DistributedDP(
+        inner, bits=int(config["dp-bits"]), mechanism=str(config["dp-mechanism"]), **common
+    )
+
+
+def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
+    codec = parse_codec(str(config["codec"]))
+    weighted = str(config["dp"]) in ("none", "local")
+    return SecAggStrategy(
+        inner,
+        clip=float(config["secagg-clip"]),
+        bits=int(config["secagg-bits"]),
+        scale=float(config["secagg-scale"]),
+        neighbours=int(config["secagg-neighbours"]),
+        threshold=int(config["secagg-threshold"]),
+        weight_cap=weight_cap(config) if weighted else 0,
+        randk=randk_fraction(config),
+        error_feedback=isinstance(codec.feedback, ErrorFeedback),
+        seed=int(config["seed"]),
+        timeout=float(config["node-timeout"]),
+        simulate_dropout=float(config["simulate-dropout"]),
+    )
+
+
+def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
+    """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
+    ``[LocalDP](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))``."""
+    strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
+    secagg = bool(config["secagg"])
+    if secagg:
+        strategy = _secure(strategy, config)
+    strategy = CompressedStrategy(
+        strategy,
+        codec="none" if secagg else str(config["codec"]),
+        downlink_codec=str(config["downlink-codec"]),
+        seed=int(config["seed"]),
+    )
+    if str(config["dp"]) == "local":
+        delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
+        strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
+    return strategy

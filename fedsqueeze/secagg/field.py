@@ -1,10 +1,15 @@
-"""Integer encoding for the secure path: signed integers <-> elements of Z_{2^b}.
+"""The one map between signed integers and Z_{2^b}, shared by every integer path.
 
-Clients integerize their updates, map them into Z_{2^b} with :func:`to_field`, the
-protocol sums them mod 2^b, and the server maps the sum back with :func:`from_field`
-(centered, i.e. two's-complement decode). The decode is exact only if the true signed
+Clients integerize their updates, map them into Z_{2^b} with :func:`to_field`, secure
+aggregation sums them mod 2^b, and the server maps the sum back with :func:`from_field`
+(centred, i.e. two's-complement decode). The decode is exact only if the true signed
 sum lies in ``[-2^(b-1), 2^(b-1) - 1]``; :func:`required_bits` and
-:func:`check_no_overflow` size ``b`` so that it does.
+:func:`check_no_overflow` size ``b`` so that it does. Distributed DP, whose noise is
+unbounded in principle, reduces with ``to_field(..., wrap=True)`` and sizes ``b`` from the
+noise's spread instead (``fedsqueeze.privacy.distributed.bits_for_noise``).
+
+Numpy only. The secure-aggregation core, the privacy core (distributed DP) and the
+summable encodings of `fedsqueeze.contracts` all use this one map.
 """
 
 from __future__ import annotations
@@ -49,8 +54,13 @@ def check_no_overflow(num_clients: int, max_abs: int, bits: int) -> None:
         raise SecAggOverflowError(f"{needed} bits exceed the maximum of {MAX_BITS}")
 
 
-def to_field(int_vector: np.ndarray, bits: int) -> np.ndarray:
-    """Map signed integers in ``[-2^(b-1), 2^(b-1))`` to ``uint64`` values in ``[0, 2^b)``."""
+def to_field(int_vector: np.ndarray, bits: int, *, wrap: bool = False) -> np.ndarray:
+    """Map signed integers in ``[-2^(b-1), 2^(b-1))`` to ``uint64`` values in ``[0, 2^b)``.
+
+    ``wrap=True`` reduces any int64 value modulo 2^b instead of refusing one outside the
+    centred range (distributed DP: a noised coordinate may stray; the sum decodes exactly
+    as long as the *sum* stays in range).
+    """
     _check_bits(bits)
     x = np.asarray(int_vector)
     if x.dtype.kind not in "iu":
@@ -59,7 +69,7 @@ def to_field(int_vector: np.ndarray, bits: int) -> np.ndarray:
         raise SecAggInputError("to_field takes signed values; got an unsigned value >= 2^63")
     x = x.astype(np.int64, copy=False)
     half = 1 << (bits - 1)
-    if x.size and (int(x.min()) < -half or int(x.max()) >= half):
+    if not wrap and x.size and (int(x.min()) < -half or int(x.max()) >= half):
         raise SecAggOverflowError(
             f"values must lie in [-{half}, {half - 1}] for bits={bits}, "
             f"got range [{int(x.min())}, {int(x.max())}]"

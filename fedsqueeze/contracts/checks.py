@@ -1,0 +1,159 @@
+"""Which run configurations can run: checks shared by the CLI, the ServerApp and the glue.
+
+Each check reads the flat run config (``fedsqueeze.config``) and raises :class:`ConfigError`
+naming the key that is wrong, before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedsqueeze.compression import parse_codec
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.compression.stages import ErrorFeedback, RandomK
+from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
+
+
+class ConfigError(ValueError):
+    """A run-config key or value a user supplied is invalid."""
+
+
+class SecureConfigError(ConfigError):
+    """The run config asks for a secure-aggregation setup that cannot work."""
+
+
+def check_run_config(config: Mapping[str, Any]) -> None:
+    """Every cross-key check (single keys are checked by ``fedsqueeze.config``'s schema)."""
+    check_secure_config(config)
+    check_dp_config(config)
+
+
+def randk_fraction(config: Mapping[str, Any]) -> float | int:
+    """The random-k amount of a secure run: ``secagg-randk`` or the codec's ``randk(F)``."""
+    frac: float | int = float(config.get("secagg-randk", 1.0))
+    try:
+        codec = parse_codec(str(config.get("codec", "none")))
+    except CodecError:
+        return frac
+    if isinstance(codec.sparsifier, RandomK):
+        amount = codec.sparsifier.amount
+        if frac < 1.0 and amount != frac:
+            raise SecureConfigError(
+                f"codec {codec.spec!r} and secagg-randk = {frac} both set random-k; use one"
+            )
+        return amount
+    return frac
+
+
+def check_secure_config(config: Mapping[str, Any]) -> None:
+    """Refuse run configs secure aggregation cannot honour, naming the culprit.
+
+    Raises
+    ------
+    SecureConfigError
+        ``dp = "distributed"`` without ``secagg``; under ``secagg`` a codec stage that is not
+        linear with integer output (the secure path integerizes itself), fewer than two
+        clients per round, conflicting random-k settings, or a bit width that overflows.
+    """
+    secagg = bool(config.get("secagg", False))
+    dp = str(config.get("dp", "none"))
+    if dp == "distributed" and not secagg:
+        raise SecureConfigError(
+            'dp = "distributed" needs secagg = true (noise is split among clients)'
+        )
+    if not secagg:
+        if float(config.get("simulate-dropout", 0.0)) > 0:
+            raise SecureConfigError(
+                "simulate-dropout needs secagg = true (it drops protocol stages)"
+            )
+        return
+    n = int(config.get("clients-per-round", 2))
+    if n < 2:
+        raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
+    codec = parse_codec(str(config.get("codec", "none")))
+    for stage in codec.stages:
+        if isinstance(stage, RandomK | ErrorFeedback):
+            continue
+        if stage.role == "feedback":
+            raise SecureConfigError(
+                f"codec stage {stage.spec!r} cannot run under secagg = true: the server would "
+                "need each client's own state, but it only sees the masked sum; use "
+                '"randk(F)+ef" (client-only error feedback)'
+            )
+        why = (
+            "it is not linear (clients' encodings cannot be summed)"
+            if not stage.linear
+            else "it keeps per-client state or compresses bytes that masking makes uniform"
+        )
+        raise SecureConfigError(
+            f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
+            "path already clips, scales and rounds to secagg-bits integers — use codec = "
+            '"none", "randk(F)" or "randk(F)+ef"'
+        )
+    # Error feedback is allowed with dp = "central" and "local". Central: every round the
+    # server sees (and the accountant charges for) the sum of contributions each clipped to
+    # dp-clip, plus Gaussian noise; the residual is the client's own data and past public
+    # outputs, and client-level DP-FedAvg already allows any client-side function of those
+    # as long as the contribution is clipped — the sensitivity per round stays dp-clip.
+    # Local: the residual is post-processing of the Opacus-trained (already DP) updates.
+    if isinstance(codec.feedback, ErrorFeedback) and dp == "distributed":
+        # The distributed-DP encoder rotates and adds each client's noise before rounding;
+        # what was "sent" is not separable from that noise without decoding the rotation, and
+        # a residual that absorbed the noise would make the client cancel its own noise
+        # next round. Not supported until that is worked out.
+        raise SecureConfigError(
+            'codec error feedback ("+ef") cannot be combined with dp = "distributed" under '
+            'secagg; use dp = "central" or drop "+ef"'
+        )
+    randk_fraction(config)
+    neighbours = int(config.get("secagg-neighbours", 0))
+    if neighbours > n - 1:
+        raise SecureConfigError(
+            f"secagg-neighbours = {neighbours} exceeds clients-per-round - 1 = {n - 1}"
+        )
+    threshold = int(config.get("secagg-threshold", 0))
+    if threshold and threshold > (neighbours or n - 1) + 1:
+        raise SecureConfigError(
+            f"secagg-threshold = {threshold} exceeds neighbours + 1 = {(neighbours or n - 1) + 1}"
+        )
+    if dp != "distributed":
+        clip = float(config["dp-clip"]) if dp == "central" else float(config["secagg-clip"])
+        # The weight coordinate depends on the partition sizes; checked again per round.
+        try:
+            choose_integer_encoding(
+                dim=1,
+                num_clients=n,
+                clip=clip,
+                bits=int(config.get("secagg-bits", 0)),
+                scale=float(config.get("secagg-scale", 0.0)),
+            )
+        except EncodingError as err:
+            raise SecureConfigError(str(err)) from None
+
+
+def check_dp_config(config: Mapping[str, Any]) -> None:
+    """Cheap consistency checks of the ``dp-*`` keys (no accountant is run here).
+
+    Raises
+    ------
+    ConfigError
+        On a DP setting that cannot run; the message names the key.
+    """
+    mode = str(config["dp"])
+    if mode == "none":
+        return
+    if float(config["dp-noise-multiplier"]) <= 0 and float(config["dp-epsilon"]) <= 0:
+        raise ConfigError(f"dp = {mode!r} needs dp-noise-multiplier > 0 or a budget dp-epsilon > 0")
+    if mode == "distributed" and not bool(config["secagg"]):
+        raise ConfigError("dp = 'distributed' needs secagg = true (the noise is added on clients)")
+    if bool(config["dp-adaptive-clip"]):
+        if mode != "central" or bool(config["secagg"]):
+            raise ConfigError("dp-adaptive-clip works only with dp = 'central' and secagg = false")
+        if not 0 < float(config["dp-target-quantile"]) < 1:
+            raise ConfigError("dp-target-quantile must be in (0, 1) with dp-adaptive-clip")
+    if mode == "local" and str(config["strategy"]) == "fedprox":
+        raise ConfigError(
+            "dp = 'local' cannot use strategy = 'fedprox': DP-SGD's per-sample clipping would "
+            "silently drop the proximal term"
+        )

@@ -1,0 +1,139 @@
+"""The SecAgg+ wire contract: how the protocol's stages travel as Flower messages.
+
+Under secure aggregation one training round is four ``TRAIN`` messages per client, each
+carrying a :data:`SECAGG_KEY` ConfigRecord that names its stage:
+
+``setup``   the ordinary train message (the app's arrays and config) plus the SecAgg+ setup
+            and the round's summable encoding; the reply carries two public keys;
+``share``   the neighbours' public keys → encrypted Shamir shares;
+``mask``    the shares addressed to this client → the masked input, bit-packed at b bits;
+``unmask``  who survived → the shares the server needs to strip the masks.
+
+Replies carry the core's fields in a compact wire form (:func:`pack_reply`): one bytes field
+per stage, fixed-size items concatenated, and no ids the server already sent in its request
+(the server re-attaches them with :func:`unpack_reply`). Shared by ``secagg_mod`` (client)
+and ``SecAggStrategy`` (server); imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES
+from fedsqueeze.secagg.crypto import KEY_BYTES
+from fedsqueeze.secagg.shamir import SHARE_BYTES
+
+SECAGG_KEY = "fedsqueeze.secagg"
+"""ConfigRecord in every SecAgg+ train message: ``stage``, ``round``, the core's request
+fields (prefix :data:`PROTO_PREFIX`), and in ``setup`` the encoding (prefix
+:data:`ENCODING_PREFIX`), ``weight-key``, ``feedback`` and ``drop-stage``."""
+SETUP, SHARE, MASK, UNMASK = "setup", "share", "mask", "unmask"
+STAGES = (SETUP, SHARE, MASK, UNMASK)
+"""Protocol stages in order; a simulated dropout names the one at which the client fails."""
+PROTO_PREFIX = "sa."
+"""Keys carrying the SecAgg+ core's message fields."""
+ENCODING_PREFIX = "enc."
+"""Keys carrying the round's summable encoding (``SummableEncoding.to_fields``)."""
+REPLY_KEY = "sa"
+"""ConfigRecord in a client's stage reply: the core's reply in wire form (:func:`pack_reply`).
+Short on purpose: the record name travels in every one of the four replies."""
+WIRE_FIELD = "b"
+"""The one bytes field of a stage reply."""
+COMMIT_BYTES = 32
+"""Size of the self-mask seed commitment in a ``share`` reply (SHA-256)."""
+
+
+def stage_record(
+    stage: str, server_round: int, request: Mapping[str, Any], **extra: Any
+) -> ConfigRecord:
+    """The :data:`SECAGG_KEY` record of one stage message."""
+    record = ConfigRecord({"stage": stage, "round": int(server_round)})
+    record.update(to_fields(request))
+    record.update(extra)
+    return record
+
+
+def to_fields(msg: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, Any]:
+    return {prefix + k: v for k, v in msg.items()}
+
+
+def from_fields(record: Mapping[str, Any], prefix: str = PROTO_PREFIX) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+class SecureWireError(ValueError):
+    """A stage reply does not have the size its stage and the server's request imply."""
+
+
+def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -> bytes:
+    """The core's reply for ``stage`` as one byte string (the inverse of :func:`unpack_reply`).
+
+    ``setup``  ``c_pk || s_pk``;
+    ``share``  ``b_commit || ciphertext_1 || ...`` for the recipients in ascending id order,
+               which are exactly the ``peer_ids`` of the server's request (the core shares
+               among the live neighbours it was sent);
+    ``mask``   the bit-packed masked vector;
+    ``unmask`` ``b shares || s shares``, in the ascending order of the request's
+               ``survivor_ids`` and ``dropped_ids``.
+
+    Nothing secret is dropped: only ids the server itself chose, and list framing. Each
+    ciphertext stays bound to its sender and recipient by AES-GCM's associated data, so a
+    server that re-attached the wrong ids would fail to get shares decrypted, not learn more.
+    """
+    if stage == SETUP:
+        return bytes(out["c_pk"]) + bytes(out["s_pk"])
+    if stage == SHARE:
+        if list(out["recipients"]) != sorted(int(v) for v in request["peer_ids"]):
+            raise SecureWireError("share recipients differ from the peers the server sent")
+        return bytes(out["b_commit"]) + b"".join(bytes(c) for c in out["ciphertexts"])
+    if stage == MASK:
+        return bytes(out["masked"])
+    if stage == UNMASK:
+        if list(out["b_ids"]) != sorted(int(v) for v in request["survivor_ids"]) or list(
+            out["s_ids"]
+        ) != sorted(int(v) for v in request["dropped_ids"]):
+            raise SecureWireError("unmask ids differ from the server's request")
+        return b"".join(bytes(x) for x in [*out["b_shares"], *out["s_shares"]])
+    raise SecureWireError(f"unknown secagg stage {stage!r}")
+
+
+def _chunks(blob: bytes, size: int, count: int, what: str) -> list[bytes]:
+    if len(blob) != size * count:
+        raise SecureWireError(f"{what}: expected {count} x {size} bytes, got {len(blob)}")
+    return [blob[i * size : (i + 1) * size] for i in range(count)]
+
+
+def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[str, Any]:
+    """The core's reply fields from :func:`pack_reply`'s bytes and the request sent for it.
+
+    Raises
+    ------
+    SecureWireError
+        The length does not match what the stage and the request imply.
+    """
+    if stage == SETUP:
+        c_pk, s_pk = _chunks(blob, KEY_BYTES, 2, "public keys")
+        return {"c_pk": c_pk, "s_pk": s_pk}
+    if stage == SHARE:
+        recipients = sorted(int(v) for v in request["peer_ids"])
+        commit, rest = blob[:COMMIT_BYTES], blob[COMMIT_BYTES:]
+        if len(commit) != COMMIT_BYTES:
+            raise SecureWireError("share reply shorter than the seed commitment")
+        cts = _chunks(rest, SHARE_CIPHERTEXT_BYTES, len(recipients), "encrypted shares")
+        return {"recipients": recipients, "ciphertexts": cts, "b_commit": commit}
+    if stage == MASK:
+        return {"masked": bytes(blob)}
+    if stage == UNMASK:
+        b_ids = sorted(int(v) for v in request["survivor_ids"])
+        s_ids = sorted(int(v) for v in request["dropped_ids"])
+        shares = _chunks(blob, SHARE_BYTES, len(b_ids) + len(s_ids), "unmask shares")
+        return {
+            "b_ids": b_ids,
+            "b_shares": shares[: len(b_ids)],
+            "s_ids": s_ids,
+            "s_shares": shares[len(b_ids) :],
+        }
+    raise SecureWireError(f"unknown secagg stage {stage!r}")

@@ -1,0 +1,383 @@
+"""Summable encodings: how a float update becomes an integer vector that secure aggregation
+can sum, and how the server turns the sum back into floats.
+
+The shape is TensorFlow Model Optimization's gather encoder: *encode* on the client →
+secure sum in Z_{2^b} → *decode the sum* on the server. Every encoding is linear (the sum
+of encodings decodes to the sum of the inputs, up to unbiased rounding), which is what
+makes it usable under SecAgg+. One interface, one class per mode:
+
+- :class:`ClippedSum` — clip to L2 norm ``clip``, scale, round without bias; the server gets
+  the sum of the clipped updates (central DP adds its noise to that sum);
+- :class:`WeightedSum` — the same weighted by ``min(n_i, weight_cap)``, with ``n_i`` appended
+  as one more coordinate, so FedAvg's weights travel inside the mask;
+- :class:`DistributedDPSum` — clip, shared-seed randomized Hadamard rotation, scale,
+  conditional rounding and the client's share of Skellam / discrete-Gaussian noise;
+
+and two wrappers:
+
+- :class:`RandomK` — only the shared-seed random-k positions are encoded (and masked, and
+  sent); the server scatters the sum back;
+- :func:`encode_with_feedback` — client-local error feedback: what the integers mean in
+  update units is subtracted from ``delta + residual``, the rest is carried.
+
+The server describes the round's encoding to the clients with :meth:`to_fields`; a client
+rebuilds it with :func:`encoding_from_fields`. Numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.compression import random_k_indices, stochastic_round
+from fedsqueeze.compression.stages import resolve_k
+from fedsqueeze.privacy.distributed import DistributedDPClient, DistributedDPParams, decode_sum
+from fedsqueeze.secagg.field import MAX_BITS, required_bits
+
+DEFAULT_BITS = 16
+"""Field width when neither bits nor a scale is given."""
+
+
+class EncodingError(ValueError):
+    """An encoding cannot be built (overflow, bad parameters) or applied (wrong length)."""
+
+
+def clip_flat(x: np.ndarray, clip: float) -> np.ndarray:
+    """``x`` scaled to L2 norm at most ``clip``."""
+    norm = float(np.linalg.norm(x))
+    return x * (clip / norm) if norm > clip else x
+
+
+class SummableEncoding(ABC):
+    """Client ``encode`` → secure sum mod 2^``bits`` → server ``decode_sum``."""
+
+    bits: int
+
+    @property
+    @abstractmethod
+    def input_len(self) -> int:
+        """Length of the flat float update a client encodes."""
+
+    @property
+    @abstractmethod
+    def vector_len(self) -> int:
+        """Length of the integer vector that is masked and summed."""
+
+    @abstractmethod
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        """Signed int64 vector of one client (``rng`` must be the client's private one)."""
+
+    @abstractmethod
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        """Signed integer sum → ``(total, weight)``: the float sum of the (weighted, clipped)
+        updates and the sum of their weights, so that ``total / weight`` is the mean."""
+
+    def sent(self, ints: np.ndarray, weight: int) -> np.ndarray | None:
+        """What one client's ``ints`` mean in update units (None: not separable, e.g. noised)."""
+        return None
+
+    @abstractmethod
+    def to_fields(self) -> dict[str, Any]:
+        """Flat description for the setup message (see :func:`encoding_from_fields`)."""
+
+    def _check_len(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.input_len,):
+            raise EncodingError(
+                f"update has {x.size} parameters, the round's encoding expects {self.input_len}"
+            )
+        return x
+
+
+@dataclass(frozen=True)
+class ClippedSum(SummableEncoding):
+    """Unweighted: ``stochastic_round(scale * clip(x))``; the server gets the sum of clipped x."""
+
+    dim: int
+    clip: float
+    scale: float
+    bits: int
+    num_clients: int
+
+    @property
+    def input_len(self) -> int:
+        return self.dim
+
+    @property
+    def vector_len(self) -> int:
+        return self.dim
+
+    @property
+    def max_abs(self) -> int:
+        """Largest |value| of one client's coordinate after rounding."""
+        return math.ceil(self.scale * self.clip)
+
+    def _ints(self, x: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+        ints = stochastic_round(clip_flat(x, self.clip) * (self.scale * factor), rng)
+        bound = math.ceil(self.scale * self.clip)
+        return np.clip(ints, -bound, bound)  # no-op unless float rounding nudged an edge
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        return self._ints(self._check_len(x), 1.0, rng)
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        return np.asarray(int_sum, dtype=np.int64).astype(np.float64) / self.scale, contributors
+
+    def sent(self, ints: np.ndarray, weight: int) -> np.ndarray:
+        return np.asarray(ints, dtype=np.float64) / self.scale
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"kind": "sum", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class WeightedSum(ClippedSum):
+    """FedAvg inside the mask: ``stochastic_round(scale * w * clip(x))`` with
+    ``w = min(n, weight_cap) / weight_cap <= 1``, then ``min(n, weight_cap)`` appended."""
+
+    weight_cap: int = 1
+
+    @property
+    def vector_len(self) -> int:
+        return self.dim + 1
+
+    @property
+    def max_abs(self) -> int:
+        return max(super().max_abs, self.weight_cap)
+
+    def _weight(self, weight: int) -> int:
+        return max(0, min(int(weight), self.weight_cap))
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        n = self._weight(weight)
+        ints = self._ints(self._check_len(x), n / self.weight_cap, rng)
+        return np.concatenate([ints, np.array([n], dtype=np.int64)])
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        s = np.asarray(int_sum, dtype=np.int64)
+        total = s[:-1].astype(np.float64) / self.scale * self.weight_cap
+        return total, float(s[-1])
+
+    def sent(self, ints: np.ndarray, weight: int) -> np.ndarray:
+        n = self._weight(weight)
+        if n == 0:
+            return np.zeros(self.dim)
+        return np.asarray(ints[:-1], dtype=np.float64) / (self.scale * n / self.weight_cap)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {**super().to_fields(), "kind": "weighted"}
+
+
+def choose_integer_encoding(
+    *,
+    dim: int,
+    num_clients: int,
+    clip: float,
+    bits: int = 0,
+    scale: float = 0.0,
+    weight_cap: int = 0,
+) -> ClippedSum:
+    """A :class:`ClippedSum` (``weight_cap = 0``) or :class:`WeightedSum` that cannot overflow.
+
+    Given ``bits``: the largest scale that fits; given ``scale``: the bits it needs; neither:
+    :data:`DEFAULT_BITS` (more if the weights need it).
+
+    Raises
+    ------
+    EncodingError
+        Both given and the sum of ``num_clients`` inputs would wrap around, or the weight
+        coordinate alone does not fit the width.
+    """
+    if num_clients < 2:
+        raise EncodingError(f"secure aggregation needs >= 2 clients per round, got {num_clients}")
+    if not (math.isfinite(clip) and clip > 0):
+        raise EncodingError(f"the clipping range must be > 0, got {clip}")
+    if weight_cap < 0:
+        raise EncodingError(f"weight cap must be >= 0, got {weight_cap}")
+    cap = int(weight_cap)
+    if scale > 0:
+        coord = math.ceil(scale * clip)
+        need = required_bits(num_clients, max(coord, cap))
+        if bits == 0:
+            bits = need
+        elif need > bits:
+            raise EncodingError(
+                f"secagg overflow: {num_clients} clients x values up to {max(coord, cap)} "
+                f"(scale {scale:g} x clip {clip:g}"
+                + (f", weights up to {cap}" if cap else "")
+                + f") need {need} bits, but secagg-bits = {bits}; raise secagg-bits or "
+                "lower secagg-scale/secagg-clip"
+            )
+    else:
+        if bits == 0:
+            bits = max(DEFAULT_BITS, required_bits(num_clients, 2 * cap if cap else 2))
+        per_client = ((1 << (bits - 1)) - 1) // num_clients
+        if cap > per_client:
+            raise EncodingError(
+                f"secagg overflow: the weight coordinate (up to {cap} examples per client) of "
+                f"{num_clients} clients needs {required_bits(num_clients, cap)} bits, but "
+                f"secagg-bits = {bits}; raise secagg-bits"
+            )
+        if per_client < 1:
+            raise EncodingError(
+                f"secagg-bits = {bits} cannot hold the sum of {num_clients} clients' values; "
+                f"use at least {required_bits(num_clients, 1)} bits"
+            )
+        # ceil(scale * clip) == per_client exactly (floating point cannot push it over).
+        scale = per_client / clip * (1.0 - 1e-12)
+    if bits > MAX_BITS:
+        raise EncodingError(f"secagg needs {bits} bits, more than the {MAX_BITS} maximum")
+    if cap:
+        return WeightedSum(dim, float(clip), float(scale), int(bits), num_clients, cap)
+    return ClippedSum(dim, float(clip), float(scale), int(bits), num_clients)
+
+
+@dataclass(frozen=True)
+class DistributedDPSum(SummableEncoding):
+    """Distributed DP (Kairouz et al. 2021, Agarwal et al. 2021): every client clips,
+    rotates with the round's shared seed, scales, rounds and adds its share of the noise."""
+
+    params: DistributedDPParams
+    rotation_seed: int
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        return self.params.bits
+
+    @property
+    def input_len(self) -> int:
+        return self.params.dim
+
+    @property
+    def vector_len(self) -> int:
+        return self.params.padded_dim
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        return DistributedDPClient(self.params).encode(self._check_len(x), rng, self.rotation_seed)
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        total = decode_sum(
+            np.asarray(int_sum, dtype=np.int64), contributors, self.params, self.rotation_seed
+        )
+        return total, float(contributors)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"kind": "ddp", "rotation_seed": self.rotation_seed, **asdict(self.params)}
+
+
+@dataclass(frozen=True)
+class RandomK(SummableEncoding):
+    """Only ``k`` shared-seed random positions of a ``dim``-long update are encoded."""
+
+    inner: SummableEncoding
+    dim: int
+    seed: int
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        return self.inner.bits
+
+    @property
+    def positions(self) -> np.ndarray:
+        return random_k_indices(self.dim, self.inner.input_len, self.seed)
+
+    @property
+    def input_len(self) -> int:
+        return self.dim
+
+    @property
+    def vector_len(self) -> int:
+        return self.inner.vector_len
+
+    def _scatter(self, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.dim, dtype=np.float64)
+        out[self.positions] = values
+        return out
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        return self.inner.encode(self._check_len(x)[self.positions], weight, rng)
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        total, weight = self.inner.decode_sum(int_sum, contributors)
+        return self._scatter(total), weight
+
+    def sent(self, ints: np.ndarray, weight: int) -> np.ndarray | None:
+        inner = self.inner.sent(ints, weight)
+        return None if inner is None else self._scatter(inner)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"randk_dim": self.dim, "randk_seed": self.seed, **self.inner.to_fields()}
+
+
+def random_k(inner_for: Any, dim: int, amount: float | int, seed: int) -> SummableEncoding:
+    """``inner_for(k)`` wrapped in :class:`RandomK`, or ``inner_for(dim)`` when ``k >= dim``."""
+    k = resolve_k(amount, dim)
+    if k >= dim:
+        return inner_for(dim)  # type: ignore[no-any-return]
+    return RandomK(inner_for(k), dim, seed)
+
+
+def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
+    """The encoding a server described with :meth:`SummableEncoding.to_fields`.
+
+    Raises
+    ------
+    EncodingError
+        Unknown kind or missing/invalid parameters.
+    """
+    f = dict(fields)
+    try:
+        kind = str(f.pop("kind"))
+        randk = (int(f.pop("randk_dim")), int(f.pop("randk_seed"))) if "randk_dim" in f else None
+        inner: SummableEncoding
+        if kind == "sum":
+            inner = ClippedSum(**f)
+        elif kind == "weighted":
+            inner = WeightedSum(**f)
+        elif kind == "ddp":
+            rotation_seed = int(f.pop("rotation_seed"))
+            inner = DistributedDPSum(DistributedDPParams(**f), rotation_seed)
+        else:
+            raise EncodingError(f"unknown summable encoding {kind!r}")
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, EncodingError):
+            raise
+        raise EncodingError(f"bad encoding description: {err}") from None
+    return inner if randk is None else RandomK(inner, *randk)
+
+
+def encode_with_feedback(
+    encoding: SummableEncoding,
+    delta: np.ndarray,
+    residual: np.ndarray,
+    weight: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Error feedback under secure aggregation: ``(ints, residual after sending them)``.
+
+    The client knows exactly what it contributes to the masked sum, so it carries the rest
+    to its next round while the server side stays unchanged. With ``v = delta + residual``
+    the encoding selects (random-k), clips *what is sent* (the overflow check and a DP
+    sensitivity concern the sent vector only) and rounds; ``sent`` is what those integers
+    mean in unweighted update units, and the new residual is ``v - sent``. Over any number of
+    rounds ``sum(sent) + residual == sum(delta)`` (up to float32 storage of the residual).
+
+    Raises
+    ------
+    EncodingError
+        The encoding's output is not separable from noise (distributed DP).
+    """
+    d = encoding.input_len
+    if residual.shape != (d,):
+        raise EncodingError(f"residual has shape {residual.shape}, the model has {d} parameters")
+    v = np.asarray(delta, dtype=np.float64) + np.asarray(residual, dtype=np.float64)
+    ints = encoding.encode(v, weight, rng)
+    sent = encoding.sent(ints, weight)
+    if sent is None:
+        raise EncodingError("error feedback needs an encoding whose output is not noised")
+    return ints, v - sent
