@@ -17,7 +17,7 @@ from flwr.app import Context, Message
 
 from fedsqueeze.cli import simulate
 from fedsqueeze.config import resolve_config
-from fedsqueeze.records import UPDATE_KEY
+from fedsqueeze.contracts.records import UPDATE_KEY
 
 pytestmark = pytest.mark.e2e
 
