@@ -20,7 +20,7 @@ Measured, all from the runs themselves:
 - final accuracy on the digits test split.
 
 Dropouts (20%) make the same clients fail at the same stages in both systems
-(``fedsqueeze.client.secure.simulated_dropouts`` on partition ids).
+(``fedsqueeze.server.secure.simulated_dropouts`` on partition ids).
 
 Random-k at 10% moves a tenth of the coordinates per round, so with error feedback it
 needs more rounds than dense to reach the same accuracy; ``--long-rounds N`` (0 = off)
@@ -52,8 +52,9 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from flwr.app import Context, Message  # noqa: E402
 
-from fedsqueeze.client.secure import STAGES, simulated_dropouts  # noqa: E402
+from fedsqueeze.contracts.secure_wire import SECAGG_KEY, STAGES  # noqa: E402
 from fedsqueeze.server.grid import CountingGrid  # noqa: E402
+from fedsqueeze.server.secure import simulated_dropouts  # noqa: E402
 
 FLOWER_STAGES = dict(
     zip(("setup", "share_keys", "collect_masked_vectors", "unmask"), STAGES, strict=True)
@@ -205,30 +206,30 @@ def run_flower(cfg: dict[str, Any], drop: float, timing_file: str) -> dict[str, 
 def run_ours(cfg: dict[str, Any], timing_file: str, run_dir: Path) -> dict[str, Any]:
     import fedsqueeze.client.app as client_app_module
     from fedsqueeze.cli import simulate
-    from fedsqueeze.client.mods import compress_mod
 
     def outer(msg: Message, context: Context, call_next: Any) -> Message:
         t0 = time.perf_counter()
         reply = call_next(msg, context)
         if msg.metadata.message_type == "train":
-            stage = str(msg.content.config_records["config"].get("secagg-stage", ""))
+            record = msg.content.config_records.get(SECAGG_KEY)
+            stage = "" if record is None else str(record.get("stage", ""))
             _log(timing_file, who="ours", stage=stage, s=time.perf_counter() - t0)
         return reply
 
-    def timed_compress(msg: Message, context: Context, call_next: Any) -> Message:
+    def timed_handler(msg: Message, context: Context, call_next: Any) -> Message:
         t0 = time.perf_counter()
-        reply = compress_mod(msg, context, call_next)  # returns at once under secagg
-        if msg.metadata.message_type == "train":
+        reply = call_next(msg, context)  # innermost: times the train handler alone
+        if msg.metadata.message_type == "train" and msg.content.array_records:
             _log(timing_file, who="ours", stage="train", s=time.perf_counter() - t0)
         return reply
 
-    original = client_app_module.build_client_app
-    client_app_module.compress_mod = timed_compress  # build_client_app looks it up by name
+    original, mods = client_app_module.build_client_app, client_app_module.MODS
+    client_app_module.MODS = (*mods, timed_handler)  # build_client_app reads it when called
     client_app_module.build_client_app = lambda c, extra_mods=(): original(c, [outer])
     try:
         summary = simulate(cfg, run_dir, quiet=True)
     finally:
-        client_app_module.compress_mod = compress_mod
+        client_app_module.MODS = mods
         client_app_module.build_client_app = original
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timings = [r for r in _read(timing_file) if r["who"] == "ours"]

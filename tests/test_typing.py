@@ -1,4 +1,4 @@
-"""mypy over the framework-free cores (DESIGN.md: compression, secagg, privacy).
+"""mypy over the framework-free cores (compression, secagg, privacy) and the shared contracts.
 
 The strictness lives in ``[tool.mypy]`` in pyproject.toml; this test only runs it.
 """
@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORES = ["fedsqueeze/compression", "fedsqueeze/secagg", "fedsqueeze/privacy"]
+CORES = [
+    "fedsqueeze/compression",
+    "fedsqueeze/secagg",
+    "fedsqueeze/privacy",
+    "fedsqueeze/contracts",
+]
 
 
 @pytest.mark.skipif(

@@ -120,7 +120,8 @@ class ClippedSum(SummableEncoding):
     def _ints(self, x: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
         ints = stochastic_round(clip_flat(x, self.clip) * (self.scale * factor), rng)
         bound = math.ceil(self.scale * self.clip)
-        return np.clip(ints, -bound, bound)  # no-op unless float rounding nudged an edge
+        clipped: np.ndarray = np.clip(ints, -bound, bound)  # no-op unless float nudged an edge
+        return clipped
 
     def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         return self._ints(self._check_len(x), 1.0, rng)
