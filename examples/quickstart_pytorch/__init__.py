@@ -1,0 +1,1 @@
+"""quickstart_pytorch: Flower's PyTorch quickstart on the digits, plus fedsqueeze."""
