@@ -1,39 +1,110 @@
-"""DP glue without the Simulation Engine: the server privacy object and the local-DP client."""
+"""DP glue without the Simulation Engine: the DP strategy wrappers and the local-DP client.
+
+The wrappers are taken out of the strategy chain a run config builds (``build_chain``) and
+driven as Flower drives a strategy: ``configure_train``, then ``aggregate_train`` on replies
+holding ``global + delta`` (what ``CompressedStrategy`` hands the wrapper inside it); the
+per-round fields are what their ``after_round`` adds to the round's metrics row.
+"""
 
 from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsqueeze.client.dp import STATE_KEY, plan_local_dp, train_local_dp
 from fedsqueeze.client.training import make_generator
 from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.privacy import BudgetExceeded, DistributedDPParams
-from fedsqueeze.server.privacy import ServerPrivacy, build_server_privacy
-from fedsqueeze.server.rounds import TrainOutcome
+from fedsqueeze.server.compose import StrategyCompositionError
+from fedsqueeze.server.dp import CentralDP, DistributedDP, DPStrategy, LocalDP
+from fedsqueeze.server.hooks import strategy_chain
+from fedsqueeze.server.secure import SecAggStrategy
+from fedsqueeze.server.strategies import build_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 BASE = {"num-clients": 100, "clients-per-round": 10, "num-rounds": 10, "model": "logreg"}
+Arrays = dict[str, np.ndarray]
 
 
-def _central(**extra: Any) -> ServerPrivacy:
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1
+
+
+class _Nodes:
+    """The only Grid method Flower's FedAvg.configure_train needs: nodes 1..n."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(range(1, self.n + 1))
+
+
+def _wrapper(config: Mapping[str, Any], kind: type = DPStrategy) -> Any:
+    """The wrapper of type ``kind`` in the strategy chain ``config`` builds."""
+    return next(s for s in strategy_chain(build_chain(config)) if isinstance(s, kind))
+
+
+def _central(**extra: Any) -> CentralDP:
     cfg = resolve_config(BASE, {"dp": "central", "dp-noise-multiplier": 1.0, **extra})
-    privacy = build_server_privacy(cfg)
-    assert isinstance(privacy, ServerPrivacy)
+    privacy = _wrapper(cfg)
+    assert isinstance(privacy, CentralDP) and not privacy.secure
     return privacy
 
 
-def _released() -> TrainOutcome:
-    return TrainOutcome(arrays={"w": np.zeros(1, dtype=np.float32)}, accepted=10)
+def _configure(strategy: Strategy, rnd: int, base: Arrays, nodes: int) -> list[Message]:
+    messages = strategy.configure_train(rnd, to_record(base), ConfigRecord(), _Nodes(nodes))
+    return sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+
+def _reply(to: Message, arrays: Arrays, **metrics: float) -> Message:
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=to)
+
+
+def _aggregate(
+    strategy: DPStrategy, rnd: int, deltas: list[Arrays], weights: list[int] | None = None
+) -> Arrays | None:
+    """One round of ``strategy`` on these client deltas; the mean delta it released."""
+    base = {k: np.zeros_like(v) for k, v in deltas[0].items()}
+    weights = weights if weights is not None else [1] * len(deltas)
+    nodes = max(len(deltas), strategy.clients_per_round)
+    messages = _configure(strategy, rnd, base, nodes)
+    replies = [
+        _reply(m, {k: base[k] + d[k] for k in base}, **{"num-examples": w})
+        for m, d, w in zip(messages, deltas, weights, strict=False)
+    ]
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return None if arrays is None else {k: v - base[k] for k, v in from_record(arrays).items()}
+
+
+def _row(hook: Any, rnd: int) -> dict[str, Any]:
+    """The fields ``hook`` adds to round ``rnd``'s metrics row."""
+    row: dict[str, Any] = {}
+    hook.after_round(rnd, row)
+    return row
+
+
+def _released(privacy: DPStrategy, rnd: int) -> dict[str, Any]:
+    """Run round ``rnd`` through ``privacy`` (it releases a noised aggregate); its row."""
+    _aggregate(privacy, rnd, [{"w": np.zeros(1, np.float32)}] * privacy.clients_per_round)
+    assert privacy.report["dp_released"] is True
+    return _row(privacy, rnd)
 
 
 def _opacus_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "rdp") -> float:
@@ -49,12 +120,11 @@ def _opacus_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "r
 def test_central_noise_has_the_calibrated_std() -> None:
     z, clip, k, d = 1.3, 0.7, 10, 50_000
     privacy = _central(**{"dp-noise-multiplier": z, "dp-clip": clip})
-    aggregate = privacy.aggregator()
-    assert aggregate is not None
     zeros = [{"a": np.zeros(d, np.float32), "b": np.zeros((10, 10), np.float32)}] * 7
     samples = []
     for rnd in range(1, 5):
-        out = aggregate(rnd, zeros, [1] * 7)
+        out = _aggregate(privacy, rnd, zeros)
+        assert out is not None
         samples.append(np.concatenate([out["a"], out["b"].ravel()]) * k)
     noise = np.concatenate(samples).astype(np.float64)
     n = noise.size
@@ -63,51 +133,56 @@ def test_central_noise_has_the_calibrated_std() -> None:
     assert abs(noise.std() / expected - 1) < 5 / math.sqrt(2 * n)
     assert abs(noise.mean()) < 5 * expected / math.sqrt(n)
     # One round's noise is reproducible from (seed, round) — resume gives the same model.
-    again = aggregate(1, zeros, [1] * 7)
+    again = _aggregate(privacy, 1, zeros)
+    assert again is not None
     np.testing.assert_array_equal(again["a"] * k, samples[0][:d].astype(np.float32))
 
 
 def test_central_clips_each_client_and_divides_by_clients_per_round() -> None:
     clip, k = 1.0, 10
     privacy = _central(**{"dp-noise-multiplier": 1e-9, "dp-clip": clip})
-    aggregate = privacy.aggregator()
-    assert aggregate is not None
     big = {"w": np.array([30.0, 40.0], np.float32), "b": np.zeros(1, np.float32)}  # norm 50
     small = {"w": np.array([0.0, 0.0], np.float32), "b": np.array([0.5], np.float32)}
-    out = aggregate(1, [big, small], [1000, 1])  # num_examples ignored: unweighted
+    out = _aggregate(privacy, 1, [big, small], [1000, 1])  # num_examples ignored: unweighted
+    assert out is not None
     np.testing.assert_allclose(out["w"], np.array([0.6, 0.8]) / k, atol=1e-6)
     np.testing.assert_allclose(out["b"], np.array([0.5]) / k, atol=1e-6)
-    row = privacy.after_round(1, _released())
+    row = _row(privacy, 1)
     assert row["dp_clip"] == clip
     assert row["dp_unclipped_fraction"] == 0.5
 
 
-def test_aggregator_only_for_central_without_secagg() -> None:
-    assert _central().aggregator() is not None
+def test_central_dp_aggregates_replies_itself_only_without_secagg() -> None:
+    assert not _central().secure  # it clips and sums the decoded replies itself
     cfg = resolve_config(BASE, {"dp": "central", "dp-noise-multiplier": 1.0, "secagg": True})
-    privacy = build_server_privacy(cfg)
-    assert privacy is not None and privacy.aggregator() is None
-    rng = np.random.default_rng(0)
-    noised = privacy.noise_secure_sum(np.zeros(200_000), rng)
+    chain = build_chain(cfg)
+    secagg = next(s for s in strategy_chain(chain) if isinstance(s, SecAggStrategy))
+    privacy = next(s for s in strategy_chain(chain) if isinstance(s, CentralDP))
+    # Under secagg it only noises the securely summed clipped updates SecAggStrategy decodes.
+    assert secagg.dp is privacy and privacy.secure
+    total = {"w": np.zeros(200_000)}
+    (template, *_) = _configure(privacy, 1, {"w": np.zeros(200_000, np.float32)}, 10)
+    arrays, metrics = privacy.aggregate_secure_sum(1, total, 10, _reply(template, {}), {})
+    assert arrays is not None and metrics is not None and metrics["epsilon"] > 0
+    noised = from_record(arrays)["w"].astype(np.float64) * privacy.clients_per_round
     assert abs(noised.std() / 1.0 - 1) < 5 / math.sqrt(2 * noised.size)
-    assert build_server_privacy(resolve_config(BASE)) is None
+    no_dp = strategy_chain(build_chain(resolve_config(BASE)))
+    assert not any(isinstance(s, DPStrategy | LocalDP) for s in no_dp)
 
 
 def test_adaptive_clip_tracks_the_quantile_and_is_reported() -> None:
     privacy = _central(**{"dp-adaptive-clip": True, "dp-clip": 1.0, "dp-noise-multiplier": 0.5})
-    aggregate = privacy.aggregator()
-    assert aggregate is not None
     rng = np.random.default_rng(1)
     clips = []
     for rnd in range(1, 31):
         deltas = [{"w": rng.normal(size=4).astype(np.float32) * 0.05} for _ in range(10)]
-        aggregate(rnd, deltas, [1] * 10)
-        clips.append(privacy.after_round(rnd, _released())["dp_clip"])
+        _aggregate(privacy, rnd, deltas)
+        clips.append(_row(privacy, rnd)["dp_clip"])
     assert clips[0] == 1.0
     # Update norms are ~0.1: the median-tracking clip must shrink towards them.
     assert clips[-1] < 0.3
     assert privacy.clipper is not None
-    assert privacy.summary()["dp_clip"] == privacy.clipper.clip != clips[-1]
+    assert privacy.summary_fields()["dp_clip"] == privacy.clipper.clip != clips[-1]
     # The accountant is stepped with the total z, the update noise is larger (pays the count).
     assert privacy.clipper.update_noise_multiplier > 0.5
     assert privacy.accountant.history == [(0.5, 0.1, 30)]
@@ -119,68 +194,75 @@ def test_adaptive_clip_tracks_the_quantile_and_is_reported() -> None:
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
 def test_epsilon_equals_opacus_for_the_same_q_sigma_steps(kind: str) -> None:
     privacy = _central(**{"dp-accountant": kind, "dp-noise-multiplier": 1.1})
-    eps = [privacy.after_round(r, _released())["epsilon"] for r in range(1, 6)]
+    eps = [_released(privacy, r)["epsilon"] for r in range(1, 6)]
     delta = min(1e-5, 1 / 100**1.1)
     assert privacy.delta == delta
     assert eps == sorted(eps) and eps[0] < eps[-1]
     assert eps[-1] == pytest.approx(_opacus_epsilon(1.1, 0.1, 5, delta, kind), rel=1e-6)
-    assert privacy.summary()["epsilon"] == eps[-1]
+    assert privacy.summary_fields()["epsilon"] == eps[-1]
 
 
 def test_aborted_round_is_not_accounted_and_effective_multiplier_is_used() -> None:
-    privacy = _central()
-    row = privacy.after_round(1, TrainOutcome(arrays=None))
+    cfg = resolve_config(BASE, {"dp": "distributed", "secagg": True, "dp-noise-multiplier": 1.0})
+    privacy = _wrapper(cfg)
+    assert isinstance(privacy, DistributedDP) and privacy.secure
+    d = 410
+    # Round 1 aborts inside SecAggStrategy: the wrapper is configured, never handed a sum.
+    _configure(privacy, 1, {"w": np.zeros(d, np.float32)}, 10)
+    row = _row(privacy, 1)
     assert row["epsilon"] == 0.0 and row["dp_released"] is False
-    out = _released()
-    out.extra["effective_noise_multiplier"] = 0.8
-    row = privacy.after_round(2, out)
-    assert row["dp_noise_multiplier"] == 0.8
-    assert row["epsilon"] == pytest.approx(_opacus_epsilon(0.8, 0.1, 1, privacy.delta))
+    assert privacy.accountant.total_steps == 0
+    # Round 2: 8 of 10 clients' noise is in the sum; the accountant charges what was added.
+    (template, *_) = _configure(privacy, 2, {"w": np.zeros(d, np.float32)}, 10)
+    privacy.summable_encoding(dim=d, num_clients=10, bits=0, scale=0.0, rotation_seed=7)
+    privacy.aggregate_secure_sum(2, {"w": np.zeros(d)}, 8, _reply(template, {}), {})
+    z = privacy.params(d, 10).effective_noise_multiplier(8)
+    assert 0 < z < 0.95  # fewer contributors (and rounding): less than the nominal 1.0
+    row = _row(privacy, 2)
+    assert row["dp_noise_multiplier"] == z == row["effective_noise_multiplier"]
+    assert row["epsilon"] == pytest.approx(_opacus_epsilon(z, 0.1, 1, privacy.delta))
+    assert privacy.next_multiplier() == z  # the budget check of the next round uses it
 
 
 def test_noised_but_dropped_aggregate_is_accounted() -> None:
     """The server computed a noised aggregate and dropped it (non-finite): it saw it."""
-    privacy = _central()
-    row = privacy.after_round(1, TrainOutcome(arrays=None, dp_released=True))
+    privacy = _central(**{"dp-clip": 1e40})  # noise of std 1e40 overflows float32
+    with np.errstate(over="ignore"):
+        out = _aggregate(privacy, 1, [{"w": np.zeros(100, np.float32)}] * 10)
+    assert out is None
+    row = _row(privacy, 1)
     assert row["dp_released"] is True
     assert privacy.accountant.total_steps == 1
     assert row["epsilon"] == pytest.approx(_opacus_epsilon(1.0, 0.1, 1, privacy.delta))
     # A round that computed nothing (abort, no usable replies) stays free.
-    row = privacy.after_round(2, TrainOutcome(arrays=None))
+    messages = _configure(privacy, 2, {"w": np.zeros(100, np.float32)}, 10)
+    failed = [Message(Error(code=0, reason="client failed"), reply_to=m) for m in messages]
+    assert privacy.aggregate_train(2, failed) == (None, None)
+    row = _row(privacy, 2)
     assert row["dp_released"] is False and privacy.accountant.total_steps == 1
 
 
-def test_plain_aggregator_round_reports_dp_released_even_if_dropped(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Central DP without secagg: the noise overflows float32, the strategy drops the
+def test_plain_aggregator_round_reports_dp_released_even_if_dropped() -> None:
+    """Central DP without secagg: the noise overflows float32, the chain drops the
     aggregate, and the round still says a noised aggregate was computed."""
-    from test_secure_glue import SMALL, InProcessGrid
+    from test_secure_glue import SMALL, InProcessGrid, train_one
 
-    from fedsqueeze.client.training import state_to_numpy
     from fedsqueeze.federation import new_model
-    from fedsqueeze.server.grid import CountingGrid
-    from fedsqueeze.server.rounds import plain_train_round
-    from fedsqueeze.server.strategies import build_strategy
+    from fedsqueeze.models.weights import state_to_numpy
     from fedsqueeze.server.strategy import CompressedStrategy
 
-    for name in ("_run_id", "_task_id", "_node_id"):  # what Message() needs outside an engine
-        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
     cfg = resolve_config(
         SMALL, {"secagg": False, "dp": "central", "dp-noise-multiplier": 1e40, "num-rounds": 2}
     )
-    privacy = build_server_privacy(cfg)
-    assert privacy is not None
-    strategy = CompressedStrategy(build_strategy(cfg), seed=0, aggregator=privacy.aggregator())
+    strategy = build_chain(cfg)
+    privacy = next(s for s in strategy_chain(strategy) if isinstance(s, CentralDP))
     grid = InProcessGrid(cfg, int(cfg["num-clients"]))
     arrays = state_to_numpy(new_model(cfg, seed=0))
-    view = CountingGrid(grid, list(grid.get_node_ids()))
     with np.errstate(over="ignore"):
-        outcome = plain_train_round(strategy, view, 1, arrays, 60)
-    assert outcome.arrays is None and strategy.stats.aggregate_rejected
-    assert outcome.dp_released is True and outcome.accepted == 5
-    row = privacy.after_round(1, outcome)
-    assert row["dp_released"] is True and privacy.accountant.total_steps == 1
+        r = train_one(strategy, grid, 1, arrays)
+    assert isinstance(strategy, CompressedStrategy)
+    assert r.arrays is None and strategy.stats.accepted == 5 and r.row["clients"] == 5
+    assert r.row["dp_released"] is True and privacy.accountant.total_steps == 1
 
 
 def test_budget_stops_before_the_round_that_would_exceed_it() -> None:
@@ -197,11 +279,13 @@ def test_budget_stops_before_the_round_that_would_exceed_it() -> None:
     assert 1 < allowed < 100
     ran = 0
     for rnd in range(1, 101):
-        reason = privacy.refuse_round(rnd)
+        reason = privacy.before_round(rnd)
         if reason:
             assert f"round {rnd}" in reason and "dp-epsilon" in reason
+            # The wrapper itself refuses to configure that round, too.
+            assert _configure(privacy, rnd, {"w": np.zeros(1, np.float32)}, 10) == []
             break
-        privacy.after_round(rnd, _released())
+        _released(privacy, rnd)
         ran += 1
     assert ran == allowed
     assert privacy.epsilon <= budget
@@ -211,69 +295,76 @@ def test_budget_alone_calibrates_the_noise_for_the_planned_rounds() -> None:
     privacy = _central(**{"dp-noise-multiplier": 0.0, "dp-epsilon": 2.0, "num-rounds": 20})
     assert privacy.calibrated and privacy.noise_multiplier > 0.5
     for rnd in range(1, 21):
-        assert privacy.refuse_round(rnd) == ""
-        privacy.after_round(rnd, _released())
+        assert privacy.before_round(rnd) == ""
+        _released(privacy, rnd)
     assert 1.9 < privacy.epsilon <= 2.0
-    assert privacy.refuse_round(21) != ""
+    assert privacy.before_round(21) != ""
 
 
 def test_state_round_trip_gives_the_same_epsilon() -> None:
     cfg = resolve_config(
         BASE, {"dp": "central", "dp-epsilon": 4.0, "dp-adaptive-clip": True, "dp-clip": 2.0}
     )
-    first = build_server_privacy(cfg)
-    assert first is not None
-    aggregate = first.aggregator()
-    assert aggregate is not None
+    first = _wrapper(cfg)
+    assert isinstance(first, CentralDP)
     deltas = [{"w": np.full(3, 0.1, np.float32)}] * 5
     for rnd in (1, 2, 3):
-        aggregate(rnd, deltas, [1] * 5)
-        first.after_round(rnd, _released())
+        _aggregate(first, rnd, deltas)
+        _row(first, rnd)
     state = pickle.loads(pickle.dumps(first.state()))
     # Resuming with more planned rounds keeps the calibrated multiplier.
-    resumed = build_server_privacy({**cfg, "num-rounds": 50}, state)
-    assert resumed is not None
+    resumed = _wrapper({**cfg, "num-rounds": 50})
+    assert resumed.noise_multiplier != first.noise_multiplier  # planned for 50 rounds
+    resumed.restore(state)
     assert resumed.epsilon == first.epsilon
     assert resumed.noise_multiplier == first.noise_multiplier
     assert resumed.clipper is not None and first.clipper is not None
     assert resumed.clipper.clip == first.clipper.clip
-    res_agg = resumed.aggregator()
-    assert res_agg is not None
-    out_a, out_b = aggregate(4, deltas, [1] * 5), res_agg(4, deltas, [1] * 5)
+    out_a, out_b = _aggregate(first, 4, deltas), _aggregate(resumed, 4, deltas)
+    assert out_a is not None and out_b is not None
     np.testing.assert_array_equal(out_a["w"], out_b["w"])
-    assert (
-        first.after_round(4, _released())["epsilon"]
-        == resumed.after_round(4, _released())["epsilon"]
-    )
+    assert _row(first, 4)["epsilon"] == _row(resumed, 4)["epsilon"]
     with pytest.raises(ConfigError, match="checkpoint"):
-        build_server_privacy({**cfg, "dp": "local", "dp-adaptive-clip": False}, state)
+        _wrapper({**cfg, "dp": "local", "dp-adaptive-clip": False}, LocalDP).restore(state)
 
 
 def test_distributed_params_meet_the_calibrated_multiplier() -> None:
     cfg = resolve_config(
         BASE, {"dp": "distributed", "secagg": True, "dp-epsilon": 4.0, "dp-bits": 16}
     )
-    privacy = build_server_privacy(cfg)
-    assert privacy is not None and privacy.aggregator() is None
-    params = privacy.distributed_params(410, 10)
+    privacy = _wrapper(cfg)
+    assert isinstance(privacy, DistributedDP)
+    with pytest.raises(StrategyCompositionError, match="only secure sums"):
+        privacy.aggregate_train(1, [])
+    params = privacy.params(410, 10)
     assert isinstance(params, DistributedDPParams)
     assert params.bits == 16 and params.mechanism == "skellam" and params.clip == 1.0
     assert params.effective_noise_multiplier() >= privacy.noise_multiplier
-    assert privacy.distributed_params(410, 10) is params
+    assert privacy.params(410, 10) is params
 
 
 def test_local_mode_reports_the_running_max_of_client_epsilons() -> None:
     cfg = resolve_config(BASE, {"dp": "local", "dp-noise-multiplier": 1.0})
-    privacy = build_server_privacy(cfg)
-    assert privacy is not None and privacy.aggregator() is None
-    out = TrainOutcome(
-        arrays={}, client_metrics=[{"epsilon": 2.0, "delta": 1e-5}, {"epsilon": 3.0}]
-    )
-    assert privacy.after_round(1, out)["epsilon"] == 3.0
-    out = TrainOutcome(arrays={}, client_metrics=[{"epsilon": 2.5, "delta": 2e-5}])
-    row = privacy.after_round(2, out)
+    privacy = build_chain(cfg)
+    assert isinstance(privacy, LocalDP)  # outermost: it only reads what clients report
+    base = {"w": np.zeros(3, np.float32)}
+
+    def run(rnd: int, client_metrics: list[dict[str, float]]) -> MetricRecord | None:
+        messages = _configure(privacy, rnd, base, 10)
+        replies = [
+            _reply(m, base, **{"num-examples": 1, **metrics})
+            for m, metrics in zip(messages, client_metrics, strict=False)
+        ]
+        return privacy.aggregate_train(rnd, replies)[1]
+
+    # Every reply carries the same metric keys (Flower's FedAvg refuses mixed ones).
+    out = run(1, [{"epsilon": 2.0, "delta": 1e-5}, {"epsilon": 3.0, "delta": 1e-5}])
+    assert out is not None and out["epsilon"] == 3.0
+    assert _row(privacy, 1)["epsilon"] == 3.0
+    run(2, [{"epsilon": 2.5, "delta": 2e-5}])
+    row = _row(privacy, 2)
     assert row == {"epsilon": 3.0, "epsilon_round_max": 2.5}
-    summary = privacy.summary()
+    summary = privacy.summary_fields()
     assert summary["epsilon"] == 3.0 and summary["delta"] == 2e-5 and summary["dp_unit"] == "sample"
 
 
@@ -300,7 +391,7 @@ def test_bad_dp_configs_are_rejected_in_one_line(extra: dict[str, Any], match: s
 def test_unreachable_budget_is_a_config_error() -> None:
     cfg = resolve_config(BASE, {"dp": "central", "dp-epsilon": 1e-6})
     with pytest.raises(ConfigError, match="dp-epsilon"):
-        build_server_privacy(cfg)
+        build_chain(cfg)
 
 
 # ---- local DP client ---------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Issue 5's privacy table once showed central DP through the secure-aggregation path ~1.4 pp
 above the plain path. These tests pin down why that was not a code-path difference: for the
 same client deltas both central paths clip to the same ``dp-clip``, draw the *same* Gaussian
-noise (the round's ``(seed, round, 0xD9)`` stream) and divide by ``clients-per-round``; and
-distributed DP's decoded noise has the same per-coordinate std z·C as central DP's.
+noise (the round's ``(seed, round, CENTRAL_DP_NOISE)`` stream) and divide by
+``clients-per-round``; and distributed DP's decoded noise has the same per-coordinate std
+z·C as central DP's. Both paths are the ``CentralDP`` wrapper a run config builds: without
+secagg it aggregates the replies itself, inside ``SecAggStrategy`` it noises the decoded sum.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from fedsqueeze.client.secure import (
-    choose_encoding,
-    decode_integers,
-    encode_integers,
-    flatten,
-)
 from fedsqueeze.config import resolve_config
-from fedsqueeze.privacy.distributed import DistributedDPClient, center_mod, decode_sum, wrap_mod
-from fedsqueeze.server.privacy import ServerPrivacy
+from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
+from fedsqueeze.contracts.summable import ClippedSum, DistributedDPSum
+from fedsqueeze.secagg.field import from_field, to_field
+from fedsqueeze.server.dp import CentralDP, DistributedDP
+from fedsqueeze.server.hooks import strategy_chain
+from fedsqueeze.server.strategies import build_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 
@@ -42,9 +44,30 @@ SUITE = {
 }
 SHAPES = {"fc.weight": (10, 64), "fc.bias": (10,)}
 K = 20
+Arrays = dict[str, np.ndarray]
 
 
-def _deltas(rng: np.random.Generator, scale: float = 0.02) -> list[dict[str, np.ndarray]]:
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1
+
+
+class _Nodes:
+    """The only Grid method Flower's FedAvg.configure_train needs: K nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, K + 1))
+
+
+def _wrapper(overrides: dict[str, Any], kind: type) -> Any:
+    """The ``kind`` wrapper of the strategy chain the suite's config builds."""
+    chain = build_chain(resolve_config({**SUITE, **overrides}))
+    return next(s for s in strategy_chain(chain) if isinstance(s, kind))
+
+
+def _deltas(rng: np.random.Generator, scale: float = 0.02) -> list[Arrays]:
     return [
         {
             name: (rng.normal(size=shape) * scale).astype(np.float32)
@@ -54,46 +77,75 @@ def _deltas(rng: np.random.Generator, scale: float = 0.02) -> list[dict[str, np.
     ]
 
 
-def _secure_central(
-    privacy: ServerPrivacy, deltas: list[dict[str, np.ndarray]], rnd: int, seed: int
-) -> np.ndarray:
-    """What ``fedsqueeze.server.secure`` computes for central DP, without the protocol (masks
-    cancel): clients clip/scale/round, the server decodes the integer sum, noises it with
-    the round's ``(seed, round, 0xD9)`` stream and divides by clients-per-round."""
-    enc = choose_encoding(num_clients=K, clip=privacy.clip, weighted=False)
+def _configure(privacy: CentralDP, rnd: int, like: Arrays) -> list[Message]:
+    base = {k: np.zeros_like(v) for k, v in like.items()}
+    messages = privacy.configure_train(rnd, to_record(base), ConfigRecord(), _Nodes())
+    return sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+
+def _reply(to: Message, arrays: Arrays) -> Message:
+    metrics = MetricRecord({"num-examples": 14})  # ignored: the DP mean is unweighted
+    return Message(RecordDict({"arrays": to_record(arrays), "metrics": metrics}), reply_to=to)
+
+
+def _plain_central(privacy: CentralDP, deltas: list[Arrays], rnd: int) -> np.ndarray:
+    """The plain path: the wrapper gets ``global + delta`` replies (global = 0 here), clips,
+    sums, noises and divides by clients-per-round."""
+    assert not privacy.secure
+    messages = _configure(privacy, rnd, deltas[0])
+    replies = [_reply(m, d) for m, d in zip(messages, deltas, strict=True)]
+    arrays, _ = privacy.aggregate_train(rnd, replies)
+    assert arrays is not None
+    return flatten(from_record(arrays))
+
+
+def _secure_central(privacy: CentralDP, deltas: list[Arrays], rnd: int) -> np.ndarray:
+    """What ``SecAggStrategy`` computes for central DP, without the protocol (masks cancel):
+    clients clip/scale/round with the wrapper's summable encoding, the server decodes the
+    integer sum and hands it to the wrapper, which noises it with the round's
+    ``(seed, round, CENTRAL_DP_NOISE)`` stream and divides by clients-per-round."""
+    assert privacy.secure
+    (template, *_) = _configure(privacy, rnd, deltas[0])
+    dim = flatten(deltas[0]).size
+    enc = privacy.summable_encoding(dim=dim, num_clients=K, bits=0, scale=0.0, rotation_seed=0)
+    assert isinstance(enc, ClippedSum) and enc.clip == privacy.clip
     rng = np.random.default_rng(99)
-    total = sum(encode_integers(flatten(d), enc, 1, None, rng) for d in deltas)
-    values, _ = decode_integers(np.asarray(total), enc)
-    noised = privacy.noise_secure_sum(values, np.random.default_rng([seed, rnd, 0xD9]))
-    return noised / privacy.clients_per_round
+    int_sum = sum(enc.encode(flatten(d), 1, rng) for d in deltas)
+    total, _ = enc.decode_sum(np.asarray(int_sum), K)
+    total_arrays = unflatten(total, deltas[0])
+    arrays, _ = privacy.aggregate_secure_sum(rnd, total_arrays, K, _reply(template, {}), {})
+    assert arrays is not None
+    return flatten(from_record(arrays))
 
 
 def test_central_plain_and_secure_paths_release_the_same_aggregate() -> None:
-    plain = ServerPrivacy(resolve_config({**SUITE, "dp": "central"}))
-    secure = ServerPrivacy(resolve_config({**SUITE, "dp": "central", "secagg": True}))
+    plain = _wrapper({"dp": "central"}, CentralDP)
+    secure = _wrapper({"dp": "central", "secagg": True}, CentralDP)
     assert plain.noise_multiplier == secure.noise_multiplier
-    aggregate = plain.aggregator()
-    assert aggregate is not None and secure.aggregator() is None
     deltas = _deltas(np.random.default_rng(0))  # norms ≈ 0.5 > clip: every client is clipped
     assert all(np.linalg.norm(flatten(d)) > plain.clip for d in deltas)
+    enc = secure.summable_encoding(dim=650, num_clients=K, bits=0, scale=0.0, rotation_seed=0)
     for rnd in (1, 7):
-        out_plain = flatten(aggregate(rnd, deltas, [14] * K))
-        out_secure = _secure_central(secure, deltas, rnd, seed=0)
+        out_plain = _plain_central(plain, deltas, rnd)
+        out_secure = _secure_central(secure, deltas, rnd)
         # Only the secure path's stochastic rounding differs: |error| <= K / scale / K.
-        enc = choose_encoding(num_clients=K, clip=plain.clip, weighted=False)
         np.testing.assert_allclose(out_plain, out_secure, rtol=0, atol=1.0 / enc.scale + 1e-6)
         # Not trivially equal: the noise dominates the clipped mean (norm <= clip).
         assert np.linalg.norm(out_plain) > 2 * plain.clip
 
 
 def test_central_plain_and_secure_paths_add_the_same_noise_std() -> None:
-    plain = ServerPrivacy(resolve_config({**SUITE, "dp": "central"}))
-    secure = ServerPrivacy(resolve_config({**SUITE, "dp": "central", "secagg": True}))
-    aggregate = plain.aggregator()
-    assert aggregate is not None
-    zeros = [{k: np.zeros(s, np.float32) for k, s in SHAPES.items()}] * K
-    a = np.concatenate([flatten(aggregate(r, zeros, [1] * K)) for r in range(1, 201)])
-    b = np.concatenate([_secure_central(secure, zeros, r, seed=0) for r in range(1, 201)])
+    # The suite's calibrated multiplier, without its budget. Every released round is
+    # accounted (~0.2 s of Opacus), so the 130,000 noise samples come from 5 rounds of a
+    # wider model rather than 200 rounds of the suite's 650 parameters.
+    z = _wrapper({"dp": "central"}, CentralDP).noise_multiplier
+    fixed = {"dp": "central", "dp-epsilon": 0.0, "dp-noise-multiplier": z}
+    plain = _wrapper(fixed, CentralDP)
+    secure = _wrapper({**fixed, "secagg": True}, CentralDP)
+    zeros = [{"fc.weight": np.zeros((400, 64), np.float32), "fc.bias": np.zeros(400, np.float32)}]
+    a = np.concatenate([_plain_central(plain, zeros * K, r) for r in range(1, 6)])
+    b = np.concatenate([_secure_central(secure, zeros * K, r) for r in range(1, 6)])
+    assert a.size == b.size == 200 * 650
     expected = plain.noise_multiplier * plain.clip / K
     tol = 5 / math.sqrt(2 * a.size)
     assert abs(a.std() / expected - 1) < tol
@@ -101,23 +153,24 @@ def test_central_plain_and_secure_paths_add_the_same_noise_std() -> None:
 
 
 def test_distributed_decoded_noise_has_central_std_and_no_bias() -> None:
-    cfg = resolve_config({**SUITE, "dp": "distributed", "secagg": True, "dp-bits": 16})
-    privacy = ServerPrivacy(cfg)
-    central_std = ServerPrivacy(resolve_config({**SUITE, "dp": "central"})).noise_multiplier * 0.3
-    params = privacy.distributed_params(650, K)
+    privacy = _wrapper({"dp": "distributed", "secagg": True, "dp-bits": 16}, DistributedDP)
+    central_std = _wrapper({"dp": "central"}, CentralDP).noise_multiplier * 0.3
+    params = privacy.params(650, K)
     assert params.effective_noise_multiplier() >= privacy.noise_multiplier
     rng = np.random.default_rng(5)
-    client = DistributedDPClient(params)
+    mask = np.uint64((1 << params.bits) - 1)
     errors = []
     for trial in range(15):
         xs = [rng.normal(size=650) for _ in range(K)]
         xs = [x / np.linalg.norm(x) * rng.uniform(0.2, 0.45) for x in xs]
         exact = sum(x * min(1.0, 0.3 / np.linalg.norm(x)) for x in xs)
-        seed = 1000 + trial
-        total = sum(wrap_mod(client.encode(x, rng, seed), params.bits) for x in xs)
-        decoded = decode_sum(
-            center_mod(wrap_mod(np.asarray(total), params.bits), params.bits), K, params, seed
+        # The round's encoding, as SecAggStrategy asks the wrapper for it.
+        enc = privacy.summable_encoding(
+            dim=650, num_clients=K, bits=0, scale=0.0, rotation_seed=1000 + trial
         )
+        assert isinstance(enc, DistributedDPSum) and enc.params is params
+        total = sum(to_field(enc.encode(x, 1, rng), params.bits, wrap=True) for x in xs)
+        decoded, _ = enc.decode_sum(from_field(np.asarray(total) & mask, params.bits), K)
         errors.append(decoded - exact)
     err = np.concatenate(errors)
     # Noise std = nominal z·C (>= the central z·C by the rounding-inflated sensitivity, 0.1%).

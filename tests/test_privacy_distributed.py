@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays, integer_dtypes
 
-from fedsqueeze.secagg.field import from_field, to_field
 from fedsqueeze.privacy import (
     BitWidthTooSmall,
     DistributedDPClient,
@@ -19,12 +18,13 @@ from fedsqueeze.privacy import (
     NonFiniteUpdateError,
     PrivacyError,
     ShapeMismatchError,
+    bits_for_noise,
     choose_scale,
     choose_scale_and_bits,
     decode_sum,
-    bits_for_noise,
     rounded_l2_sensitivity,
 )
+from fedsqueeze.secagg.field import from_field, to_field
 
 DIM = 300  # padded to 512
 

@@ -1,54 +1,65 @@
-"""Secure-aggregation glue: integer encoding, config refusals, and whole rounds in-process.
+"""Secure-aggregation glue: summable encodings, config refusals, and whole rounds in-process.
 
-The round tests drive :func:`secure_train_round` against the real ClientApp (its mods,
-its training) and the real SecAgg+ core; only the transport is replaced by a grid that
-calls the ClientApp in this process, which is what makes them run in milliseconds.
+The round tests drive fedsqueeze's own strategy chain (``build_chain``) through the server
+loop's ``train_round`` against the real ClientApp (its mods, its training) and the real
+SecAgg+ core; only the transport is replaced by a grid that calls the ClientApp in this
+process, which is what makes them run in milliseconds. Per-round fields are read from the
+chain's round hooks, exactly as the loop writes them to ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import inprocess
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client.app import build_client_app
-from fedsqueeze.client.secure import (
-    EF_STATE_KEY,
+from fedsqueeze.client.mods import ModPreconditionError
+from fedsqueeze.client.secure import EF_STATE_KEY, STATE_KEY, _load
+from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.contracts.checks import check_secure_config
+from fedsqueeze.contracts.records import CODEC_META_KEY, CODEC_STATE_KEY, from_record
+from fedsqueeze.contracts.secure_wire import (
     MASK,
     SETUP,
     SHARE,
     STAGES,
-    STATE_KEY,
     UNMASK,
-    SecureConfigError,
     SecureWireError,
-    _load,
-    check_secure_config,
-    choose_encoding,
-    decode_integers,
-    encode_integers,
-    encode_with_feedback,
     pack_reply,
-    randk_positions,
-    simulated_dropouts,
     unpack_reply,
 )
-from fedsqueeze.client.training import state_to_numpy
-from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.contracts.streams import Stream, round_seed
+from fedsqueeze.contracts.summable import (
+    ClippedSum,
+    DistributedDPSum,
+    EncodingError,
+    RandomK,
+    SummableEncoding,
+    choose_integer_encoding,
+    encode_with_feedback,
+    random_k,
+)
 from fedsqueeze.federation import new_model
-from fedsqueeze.records import CODEC_META_KEY, CODEC_STATE_KEY, from_record
+from fedsqueeze.models.weights import state_to_numpy
+from fedsqueeze.privacy import DistributedDPParams
 from fedsqueeze.secagg import SecAggClient, SecAggConfig, SecAggServer, from_field, to_field
+from fedsqueeze.server.dp import DPStrategy
 from fedsqueeze.server.grid import CountingGrid
-from fedsqueeze.server.privacy import build_server_privacy
-from fedsqueeze.server.secure import secure_train_round
-from fedsqueeze.server.strategies import build_strategy
-from fedsqueeze.server.strategy import CompressedStrategy
+from fedsqueeze.server.hooks import hooks_in, strategy_chain
+from fedsqueeze.server.rounds import train_round
+from fedsqueeze.server.secure import SecAggStrategy, simulated_dropouts
+from fedsqueeze.server.strategies import build_chain
+
+Arrays = dict[str, np.ndarray]
 
 
 def _secure_sum(vectors: dict[int, np.ndarray], bits: int, drop_after_mask: int = 0) -> Any:
@@ -83,26 +94,33 @@ def _task_identity() -> None:
 # --- encoding ------------------------------------------------------------------------------
 
 
+def _integer_encoding(dim: int, n: int, clip: float, weighted: bool, cap: int, **kw: Any) -> Any:
+    """The secure path's encoding: weighted by ``min(n_i, cap)`` inside the mask, or not."""
+    return choose_integer_encoding(
+        dim=dim, num_clients=n, clip=clip, weight_cap=cap if weighted else 0, **kw
+    )
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 def test_secure_sum_equals_plain_sum_of_integer_encodings(weighted: bool) -> None:
     rng = np.random.default_rng(0)
     n, d = 5, 300
-    enc = choose_encoding(num_clients=n, clip=1.0, bits=14, weighted=weighted, weight_cap=50)
+    enc = _integer_encoding(d, n, 1.0, weighted, 50, bits=14)
     deltas = {c + 11: rng.normal(0, 0.2, d) for c in range(n)}
     sizes = {c: int(rng.integers(1, 51)) for c in deltas}
-    ints = {c: encode_integers(deltas[c], enc, sizes[c], None, rng) for c in deltas}
+    ints = {c: enc.encode(deltas[c], sizes[c], rng) for c in deltas}
     assert all(int(np.abs(v).max()) <= enc.max_abs for v in ints.values())
     result = _secure_sum({c: to_field(v, enc.bits) for c, v in ints.items()}, enc.bits)
     signed = from_field(result.total, enc.bits)
     np.testing.assert_array_equal(signed, sum(ints.values()))  # exact, no wrap-around
-    values, total_n = decode_integers(signed, enc)
+    total, weight = enc.decode_sum(signed, n)
+    mean = total / weight
     clipped = {c: v * min(1.0, 1.0 / np.linalg.norm(v)) for c, v in deltas.items()}
     if weighted:
-        assert total_n == sum(sizes.values())
-        mean = values * enc.weight_cap / total_n
-        expected = sum(sizes[c] * clipped[c] for c in deltas) / total_n
+        assert weight == sum(sizes.values())
+        expected = sum(sizes[c] * clipped[c] for c in deltas) / weight
     else:
-        mean = values / n
+        assert weight == n
         expected = sum(clipped.values()) / n
     # Unbiased rounding: error per coordinate is at most one step per client.
     step = 1 / enc.scale * (enc.weight_cap / sum(sizes.values()) if weighted else 1 / n)
@@ -112,40 +130,53 @@ def test_secure_sum_equals_plain_sum_of_integer_encodings(weighted: bool) -> Non
 
 def test_sum_over_survivors_when_a_client_drops_during_unmasking() -> None:
     rng = np.random.default_rng(1)
-    enc = choose_encoding(num_clients=5, clip=1.0, bits=16, weighted=True, weight_cap=9)
-    ints = {c: encode_integers(rng.normal(0, 1, 40), enc, 9, None, rng) for c in range(1, 6)}
+    enc = _integer_encoding(40, 5, 1.0, True, 9, bits=16)
+    ints = {c: enc.encode(rng.normal(0, 1, 40), 9, rng) for c in range(1, 6)}
     result = _secure_sum({c: to_field(v, 16) for c, v in ints.items()}, 16, drop_after_mask=1)
     assert len(result.included) == 5  # it sent its masked input, so it is in the sum
     np.testing.assert_array_equal(from_field(result.total, 16), sum(ints.values()))
 
 
+def _unweighted(n: int, clip: float, bits: int) -> Any:
+    """``inner_for(length)`` for :func:`random_k`: the unweighted encoding of that length."""
+    return lambda length: choose_integer_encoding(dim=length, num_clients=n, clip=clip, bits=bits)
+
+
 def test_random_k_positions_are_shared_and_only_those_are_sent() -> None:
     d = 1000
-    a = randk_positions(d, 0.1, seed=42)
-    b = randk_positions(d, 0.1, seed=42)
-    assert a is not None and b is not None
-    np.testing.assert_array_equal(a, b)
+    inner_for = _unweighted(3, 100.0, 24)
+    a_enc = random_k(inner_for, d, 0.1, seed=42)
+    b_enc = random_k(inner_for, d, 0.1, seed=42)
+    assert isinstance(a_enc, RandomK) and isinstance(b_enc, RandomK)
+    a = a_enc.positions
+    np.testing.assert_array_equal(a, b_enc.positions)
     assert len(a) == 100 and len(np.unique(a)) == 100
-    assert not np.array_equal(a, randk_positions(d, 0.1, seed=43))
-    assert randk_positions(d, 1.0, seed=42) is None
-    enc = choose_encoding(num_clients=3, clip=100.0, bits=24, weighted=False)
+    other = random_k(inner_for, d, 0.1, seed=43)
+    assert isinstance(other, RandomK) and not np.array_equal(a, other.positions)
+    dense = random_k(inner_for, d, 1.0, seed=42)
+    assert not isinstance(dense, RandomK) and dense.input_len == d
     x = np.arange(d, dtype=np.float64) / d
-    ints = encode_integers(x, enc, 1, a, np.random.default_rng(0))
-    assert ints.shape == (100,)
-    np.testing.assert_allclose(ints / enc.scale, x[a], atol=1 / enc.scale)
+    ints = a_enc.encode(x, 1, np.random.default_rng(0))
+    assert ints.shape == (100,) and a_enc.vector_len == 100
+    assert isinstance(a_enc.inner, ClippedSum)
+    scale = a_enc.inner.scale
+    np.testing.assert_allclose(ints / scale, x[a], atol=1 / scale)
+    # The server scatters the decoded sum back to the shared positions.
+    total, _ = a_enc.decode_sum(ints, 1)
+    assert total.shape == (d,) and np.count_nonzero(np.delete(total, a)) == 0
 
 
 def test_choose_encoding_sizes_bits_and_refuses_overflow() -> None:
-    enc = choose_encoding(num_clients=10, clip=2.0, bits=16, weighted=True, weight_cap=100)
+    enc = _integer_encoding(1, 10, 2.0, True, 100, bits=16)
     assert 10 * enc.max_abs <= 2**15 - 1
-    enc = choose_encoding(num_clients=10, clip=1.0, scale=1000.0, weighted=False)
+    enc = _integer_encoding(1, 10, 1.0, False, 0, scale=1000.0)
     assert enc.bits == (10 * 1000).bit_length() + 1
-    with pytest.raises(SecureConfigError, match=r"overflow.*need 15 bits.*secagg-bits = 12"):
-        choose_encoding(num_clients=10, clip=1.0, scale=1000.0, bits=12, weighted=False)
-    with pytest.raises(SecureConfigError, match="weight coordinate"):
-        choose_encoding(num_clients=10, clip=1.0, bits=12, weighted=True, weight_cap=500)
+    with pytest.raises(EncodingError, match=r"overflow.*need 15 bits.*secagg-bits = 12"):
+        _integer_encoding(1, 10, 1.0, False, 0, scale=1000.0, bits=12)
+    with pytest.raises(EncodingError, match="weight coordinate"):
+        _integer_encoding(1, 10, 1.0, True, 500, bits=12)
     # Auto width grows to hold the weights.
-    assert choose_encoding(num_clients=10, clip=1.0, weighted=True, weight_cap=5000).bits > 16
+    assert _integer_encoding(1, 10, 1.0, True, 5000).bits > 16
 
 
 def test_simulated_dropouts_are_seeded_and_sized() -> None:
@@ -197,19 +228,13 @@ def test_secure_configs_that_are_accepted() -> None:
 # --- error feedback under secagg -------------------------------------------------------------
 
 
-def _ef_cfg(d: int, *, clip: float, weighted: bool, cap: int, randk: float) -> dict[str, Any]:
-    enc = choose_encoding(num_clients=4, clip=clip, bits=12, weighted=weighted, weight_cap=cap)
-    return {
-        "secagg-mode": "plain",
-        "secagg-dim": d,
-        "secagg-randk": randk,
-        "secagg-clip": enc.clip,
-        "secagg-scale": enc.scale,
-        "secagg-weighted": enc.weighted,
-        "secagg-weight-cap": enc.weight_cap,
-        "sa.bits": enc.bits,
-        "sa.num_clients": 4,
-    }
+def _ef_encoding(
+    d: int, seed: int, *, clip: float, weighted: bool, cap: int, randk: float
+) -> SummableEncoding:
+    """The round's encoding as ``SecAggStrategy`` builds it: random-k around the integer one."""
+    return random_k(
+        lambda length: _integer_encoding(length, 4, clip, weighted, cap, bits=12), d, randk, seed
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,26 +247,26 @@ def test_error_feedback_invariant_sent_plus_residual_is_the_true_sum(
     """Over many rounds: sum of what was sent (in update units) + residual == sum of deltas."""
     rng = np.random.default_rng(3)
     d, n_i, cap = 500, 37, 80  # n_i < cap: the weight w = n_i / cap < 1 is undone in "sent"
-    cfg = _ef_cfg(d, clip=clip, weighted=weighted, cap=cap, randk=randk)
     w = n_i / cap if weighted else 1.0
     residual = np.zeros(d, dtype=np.float32)
     total_delta = np.zeros(d)
     total_sent = np.zeros(d)
     for rnd in range(12):
-        cfg["secagg-randk-seed"] = 1000 + rnd
+        encoding = _ef_encoding(d, 1000 + rnd, clip=clip, weighted=weighted, cap=cap, randk=randk)
+        inner = encoding.inner if isinstance(encoding, RandomK) else encoding
+        assert isinstance(inner, ClippedSum)
         delta = rng.normal(0, 0.1, d)
-        field, new_residual = encode_with_feedback(cfg, delta, residual, n_i, rng)
-        ints = from_field(field, int(cfg["sa.bits"]))
-        positions = randk_positions(d, randk, 1000 + rnd)
+        ints, new_residual = encode_with_feedback(encoding, delta, residual, n_i, rng)
+        positions = encoding.positions if isinstance(encoding, RandomK) else None
         sent = np.zeros(d)
         values = ints[:-1] if weighted else ints
         if weighted:
             assert ints[-1] == n_i  # the weight coordinate is unchanged by feedback
         # The server-side meaning of the integers: weighted values / scale, de-weighted here.
         sel = slice(None) if positions is None else positions
-        sent[sel] = values / (float(cfg["secagg-scale"]) * w)
+        sent[sel] = values / (inner.scale * w)
         # What travels is clipped to C (plus at most one rounding step per coordinate).
-        step = 1 / (float(cfg["secagg-scale"]) * w)
+        step = 1 / (inner.scale * w)
         assert np.linalg.norm(sent[sel]) <= clip + step * np.sqrt(values.size)
         if positions is not None:
             unsent = np.setdiff1d(np.arange(d), positions)
@@ -255,57 +280,20 @@ def test_error_feedback_invariant_sent_plus_residual_is_the_true_sum(
 
 
 def test_error_feedback_is_refused_by_the_distributed_dp_encoder() -> None:
-    cfg = _ef_cfg(10, clip=1.0, weighted=False, cap=1, randk=1.0)
-    cfg["secagg-mode"] = "distributed"
-    with pytest.raises(SecureConfigError, match="distributed"):
-        encode_with_feedback(cfg, np.zeros(10), np.zeros(10), 1, np.random.default_rng(0))
+    params = DistributedDPParams.for_bits(10, 1.0, 16, 4, 1.0)
+    encoding = DistributedDPSum(params, rotation_seed=0)
+    with pytest.raises(EncodingError, match="not noised"):
+        encode_with_feedback(encoding, np.zeros(10), np.zeros(10), 1, np.random.default_rng(0))
 
 
 # --- whole rounds through the real ClientApp ------------------------------------------------
 
 
-class InProcessGrid(Grid):
-    """Delivers each message to the ClientApp in this process (one Context per node)."""
+class InProcessGrid(inprocess.InProcessGrid):
+    """fedsqueeze's own ClientApp for ``config``, run in this process."""
 
     def __init__(self, config: dict[str, Any], num_nodes: int) -> None:
-        self.app = build_client_app(config)
-        self.contexts = {
-            1000 + i: Context(
-                run_id=1,
-                node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            wire = copy.deepcopy(msg)  # the client gets its own copy, as over the network
-            try:
-                reply = self.app(wire, self.contexts[node])
-            except Exception as exc:  # the engine turns a ClientApp exception into an error
-                reply = Message(Error(code=0, reason=str(exc)), reply_to=wire)
-            replies.append(reply)
-        return replies
-
-    # Unused by the round; required by the ABC.
-    def set_run(self, run_id: int) -> None: ...  # type: ignore[override]
-    def create_message(self, *args: Any, **kwargs: Any) -> Message: ...  # type: ignore[override]
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: ...  # type: ignore[override]
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...  # type: ignore[override]
-
-    @property
-    def run(self) -> Any:  # type: ignore[override]
-        return None
+        super().__init__(build_client_app(config), num_nodes)
 
 
 SMALL = {
@@ -320,71 +308,107 @@ SMALL = {
 }
 
 
-def _round(overrides: dict[str, Any], rounds: int = 1) -> tuple[list[Any], Any, Any, Any]:
+@dataclass
+class Round:
+    """One round as the server loop sees it."""
+
+    arrays: Arrays | None
+    """The new global model, or None when the round kept the old one."""
+    row: dict[str, Any]
+    """The fields the chain's round hooks add to the round's ``metrics.jsonl`` row."""
+    view: CountingGrid
+
+
+@dataclass
+class Run:
+    rounds: list[Round]
+    start: Arrays
+    arrays: Arrays
+    strategy: Strategy
+    grid: InProcessGrid
+
+    def wrapper(self, kind: type) -> Any:
+        """The wrapper of type ``kind`` in the run's strategy chain."""
+        return next(s for s in strategy_chain(self.strategy) if isinstance(s, kind))
+
+
+def train_one(strategy: Strategy, grid: Grid, rnd: int, arrays: Arrays) -> Round:
+    """What the server loop does for a round's training: hooks, train_round, metrics row."""
+    hooks = hooks_in(strategy)
+    assert all(hook.before_round(rnd) == "" for hook in hooks)
+    view = CountingGrid(grid, list(grid.get_node_ids()))
+    new, _ = train_round(strategy, view, rnd, arrays, 60.0)
+    row: dict[str, Any] = {"round": rnd}
+    for hook in hooks:
+        hook.after_round(rnd, row)
+    return Round(new, row, view)
+
+
+def _run(overrides: dict[str, Any], rounds: int = 1, grid_type: type = InProcessGrid) -> Run:
     cfg = resolve_config(SMALL, overrides)
-    grid = InProcessGrid(cfg, int(cfg["num-clients"]))
-    _round.last_grid = grid  # type: ignore[attr-defined]
-    privacy = build_server_privacy(cfg)
-    strategy = CompressedStrategy(build_strategy(cfg), codec=str(cfg["codec"]), seed=0)
-    arrays = state_to_numpy(new_model(cfg, seed=0))
-    start = arrays
-    outcomes = []
+    grid = grid_type(cfg, int(cfg["num-clients"]))
+    strategy = build_chain(cfg)
+    start = state_to_numpy(new_model(cfg, seed=0))
+    arrays = start
+    done = []
     for rnd in range(1, rounds + 1):
-        view = CountingGrid(grid, list(grid.get_node_ids()))
-        outcome = secure_train_round(view, rnd, arrays, cfg, strategy, privacy, 60.0)
-        outcomes.append((outcome, view))
-        if privacy is not None:
-            privacy.after_round(rnd, outcome)
-        if outcome.arrays is not None:
-            arrays = outcome.arrays
-    return outcomes, start, arrays, privacy
+        done.append(train_one(strategy, grid, rnd, arrays))
+        if done[-1].arrays is not None:
+            arrays = done[-1].arrays
+    return Run(done, start, arrays, strategy, grid)
 
 
-def _plain_fedavg_delta(overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+def _plain_fedavg_delta(overrides: dict[str, Any]) -> Arrays:
     """The round's weighted FedAvg delta computed in the clear, for comparison."""
     cfg = resolve_config(SMALL, overrides, {"secagg": False})
-    from fedsqueeze.server.rounds import plain_train_round
-
     grid = InProcessGrid(cfg, int(cfg["num-clients"]))
-    strategy = CompressedStrategy(build_strategy(cfg), seed=0)
     arrays = state_to_numpy(new_model(cfg, seed=0))
-    out = plain_train_round(strategy, CountingGrid(grid, list(grid.get_node_ids())), 1, arrays, 60)
-    assert out.arrays is not None
+    out = train_one(build_chain(cfg), grid, 1, arrays)
+    assert out.arrays is not None and out.row["clients"] == 5
     return {k: out.arrays[k] - arrays[k] for k in arrays}
 
 
+def _step(run: Run) -> np.ndarray:
+    return np.concatenate([(run.arrays[k] - run.start[k]).ravel() for k in run.start])
+
+
 def test_secure_round_matches_plain_weighted_fedavg() -> None:
-    ((outcome, view),), start, new, _ = _round({"secagg-clip": 100.0, "secagg-bits": 24})
-    assert outcome.accepted == 5 and outcome.dropped == 0 and outcome.rejected == 0
-    assert outcome.extra["secagg_bits"] == 24
+    run = _run({"secagg-clip": 100.0, "secagg-bits": 24})
+    (r,) = run.rounds
+    assert r.row["clients"] == 5 and r.row["dropped_clients"] == 0
+    assert r.row["rejected_updates"] == 0
+    assert r.row["secagg_bits"] == 24
     plain = _plain_fedavg_delta({"secagg-clip": 100.0})
-    for k in start:
-        np.testing.assert_allclose(new[k] - start[k], plain[k], atol=2e-4)
+    for k in run.start:
+        np.testing.assert_allclose(run.arrays[k] - run.start[k], plain[k], atol=2e-4)
     # Every reply of every stage went through the counting view.
-    assert view.replies_received == 4 * 5 and view.uplink_bytes > 0
+    assert r.view.replies_received == 4 * 5 and r.view.uplink_bytes > 0
 
 
 def test_secure_round_with_random_k_updates_only_the_shared_positions() -> None:
-    ((outcome, _),), start, new, _ = _round({"codec": "randk(0.1)"})
-    changed = sum(int(np.count_nonzero(new[k] != start[k])) for k in start)
-    total = sum(v.size for v in start.values())
-    assert outcome.accepted == 5
+    run = _run({"codec": "randk(0.1)"})
+    (r,) = run.rounds
+    changed = sum(int(np.count_nonzero(run.arrays[k] != run.start[k])) for k in run.start)
+    total = sum(v.size for v in run.start.values())
+    assert r.row["clients"] == 5
     assert 0 < changed <= round(0.1 * total)
-    assert outcome.extra["secagg_vector_len"] == round(0.1 * total) + 1  # + the weight
+    assert r.row["secagg_vector_len"] == round(0.1 * total) + 1  # + the weight
 
 
 def test_secure_round_with_error_feedback_keeps_residuals_in_client_state() -> None:
-    outcomes, start, _, _ = _round({"codec": "randk(0.1)+ef", "secagg-clip": 50.0}, rounds=2)
-    assert all(o.accepted == 5 for o, _ in outcomes)
-    d = sum(v.size for v in start.values())
-    from fedsqueeze.server.strategy import round_seed
-
-    positions = randk_positions(d, 0.1, round_seed(0, 2, 2))  # RANDK_STREAM of round 2
-    assert positions is not None
+    run = _run({"codec": "randk(0.1)+ef", "secagg-clip": 50.0}, rounds=2)
+    assert all(r.row["clients"] == 5 for r in run.rounds)
+    d = sum(v.size for v in run.start.values())
+    round2 = random_k(_unweighted(5, 50.0, 0), d, 0.1, round_seed(0, 2, Stream.SECURE_RANDK))
+    assert isinstance(round2, RandomK)
+    positions = round2.positions
     unsent = np.setdiff1d(np.arange(d), positions)
-    grid_contexts = _round.last_grid.contexts  # type: ignore[attr-defined]
-    for ctx in grid_contexts.values():
-        assert ctx.state[CODEC_META_KEY]["codec"] == "randk(0.1)+ef"
+    # The residual is tagged with the secure path's feedback, not the codec spec: it is
+    # SecAggStrategy's random-k that decides what was sent.
+    feedback = run.wrapper(SecAggStrategy).feedback
+    assert feedback == "secagg:randk(0.1)+ef"
+    for ctx in run.grid.contexts.values():
+        assert ctx.state[CODEC_META_KEY]["codec"] == feedback
         r = from_record(ctx.state[CODEC_STATE_KEY])[EF_STATE_KEY]
         assert r.shape == (d,) and r.dtype == np.float32
         # Just sent: only rounding is left there. Unsent: everything not sent so far.
@@ -409,26 +433,22 @@ class PersistingGrid(InProcessGrid):
 
 
 def test_secagg_client_state_survives_serialization_between_stages() -> None:
-    overrides = {"secagg-clip": 100.0, "secagg-bits": 24}
-    cfg = resolve_config(SMALL, overrides)
-    grid = PersistingGrid(cfg, int(cfg["num-clients"]))
-    strategy = CompressedStrategy(build_strategy(cfg), codec=str(cfg["codec"]), seed=0)
-    start = state_to_numpy(new_model(cfg, seed=0))
-    view = CountingGrid(grid, list(grid.get_node_ids()))
-    outcome = secure_train_round(view, 1, start, cfg, strategy, None, 60.0)
-    assert outcome.accepted == 5 and outcome.dropped == 0 and outcome.rejected == 0
-    assert outcome.arrays is not None
+    run = _run({"secagg-clip": 100.0, "secagg-bits": 24}, grid_type=PersistingGrid)
+    (r,) = run.rounds
+    assert r.row["clients"] == 5 and r.row["dropped_clients"] == 0
+    assert r.row["rejected_updates"] == 0
+    assert r.arrays is not None
     plain = _plain_fedavg_delta({"secagg-clip": 100.0})
-    for k in start:
-        np.testing.assert_allclose(outcome.arrays[k] - start[k], plain[k], atol=2e-4)
+    for k in run.start:
+        np.testing.assert_allclose(r.arrays[k] - run.start[k], plain[k], atol=2e-4)
     # What each node kept is the core's to_state() plus the glue's values, and it loads.
-    for node, ctx in grid.contexts.items():
+    for node, ctx in run.grid.contexts.items():
         record = ctx.state[STATE_KEY]
         client, glue = _load(record, node)
         assert client.stage == "unmasked" and client.client_id == node
         assert int(glue["round"]) == 1 and "input" not in glue
         assert not any(k.startswith("_") for k in record)
-        with pytest.raises(RuntimeError, match="belongs to node"):
+        with pytest.raises(ModPreconditionError, match="belongs to node"):
             _load(record, node + 1)
 
 
@@ -464,9 +484,10 @@ def test_compact_replies_round_trip_and_reject_bad_lengths() -> None:
 
 
 def test_uplink_overhead_is_close_to_the_cryptographic_minimum() -> None:
-    ((_, view),), start, _, _ = _round({"secagg-bits": 16})
-    d = sum(v.size for v in start.values())
-    per_client = view.uplink_bytes / 5
+    run = _run({"secagg-bits": 16})
+    (r,) = run.rounds
+    d = sum(v.size for v in run.start.values())
+    per_client = r.view.uplink_bytes / 5
     masked = 16 * (d + 1) / 8
     # Full graph on 5 clients: 2 keys (64 B), commitment (32 B), 4 encrypted share pairs
     # (94 B), 5 shares to unmask (33 B); the rest is framing and the metrics record
@@ -477,55 +498,54 @@ def test_uplink_overhead_is_close_to_the_cryptographic_minimum() -> None:
 
 def test_dropouts_at_every_stage_keep_the_round_alive() -> None:
     # 0.4 of 5 clients = 2 drop each round, at seeded stages; over 4 rounds all stages occur.
-    outcomes, start, new, _ = _round({"simulate-dropout": 0.4}, rounds=4)
-    for outcome, _ in outcomes:
-        assert outcome.accepted + outcome.dropped == 5
+    run = _run({"simulate-dropout": 0.4}, rounds=4)
+    for r in run.rounds:
+        assert r.row["clients"] + r.row["dropped_clients"] == 5
         # A client failing during unmasking is still in the sum (its input arrived).
-        assert outcome.dropped + outcome.extra["secagg_late_dropouts"] == 2
+        assert r.row["dropped_clients"] + r.row["secagg_late_dropouts"] == 2
     stages = set()
     for rnd in range(1, 5):
         stages |= set(simulated_dropouts(0, rnd, [1000 + i for i in range(5)], 0.4).values())
     assert len(stages) >= 3
-    assert any(not np.array_equal(new[k], start[k]) for k in start)
+    assert any(not np.array_equal(run.arrays[k], run.start[k]) for k in run.start)
 
 
 def test_too_many_dropouts_abort_and_keep_the_model(caplog: pytest.LogCaptureFixture) -> None:
-    ((outcome, _),), _, _, _ = _round({"simulate-dropout": 0.8, "secagg-threshold": 4})
-    assert outcome.arrays is None and outcome.accepted == 0 and outcome.dropped >= 4
+    run = _run({"simulate-dropout": 0.8, "secagg-threshold": 4})
+    (r,) = run.rounds
+    assert r.arrays is None and r.row["clients"] == 0 and r.row["dropped_clients"] >= 4
+    assert r.row["secagg_aborted"] == 1
     assert "secure aggregation aborted" in caplog.text
 
 
 def test_central_dp_under_secagg_adds_noise_and_accounts() -> None:
-    ((outcome, _),), start, new, privacy = _round(
-        {"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 0.5}
-    )
-    assert outcome.arrays is not None and outcome.accepted == 5
-    assert privacy.epsilon > 0
+    run = _run({"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 0.5})
+    (r,) = run.rounds
+    assert r.arrays is not None and r.row["clients"] == 5
+    privacy = run.wrapper(DPStrategy)
+    assert privacy.epsilon > 0 and r.row["epsilon"] == privacy.epsilon
     # Clipped to 1 and averaged over 5, plus noise of std 0.5/5 per coordinate.
-    step = np.concatenate([(new[k] - start[k]).ravel() for k in start])
-    assert 0.05 < float(np.std(step)) < 0.2
+    assert 0.05 < float(np.std(_step(run))) < 0.2
 
 
 def test_central_dp_under_secagg_non_finite_aggregate_is_still_accounted() -> None:
     # Noise this large overflows float32: the model is kept, but the server saw the sum.
     with np.errstate(over="ignore"):
-        ((outcome, _),), start, new, privacy = _round(
-            {"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 1e40}
-        )
-    assert outcome.arrays is None and outcome.accepted == 5
-    assert outcome.dp_released is True
+        run = _run({"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 1e40})
+    (r,) = run.rounds
+    assert r.arrays is None and r.row["clients"] == 5
+    assert r.row["dp_released"] is True
+    privacy = run.wrapper(DPStrategy)
     assert privacy.accountant.total_steps == 1 and privacy.epsilon > 0
-    assert all(np.array_equal(new[k], start[k]) for k in start)
+    assert all(np.array_equal(run.arrays[k], run.start[k]) for k in run.start)
 
 
 def test_distributed_dp_under_secagg_reports_bits_and_effective_noise() -> None:
-    ((outcome, _),), start, new, privacy = _round(
-        {"dp": "distributed", "dp-clip": 1.0, "dp-noise-multiplier": 0.5, "dp-bits": 16}
-    )
-    assert outcome.arrays is not None and outcome.accepted == 5
-    assert outcome.extra["secagg_bits"] == 16
-    z = outcome.extra["effective_noise_multiplier"]
+    run = _run({"dp": "distributed", "dp-clip": 1.0, "dp-noise-multiplier": 0.5, "dp-bits": 16})
+    (r,) = run.rounds
+    assert r.arrays is not None and r.row["clients"] == 5
+    assert r.row["secagg_bits"] == 16
+    z = r.row["effective_noise_multiplier"]
     assert 0 < z < 0.5  # rounding inflates the sensitivity, so slightly below nominal
-    assert privacy.epsilon > 0
-    step = np.concatenate([(new[k] - start[k]).ravel() for k in start])
-    assert 0.05 < float(np.std(step)) < 0.2
+    assert run.wrapper(DPStrategy).epsilon > 0
+    assert 0.05 < float(np.std(_step(run))) < 0.2

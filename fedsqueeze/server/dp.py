@@ -91,6 +91,17 @@ def _refuse_aggregators_below(wrapper: Strategy) -> None:
         )
 
 
+def _check_checkpoint(state: dict[str, Any], mode: str, mechanism: str) -> None:
+    """Refuse privacy state saved by another DP mode, accountant or state version."""
+    if int(state.get("version", -1)) != STATE_VERSION:
+        raise ConfigError(f"privacy checkpoint has an unknown version {state.get('version')!r}")
+    if state["mode"] != mode or state["accountant"] != mechanism:
+        raise ConfigError(
+            f"the checkpoint was made with dp = {state['mode']!r} / dp-accountant = "
+            f"{state['accountant']!r}; the config says {mode!r} / {mechanism!r}"
+        )
+
+
 class _Delegating(Strategy):
     """Evaluation and summary pass through to ``self.inner``."""
 
@@ -111,7 +122,29 @@ class _Delegating(Strategy):
         self.inner.summary()
 
 
-class DPStrategy(_Delegating, RoundHook):
+class _PrivacyHook(RoundHook):
+    """The round-hook side every DP mode shares: ε and the round's fields in the row."""
+
+    mode = ""
+    hook_name = "privacy"
+    mechanism: str
+    epsilon: float
+    report: dict[str, Any]
+
+    def after_round(self, server_round: int, row: dict[str, Any]) -> None:
+        row.update(self.report)
+        row["epsilon"] = self.epsilon
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "accountant": self.mechanism,
+            "epsilon": self.epsilon,
+        }
+
+
+class DPStrategy(_Delegating, _PrivacyHook):
     """What every user-level DP mode shares: accountant, budget, calibration, state.
 
     Parameters
@@ -133,9 +166,6 @@ class DPStrategy(_Delegating, RoundHook):
     accountant
         ``"rdp"`` or ``"prv"`` (Opacus).
     """
-
-    mode = ""
-    hook_name = "privacy"
 
     def __init__(
         self,
@@ -219,6 +249,7 @@ class DPStrategy(_Delegating, RoundHook):
         self.report = {"dp_noise_multiplier": z, "dp_released": True, **fields}
         out = metrics if metrics is not None else MetricRecord()
         out["epsilon"] = float(self.epsilon)
+        out["delta"] = float(self.delta)
         return out
 
     def configure_train(
@@ -230,31 +261,26 @@ class DPStrategy(_Delegating, RoundHook):
             return []
         self._global = from_record(arrays)
         self.report = {"dp_noise_multiplier": self.next_multiplier(), "dp_released": False}
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def after_round(self, server_round: int, row: dict[str, Any]) -> None:
-        row.update(self.report)
-        row["epsilon"] = self.epsilon
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if len(messages) > self.clients_per_round:
+            # The accountant's q and the fixed denominator assume at most that many.
+            raise ValueError(
+                f"round {server_round}: the strategy sampled {len(messages)} clients, but "
+                f"{type(self).__name__}(clients_per_round={self.clients_per_round}) accounts "
+                "for at most that many; sample fewer or raise clients_per_round"
+            )
+        return messages
 
     def state(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
-            "mode": self.mode,
-            "accountant": self.mechanism,
+            **super().state(),
             "history": self.accountant.to_list(),
             "noise_multiplier": self.noise_multiplier,
             "calibrated": self.calibrated,
-            "epsilon": self.epsilon,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        if int(state.get("version", -1)) != STATE_VERSION:
-            raise ConfigError(f"privacy checkpoint has an unknown version {state.get('version')!r}")
-        if state["mode"] != self.mode or state["accountant"] != self.mechanism:
-            raise ConfigError(
-                f"the checkpoint was made with dp = {state['mode']!r} / dp-accountant = "
-                f"{state['accountant']!r}; the config says {self.mode!r} / {self.mechanism!r}"
-            )
+        _check_checkpoint(state, self.mode, self.mechanism)
         self.accountant = PrivacyAccountant.from_list(state["history"], self.mechanism)  # type: ignore[arg-type]
         # A calibrated multiplier is kept: re-planning on resume (e.g. with more rounds)
         # would change the noise mid-run. An explicit multiplier wins.
@@ -299,19 +325,22 @@ class CentralDP(DPStrategy):
     ) -> None:
         super().__init__(inner, **kwargs)
         self.noise_seed = noise_seed
-        self.clipper: AdaptiveClipper | None = None
-        if adaptive_quantile:
-            m = self.clients_per_round
-            # Andrew et al. suggest count noise m/20; it must exceed z/2 or the count alone
-            # would spend the whole budget, so it is raised to z for small cohorts.
-            self.clipper = AdaptiveClipper(
-                initial_clip=self.clip,
-                target_quantile=float(adaptive_quantile),
-                learning_rate=ADAPTIVE_CLIP_LR,
-                count_noise_std=max(m / 20.0, self.noise_multiplier),
-                expected_clients=m,
-                noise_multiplier=self.noise_multiplier,
-            )
+        self.adaptive_quantile = float(adaptive_quantile)
+        self.clipper = self._new_clipper(self.clip) if adaptive_quantile else None
+
+    def _new_clipper(self, clip: float) -> AdaptiveClipper:
+        """An adaptive clipper at ``clip`` that splits the current noise multiplier."""
+        m = self.clients_per_round
+        # Andrew et al. suggest count noise m/20; it must exceed z/2 or the count alone
+        # would spend the whole budget, so it is raised to z for small cohorts.
+        return AdaptiveClipper(
+            initial_clip=clip,
+            target_quantile=self.adaptive_quantile,
+            learning_rate=ADAPTIVE_CLIP_LR,
+            count_noise_std=max(m / 20.0, self.noise_multiplier),
+            expected_clients=m,
+            noise_multiplier=self.noise_multiplier,
+        )
 
     def attach_secure_sum(self) -> None:
         if self.clipper is not None:
@@ -332,9 +361,8 @@ class CentralDP(DPStrategy):
         )
 
     def _noised_mean(
-        self, server_round: int, total: Mapping[str, np.ndarray], clip: float, std: float
+        self, total: Mapping[str, np.ndarray], std: float, rng: np.random.Generator
     ) -> Arrays:
-        rng = self._rng(server_round)
         return {
             k: (np.asarray(v, np.float64) + gaussian_noise(np.shape(v), std, rng))
             / self.clients_per_round
@@ -350,7 +378,7 @@ class CentralDP(DPStrategy):
         metrics: Mapping[str, float],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         std = self.noise_multiplier * self.clip
-        mean = self._noised_mean(server_round, total, self.clip, std)
+        mean = self._noised_mean(total, std, self._rng(server_round))
         arrays, out = merge_delta(
             self.inner, server_round, self._global, mean, template, self.names, metrics
         )
@@ -378,9 +406,10 @@ class CentralDP(DPStrategy):
             if metrics is not None:
                 rows.append({k: float(v) for k, v in metrics[1].items() if k == "train-loss"})
         std = self.clipper.update_noise_std() if self.clipper else self.noise_multiplier * clip
-        mean = self._noised_mean(server_round, total, clip, std)
+        rng = self._rng(server_round)  # one stream: the count noise continues it
+        mean = self._noised_mean(total, std, rng)
         if self.clipper is not None:
-            self.clipper.update(unclipped, len(usable), self._rng(server_round))
+            self.clipper.update(unclipped, len(usable), rng)
         arrays, out = merge_delta(
             self.inner,
             server_round,
@@ -403,8 +432,12 @@ class CentralDP(DPStrategy):
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
-        if self.clipper is not None and state.get("adaptive_clip") is not None:
-            self.clipper.clip = float(state["adaptive_clip"])
+        if self.clipper is not None:
+            # Rebuilt: the restored multiplier (kept from the checkpoint's calibration) may
+            # differ from the one this wrapper was built with, and the clipper's split of
+            # the noise between update sum and count must follow what the accountant charges.
+            clip = state.get("adaptive_clip")
+            self.clipper = self._new_clipper(self.clipper.clip if clip is None else float(clip))
 
     def summary_fields(self) -> dict[str, Any]:
         out = super().summary_fields()
@@ -514,7 +547,7 @@ class DistributedDP(DPStrategy):
         self.last_effective = None if last is None else float(last)
 
 
-class LocalDP(_Delegating, RoundHook):
+class LocalDP(_Delegating, _PrivacyHook):
     """Local DP (DP-SGD on every client): reports the largest ε any client has reported.
 
     Reads the ``epsilon``/``delta`` metrics of the clients' replies, so it goes outside
@@ -522,7 +555,6 @@ class LocalDP(_Delegating, RoundHook):
     """
 
     mode = "local"
-    hook_name = "privacy"
 
     def __init__(self, inner: Strategy, *, accountant: str = "rdp", delta: float = 0.0) -> None:
         self.inner = inner
@@ -557,20 +589,11 @@ class LocalDP(_Delegating, RoundHook):
         out["epsilon"] = float(self.epsilon)
         return arrays, out
 
-    def after_round(self, server_round: int, row: dict[str, Any]) -> None:
-        row.update(self.report)
-        row["epsilon"] = self.epsilon
-
     def state(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "mode": self.mode,
-            "accountant": self.mechanism,
-            "epsilon": self.epsilon,
-            "max_local_delta": self.max_local_delta,
-        }
+        return {**super().state(), "max_local_delta": self.max_local_delta}
 
     def restore(self, state: dict[str, Any]) -> None:
+        _check_checkpoint(state, self.mode, self.mechanism)
         self.epsilon = float(state.get("epsilon", 0.0))
         self.max_local_delta = float(state.get("max_local_delta", 0.0))
 

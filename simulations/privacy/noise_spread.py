@@ -5,13 +5,16 @@
 
 Replays the privacy suite's federation (``03-central-eps4.toml``: same client sampling,
 the ClientApp's ``train_local`` with the same per-client generators, the same initial
-model) in one process, without Ray or Flower messages, and aggregates with the real DP code:
-central DP with ``ServerPrivacy``'s aggregator (its noise stream seeded by the given noise
-seed instead of the run seed), distributed DP with ``DistributedDPClient.encode`` per client
-and ``decode_sum`` on the modular sum (client randomness seeded by the noise seed). Only
-the noise realisation changes between seeds, so the spread of "mean accuracy of the last 5
-rounds" is the spread a single simulation row carries. With central DP and noise seed =
-run seed it reproduces the Simulation Engine run's accuracies exactly.
+model) in one process, without Ray or a Flower runtime, and aggregates with the real
+strategy chain of the run config (``build_chain``): central DP through
+``CompressedStrategy(CentralDP(FedAvg))`` with the ``CentralDP`` wrapper's noise stream
+seeded by the given noise seed instead of the run seed; distributed DP with the
+``DistributedDP`` wrapper's summable encoding per client (client randomness seeded by the
+noise seed), the modular sum, and the wrapper's ``aggregate_secure_sum`` — what
+``SecAggStrategy`` does once the masks cancel. Only the noise realisation changes between
+seeds, so the spread of "mean accuracy of the last 5 rounds" is the spread a single
+simulation row carries. With central DP and noise seed = run seed it reproduces the
+Simulation Engine run's accuracies exactly.
 
 Prints one JSON line per seed, then the mean and standard deviation.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -32,6 +36,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+class _Nodes:
+    """The only Grid method Flower's FedAvg.configure_train needs: the round's nodes."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
 def _seeds(spec: str) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
@@ -42,37 +56,40 @@ def _seeds(spec: str) -> list[int]:
 
 def replay(config: dict[str, Any], noise_seed: int) -> list[float]:
     """Test accuracy after every round of one replica (see the module docstring)."""
-    from fedsqueeze.client.secure import flatten, unflatten
-    from fedsqueeze.client.training import (
-        evaluate,
-        load_numpy_state,
-        make_generator,
-        state_to_numpy,
-        train_local,
-    )
-    from fedsqueeze.federation import client_train_data, dataset_for, new_model
-    from fedsqueeze.privacy.distributed import (
-        DistributedDPClient,
-        center_mod,
-        decode_sum,
-        wrap_mod,
-    )
-    from fedsqueeze.server.privacy import ServerPrivacy
-    from fedsqueeze.server.rounds import sample_partitions
-    from fedsqueeze.server.secure import ROTATION_STREAM
-    from fedsqueeze.server.strategy import round_seed
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
+    from fedsqueeze.client.training import make_generator, train_local
+    from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
+    from fedsqueeze.contracts.streams import Stream, round_seed
+    from fedsqueeze.federation import client_train_data, dataset_for, new_model
+    from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
+    from fedsqueeze.secagg.field import from_field, to_field
+    from fedsqueeze.server.dp import CentralDP, DistributedDP
+    from fedsqueeze.server.hooks import strategy_chain
+    from fedsqueeze.server.rounds import sample_partitions
+    from fedsqueeze.server.strategies import build_chain
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every round
+    # Flower messages built outside a running app need a task identity.
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1
     seed, n, k = int(config["seed"]), int(config["num-clients"]), int(config["clients-per-round"])
     ds = dataset_for(config)
-    privacy = ServerPrivacy(config)
-    privacy.seed = noise_seed  # central: the noise stream; nothing else reads it here
+    chain = build_chain(config)
+    privacy = next(s for s in strategy_chain(chain) if isinstance(s, CentralDP | DistributedDP))
+    if isinstance(privacy, CentralDP):
+        privacy.noise_seed = noise_seed  # the noise stream; nothing else reads it
     client_rng = np.random.default_rng([noise_seed, 12345])
     weights = state_to_numpy(new_model(config, seed=seed))
-    dim = sum(a.size for a in weights.values())
+    dim = int(flatten(weights).size)
     accuracies = []
     for rnd in range(1, int(config["num-rounds"]) + 1):
-        deltas = []
-        for pid in sample_partitions(seed, rnd, n, k):
+        sampled = sample_partitions(seed, rnd, n, k)
+        nodes = [pid + 1 for pid in sampled]  # node id = partition id + 1, replies in order
+        locals_, sizes = {}, {}
+        for pid, node in zip(sampled, nodes, strict=True):
             x, y = client_train_data(config, pid, n)
             model = new_model(config)
             load_numpy_state(model, weights)
@@ -83,20 +100,50 @@ def replay(config: dict[str, Any], noise_seed: int) -> list[float]:
                 weight_decay=float(config["weight-decay"]), proximal_mu=0.0,
                 generator=make_generator(seed, rnd, pid),
             )  # fmt: skip
-            local = state_to_numpy(model)
-            deltas.append({name: local[name] - weights[name] for name in weights})
-        if privacy.mode == "central":
-            mean = privacy._aggregate(rnd, deltas, [1] * k)
+            locals_[node], sizes[node] = state_to_numpy(model), len(x)
+        if isinstance(privacy, CentralDP):
+            # The whole chain, as the server loop runs it: replies carry the trained weights.
+            messages = chain.configure_train(rnd, to_record(weights), ConfigRecord(), _Nodes(nodes))
+            by_node = {m.metadata.dst_node_id: m for m in messages}
+            if not by_node:
+                break  # the privacy budget refuses the round
+            replies = [
+                Message(
+                    RecordDict(
+                        {
+                            "arrays": to_record(locals_[node]),
+                            "metrics": MetricRecord({"num-examples": sizes[node]}),
+                        }
+                    ),
+                    reply_to=by_node[node],
+                )
+                for node in nodes
+            ]
+            agg, _ = chain.aggregate_train(rnd, replies)
         else:
-            params = privacy.distributed_params(dim, k)
-            rot = round_seed(seed, rnd, ROTATION_STREAM)
-            client = DistributedDPClient(params)
-            total = sum(
-                wrap_mod(client.encode(flatten(d), client_rng, rot), params.bits) for d in deltas
+            # What SecAggStrategy hands DistributedDP once the masks cancel.
+            messages = list(
+                privacy.configure_train(rnd, to_record(weights), ConfigRecord(), _Nodes(nodes))
             )
-            centred = center_mod(wrap_mod(np.asarray(total), params.bits), params.bits)
-            mean = unflatten(decode_sum(centred, k, params, rot) / k, weights)
-        weights = {name: (weights[name] + mean[name]).astype(np.float32) for name in weights}
+            if not messages:
+                break
+            enc = privacy.summable_encoding(
+                dim=dim,
+                num_clients=k,
+                bits=int(config["secagg-bits"]),
+                scale=float(config["secagg-scale"]),
+                rotation_seed=round_seed(seed, rnd, Stream.ROTATION),
+            )
+            mask = np.uint64((1 << enc.bits) - 1)
+            field_sum = np.zeros(enc.vector_len, dtype=np.uint64)
+            for node in nodes:
+                ints = enc.encode(flatten(locals_[node]) - flatten(weights), 1, client_rng)
+                field_sum = (field_sum + to_field(ints, enc.bits, wrap=True)) & mask
+            total, _ = enc.decode_sum(from_field(field_sum, enc.bits), k)
+            template = Message(RecordDict(), reply_to=messages[0])
+            agg, _ = privacy.aggregate_secure_sum(rnd, unflatten(total, weights), k, template, {})
+        if agg is not None:
+            weights = from_record(agg)
         model = new_model(config)
         load_numpy_state(model, weights)
         accuracies.append(float(evaluate(model, ds.x_test, ds.y_test)[1]))
