@@ -37,7 +37,7 @@ from fedsqueeze.server import (
     SecAggStrategy,
     StrategyCompositionError,
 )
-from fedsqueeze.server.rounds import train_round
+from fedsqueeze.server.rounds import evaluate_round, train_round
 
 N = 4
 NODES = [1000 + i for i in range(N)]
@@ -69,6 +69,13 @@ def plain_app(weight_key: str = "num-examples", sizes: Callable[[int], int] = la
             content=RecordDict({name: to_record(local), "metrics": metrics}), reply_to=msg
         )
 
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        _, record = next(iter(msg.content.array_records.items()))
+        total = float(sum(v.numpy().sum() for v in record.values()))
+        metrics = MetricRecord({weight_key: 1, "weight-sum": total})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
     return app
 
 
@@ -78,9 +85,8 @@ def _global() -> dict[str, np.ndarray]:
 
 
 def fedavg(**kw: Any) -> FedAvg:
-    return FedAvg(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N, **kw
-    )
+    args = {"fraction_evaluate": 0.0, "min_evaluate_nodes": N, **kw}
+    return FedAvg(fraction_train=1.0, min_train_nodes=N, min_available_nodes=N, **args)
 
 
 def run(strategy: Strategy, app: ClientApp | None = None, rounds: int = 1) -> tuple[Any, Any]:
@@ -113,6 +119,20 @@ def test_lossy_downlink_gives_global_plus_mean_delta_on_both_paths(secure: bool)
     for k in before:
         # q4 of the model is off by ~1e-1; "reconstruction + mean delta" would show it.
         np.testing.assert_allclose(after[k], before[k] + mean_step, atol=1e-4)
+
+
+def test_federated_evaluation_gets_the_compressed_downlink() -> None:
+    arrays = _global()
+    sizes = {}
+    for codec in ("none", "q8"):
+        strategy = CompressedStrategy(fedavg(fraction_evaluate=1.0), downlink_codec=codec)
+        grid = CountingGrid(InProcessGrid(plain_app(), N), NODES)
+        metrics = evaluate_round(strategy, grid, 1, arrays, 60.0)
+        # each client evaluated (its reconstruction of) the model it was sent
+        expected = float(sum(v.sum() for v in arrays.values()))
+        assert metrics["weight-sum"] == pytest.approx(expected, abs=0.5 if codec == "q8" else 1e-3)
+        sizes[codec] = grid.downlink_bytes
+    assert sizes["q8"] < sizes["none"] / 2
 
 
 # ---- Flower's DP wrappers, both orders ----------------------------------------------------
