@@ -25,13 +25,13 @@ demo: setup
 
 # Lint first (seconds), then every test, end-to-end ones included.
 test: setup
-	$(BIN)/ruff check fedsqueeze tests benchmarks simulations
-	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations
+	$(BIN)/ruff check fedsqueeze tests benchmarks simulations examples
+	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations examples
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check fedsqueeze tests benchmarks simulations
-	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations
+	$(BIN)/ruff check fedsqueeze tests benchmarks simulations examples
+	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations examples
 
 bench: setup
 	$(BIN)/python benchmarks/bench_codecs.py
