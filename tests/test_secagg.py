@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 
 from fedsqueeze.compression.bitpack import unpack_bits
 from fedsqueeze.secagg import (
+    ClientPolicy,
     SecAggAbort,
     SecAggClient,
     SecAggConfig,
@@ -23,8 +24,13 @@ from fedsqueeze.secagg import (
     SecAggInputError,
     SecAggProtocolError,
     SecAggServer,
+    is_connected,
     neighbour_graph,
 )
+
+# These tests exercise the protocol's mechanics on small sparse graphs and low thresholds,
+# which a device's default policy refuses (tests/test_secagg_active.py); the device opts in.
+PERMISSIVE = ClientPolicy(min_neighbours=1, allow_low_threshold=True)
 
 
 def seeded_entropy(seed: int) -> Callable[[int], bytes]:
@@ -48,6 +54,7 @@ class Round:
             c: SecAggClient(
                 c,
                 setup[c],
+                policy=PERMISSIVE,
                 entropy=None if entropy_seed is None else seeded_entropy(entropy_seed + i),
             )
             for i, c in enumerate(ids)
@@ -94,6 +101,8 @@ def oracle(ids: list[int], graph: dict[int, tuple[int, ...]], t: int, drop: dict
     for alive in (u1, u2, u3, u4):
         if len(alive) < t:
             return None
+    if not is_connected(graph, u3):  # unmasking would reveal each component's sum
+        return None
     for holders_alive in (u3, u4):
         if any(closed(u, holders_alive) < t for u in u3):
             return None
@@ -281,7 +290,9 @@ def test_client_never_reveals_both_shares_of_a_peer() -> None:
         client.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
     # A fresh client (nothing revealed yet) would answer that same request.
     other = rnd.clients[2]
-    answer = other.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+    answer = other.unmask(
+        {"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5], "included_ids": [1, 2, 3]}
+    )
     assert answer["s_ids"] == [4, 5] and answer["b_ids"] == [1, 2, 3]
     with pytest.raises(SecAggProtocolError):
         other.unmask(out[2])  # would now reveal b of 4 and 5
@@ -305,12 +316,26 @@ def test_unmask_request_validation() -> None:
         c.unmask({"survivor_ids": [1, 2], "dropped_ids": [3, 4, 5]})
 
 
+def _flip(share: bytes, bit: int = 1) -> bytes:
+    return (int.from_bytes(share, "big") ^ bit).to_bytes(33, "big")
+
+
 def test_wrong_share_detected_by_commitment() -> None:
+    # One wrong share among five (t = 3) is survived and its sender named; two abort.
     rnd, out = _at_unmask()
     answers = {c: rnd.clients[c].unmask(out[c]) for c in out}
     shares = list(answers[1]["b_shares"])
-    shares[1] = (int.from_bytes(shares[1], "big") ^ 1).to_bytes(33, "big")
+    shares[1] = _flip(shares[1])  # client 1's share of client 2's self-mask seed
     answers[1] = {**answers[1], "b_shares": shares}
+    result = rnd.server.finish(answers)
+    assert result.total.tolist() == [0] * 8 and result.included == [1, 2, 3, 4, 5]
+    assert "wrong share of the self-mask seed of client 2" in result.rejected[1]
+    rnd, out = _at_unmask()
+    answers = {c: rnd.clients[c].unmask(out[c]) for c in out}
+    for holder, bit in ((1, 1), (2, 4)):
+        shares = list(answers[holder]["b_shares"])
+        shares[2] = _flip(shares[2], bit)  # both corrupt their share of client 3's seed
+        answers[holder] = {**answers[holder], "b_shares": shares}
     with pytest.raises(SecAggAbort, match="commitment"):
         rnd.server.finish(answers)
 
@@ -349,16 +374,20 @@ def test_setup_message_is_verified() -> None:
     ids = [1, 2, 3, 4, 5, 6, 7, 8]
     setup = SecAggServer(_cfg(n=8, k=4, t=3), ids).setup()
     msg = setup[1]
-    SecAggClient(1, msg)
+    SecAggClient(1, msg, policy=PERMISSIVE)
     with pytest.raises(SecAggProtocolError, match="neighbour"):
         others = [c for c in ids if c not in msg["neighbour_ids"] and c != 1]
-        SecAggClient(1, {**msg, "neighbour_ids": [*msg["neighbour_ids"][:-1], others[0]]})
+        SecAggClient(
+            1,
+            {**msg, "neighbour_ids": [*msg["neighbour_ids"][:-1], others[0]]},
+            policy=PERMISSIVE,
+        )
     with pytest.raises(SecAggProtocolError):
-        SecAggClient(2, msg)
+        SecAggClient(2, msg, policy=PERMISSIVE)
     with pytest.raises(SecAggProtocolError, match="invalid parameters"):
-        SecAggClient(1, {**msg, "threshold": 2})  # below the secure threshold
+        SecAggClient(1, {**msg, "threshold": 2}, policy=PERMISSIVE)  # below the secure threshold
     with pytest.raises(SecAggProtocolError):
-        SecAggClient(1, {**msg, "protocol": "flower-secagg+"})
+        SecAggClient(1, {**msg, "protocol": "flower-secagg+"}, policy=PERMISSIVE)
 
 
 def test_input_vector_validated() -> None:
@@ -429,9 +458,25 @@ def test_wrong_mask_key_share_detected_by_public_key() -> None:
     requests = srv.collect_masked(masked)  # client 5 dropped after sharing
     answers = {c: cl[c].unmask(requests[c]) for c in requests}
     assert answers[1]["s_ids"] == [5]
-    bad = (int.from_bytes(answers[1]["s_shares"][0], "big") ^ 1).to_bytes(33, "big")
-    answers[1] = {**answers[1], "s_shares": [bad]}
-    with pytest.raises(SecAggAbort, match=r"public key|reconstruct"):
+    good = dict(answers)
+    answers[1] = {**answers[1], "s_shares": [_flip(answers[1]["s_shares"][0])]}
+    # One wrong share among four holders (t = 3): survived, its sender named.
+    result = srv.finish(answers)
+    assert result.included == [1, 2, 3, 4] and result.total.tolist() == [0] * 8
+    assert "mask key of dropped client 5" in result.rejected[1]
+    # Two wrong shares: the round aborts.
+    rnd, _, out = _shared_round(_cfg(), ids, 4)
+    cl, srv = rnd.clients, rnd.server
+    masked = {c: cl[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids[:-1]}
+    requests = srv.collect_masked(masked)
+    answers = {c: cl[c].unmask(requests[c]) for c in requests}
+    assert [a["s_shares"] for a in answers.values()] == [a["s_shares"] for a in good.values()]
+    for holder, bit in ((1, 1), (2, 4)):
+        answers[holder] = {
+            **answers[holder],
+            "s_shares": [_flip(answers[holder]["s_shares"][0], bit)],
+        }
+    with pytest.raises(SecAggAbort, match=r"public key"):
         srv.finish(answers)
 
 
@@ -442,7 +487,7 @@ def _restored(client: SecAggClient) -> SecAggClient:
     """Save, copy the saved values (as a record store would) and restore."""
     state = client.to_state()
     copied = {k: list(v) if isinstance(v, list) else v for k, v in state.items()}
-    return SecAggClient.from_state(copied)
+    return SecAggClient.from_state(copied, policy=PERMISSIVE)
 
 
 def test_state_round_trip_at_every_stage_recovers_exact_sum() -> None:

@@ -9,7 +9,18 @@ Handlers:
   other Flower ClientApp.
 - ``evaluate``: federated evaluation on this node's slice of the test split.
 - ``query``: the start-of-run handshake; tells the server this node's partition id so
-  that client sampling is reproducible by seed (Flower node ids are random per run).
+  that client sampling is reproducible by seed (Flower node ids are random per run), and
+  nothing else (not its number of examples).
+
+What a train reply's metrics hold (:func:`train_metrics`): under ``dp = "distributed"``
+and ``dp = "local"`` the server is who DP protects against, so nothing exact about the
+client's data leaves the device beyond what the mode needs — no training loss; under local
+DP the ε/δ its accountant reached (the server reports the largest) and, as FedAvg's weight,
+``num-examples`` (inside the mask under SecAgg; the secure mod strips the weight key from
+the forwarded metrics). Without DP and under central DP (trusted server) the reply also
+carries ``train-loss``. Under local DP, DP-SGD's noise and Poisson batches come from a
+fresh generator seeded from OS entropy every round (:func:`fedsqueeze.client.dp.secret_generator`),
+never from the run seed.
 
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
@@ -52,6 +63,19 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
+def train_metrics(
+    cfg: Mapping[str, Any], num_examples: int, loss: float, dp_metrics: Mapping[str, float]
+) -> dict[str, int | float]:
+    """The train reply's metrics: nothing un-noised about the data under distributed or
+    local DP (see the module docstring)."""
+    out: dict[str, int | float] = {"num-examples": int(num_examples)}
+    if str(cfg["dp"]) == "local":
+        out.update({k: float(dp_metrics[k]) for k in ("epsilon", "delta") if k in dp_metrics})
+    elif str(cfg["dp"]) != "distributed":
+        out["train-loss"] = float(loss)
+    return out
+
+
 def build_client_app(
     config: Mapping[str, Any] | None = None, extra_mods: Sequence[Mod] = ()
 ) -> ClientApp:
@@ -81,9 +105,8 @@ def build_client_app(
             # DP-SGD; the client's accountant history is kept in context.state across rounds.
             from fedsqueeze.client.dp import train_local_dp
 
-            loss, dp_metrics = train_local_dp(
-                model, x, y, cfg, context.state, make_generator(int(cfg["seed"]), server_round, pid)
-            )
+            # DP-SGD's noise and batches: a fresh secret generator (never the run seed).
+            loss, dp_metrics = train_local_dp(model, x, y, cfg, context.state)
         else:
             loss = train_local(
                 model,
@@ -100,9 +123,7 @@ def build_client_app(
         content = RecordDict(
             {
                 "arrays": to_record(state_to_numpy(model)),
-                "metrics": MetricRecord(
-                    {"num-examples": len(x), "train-loss": float(loss), **dp_metrics}
-                ),
+                "metrics": MetricRecord(train_metrics(cfg, len(x), loss, dp_metrics)),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -120,12 +141,10 @@ def build_client_app(
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        cfg = run_config(context)
         pid, num_parts = node_partition(context)
-        x, _ = client_train_data(cfg, pid, num_parts)
-        info = ConfigRecord(
-            {"partition-id": pid, "num-partitions": num_parts, "num-examples": len(x)}
-        )
+        # No num-examples: the server derives partition sizes from the dataset itself where
+        # it needs them (the secure weight cap), and a device's count is its own.
+        info = ConfigRecord({"partition-id": pid, "num-partitions": num_parts})
         return Message(content=RecordDict({"node": info}), reply_to=msg)
 
     return app

@@ -9,6 +9,14 @@ The train handler calls :func:`train_local_dp` instead of ``train_local`` when
   then kept, so a resumed or longer run does not change it mid-way;
 - batches are Poisson-sampled at q = 1 / ceil(n / batch-size) (Opacus's DP loader), which is
   what the accountant assumes;
+- the noise and the Poisson batches come from a fresh torch generator seeded from OS
+  entropy every round (:func:`secret_generator`), never from the run seed, the round or the
+  partition id: the server cannot replay a client's training (against whom: the server and
+  everyone downstream). Opacus's ``secure_mode`` would use a CSPRNG and its
+  floating-point-safe noise, but needs ``torchcsprng``, which is not installable for current
+  torch; torch's generator (Mersenne Twister, 64-bit secret seed) is not cryptographic and
+  its float Gaussian is subject to Mironov-style floating-point attacks, which is exactly
+  what Opacus's "Secure RNG turned off" warning says — so that warning is left on;
 - the accountant history (Opacus's ``[(σ, q, steps), ...]``) lives in ``Context.state``
   under :data:`STATE_KEY`, so every round composes with all earlier ones;
 - δ = ``dp-delta`` or ``min(1e-5, 1 / n^1.1)`` for the n local examples;
@@ -29,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsqueeze.config import ConfigError
+from fedsqueeze.contracts.streams import secret_seed
 from fedsqueeze.privacy import (
     BudgetExceeded,
     InvalidPrivacyParameter,
@@ -37,10 +46,17 @@ from fedsqueeze.privacy import (
     noise_for_budget,
 )
 
-__all__ = ["STATE_KEY", "LocalDPPlan", "plan_local_dp", "train_local_dp"]
+__all__ = ["STATE_KEY", "LocalDPPlan", "plan_local_dp", "secret_generator", "train_local_dp"]
 
 STATE_KEY = "dp-local"
 """Where the client's accountant history and noise multiplier live in ``Context.state``."""
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from OS entropy (fresh for every round's DP-SGD)."""
+    gen = torch.Generator()
+    gen.manual_seed(secret_seed())
+    return gen
 
 
 class LocalDPPlan:
@@ -105,13 +121,16 @@ def train_local_dp(
     y: np.ndarray,
     cfg: Mapping[str, Any],
     state: RecordDict,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Train ``model`` in place with DP-SGD; return the mean loss and the reply's DP metrics.
 
     ``state`` is the client's ``Context.state``: its accountant history is read before and
-    written after training. The metrics are ``epsilon`` (cumulative, at ``delta``),
-    ``delta``, ``dp-noise-multiplier`` and ``dp-steps`` (optimizer steps this round).
+    written after training. ``generator`` drives both DP-SGD's Poisson batches and its
+    noise; leave it None (a fresh :func:`secret_generator`) — passing a seeded one is for
+    tests, and makes the training replayable by whoever knows the seed. The metrics are
+    ``epsilon`` (cumulative, at ``delta``), ``delta``, ``dp-noise-multiplier`` and
+    ``dp-steps`` (optimizer steps this round); the ClientApp sends only ε and δ.
     After the call ``model`` is the plain module again (Opacus's hooks removed).
 
     Raises
@@ -134,6 +153,8 @@ def train_local_dp(
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    if generator is None:
+        generator = secret_generator()
     loader = DataLoader(
         TensorDataset(xt, yt), batch_size=int(cfg["batch-size"]), generator=generator
     )
@@ -143,8 +164,7 @@ def train_local_dp(
         momentum=float(cfg["momentum"]),
         weight_decay=float(cfg["weight-decay"]),
     )
-    # Opacus draws its noise from torch's global RNG; seed it from the same stream.
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    # Opacus's Poisson loader takes the loader's generator; its noise, the one given here.
     private_model, private_opt, private_loader, engine = make_private(
         model,
         optimizer,
@@ -153,6 +173,7 @@ def train_local_dp(
         float(cfg["dp-clip"]),
         history,
         mechanism,  # type: ignore[arg-type]
+        noise_generator=generator,
     )
     loss_fn = nn.CrossEntropyLoss()
     private_model.train()

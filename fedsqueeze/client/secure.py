@@ -16,14 +16,37 @@ fails before that keeps all of ``delta + residual`` for its next round.
 The protocol state (the SecAgg+ client state machine, its private keys, the encoded input)
 lives in ``Context.state`` between stages, so it survives in simulation and on a SuperNode
 alike; it never leaves the device.
+
+Security floor, set on the device: the client refuses a setup below its own
+:class:`~fedsqueeze.secagg.ClientPolicy`, read from the node config (absent = the defaults):
+
+``secagg-min-threshold``   refuse a Shamir threshold below this (never below the secure
+                           ``floor((k+1)/2) + 1``, which no setting can lower);
+``secagg-min-neighbours``  refuse a graph degree below ``min(this, n - 1)``; the default is
+                           the Bell et al. bound :func:`~fedsqueeze.secagg.secure_neighbours`
+                           for the round's ``n`` at 10% dropout.
+
+``secagg-identity-key``    path of this device's Ed25519 private key (32 raw bytes or PEM):
+                           the mod signs its key advertisement with it;
+``secagg-roster``          path of a text file of trusted Ed25519 identity public keys (hex,
+                           one per line, ``#`` comments), e.g. the SuperNode authentication
+                           keys of the federation's devices: the client then refuses any
+                           peer key not signed by a distinct roster key. Without a roster
+                           the server is trusted not to substitute peers' keys.
+
+Replay: the mod refuses a ``setup`` for any round at or below the last round it set up
+(kept in ``Context.state`` under :data:`REPLAY_KEY`), so a server cannot obtain a second,
+freshly noised encoding of the same update by repeating a round. It checks before training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -56,7 +79,8 @@ from fedsqueeze.contracts.summable import (
     encode_with_feedback,
     encoding_from_fields,
 )
-from fedsqueeze.secagg import SecAggClient, SecAggError
+from fedsqueeze.secagg import ClientPolicy, SecAggClient, SecAggError
+from fedsqueeze.secagg.crypto import load_identity_key
 from fedsqueeze.secagg.field import to_field
 
 STATE_KEY = "fedsqueeze.secagg-state"
@@ -66,6 +90,73 @@ EF_STATE_KEY = ErrorFeedback.state_key
 GLUE_PREFIX = "glue."
 """Keys of the mod's own per-round values in the :data:`STATE_KEY` record; every other key
 is the core's :meth:`SecAggClient.to_state`."""
+
+
+REPLAY_KEY = "fedsqueeze.secagg-rounds"
+"""Client ``Context.state`` ConfigRecord: ``last-setup``, the last round this client set up."""
+MIN_THRESHOLD_KEY = "secagg-min-threshold"
+"""Node-config key: this device's threshold floor (module doc)."""
+MIN_NEIGHBOURS_KEY = "secagg-min-neighbours"
+"""Node-config key: this device's graph-degree floor (module doc)."""
+IDENTITY_KEY = "secagg-identity-key"
+"""Node-config key: path of this device's Ed25519 identity key (module doc)."""
+ROSTER_KEY = "secagg-roster"
+"""Node-config key: path of the roster of trusted identity public keys (module doc)."""
+
+
+def load_roster(path: str) -> frozenset[bytes]:
+    """Trusted Ed25519 public keys from a text file: hex, one per line, ``#`` comments."""
+    keys = set()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ModPreconditionError(f"cannot read the secagg roster {path!r}: {exc}") from exc
+    for line in lines:
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            key = bytes.fromhex(text)
+        except ValueError as exc:
+            raise ModPreconditionError(f"roster {path!r}: {text!r} is not hex") from exc
+        if len(key) != 32:
+            raise ModPreconditionError(f"roster {path!r}: {text!r} is not a 32-byte key")
+        keys.add(key)
+    return frozenset(keys)
+
+
+def load_identity(node_config: Mapping[str, Any]) -> Ed25519PrivateKey | None:
+    """This device's identity key from the node config (None if not configured)."""
+    path = node_config.get(IDENTITY_KEY)
+    if not path:
+        return None
+    try:
+        return load_identity_key(Path(str(path)).read_bytes())
+    except OSError as exc:
+        raise ModPreconditionError(f"cannot read the secagg identity key: {exc}") from exc
+
+
+def client_policy(node_config: Mapping[str, Any]) -> ClientPolicy:
+    """The device's :class:`ClientPolicy` from its node config (absent keys = defaults)."""
+    values: dict[str, int | None] = {}
+    for key, name in ((MIN_THRESHOLD_KEY, "min_threshold"), (MIN_NEIGHBOURS_KEY, "min_neighbours")):
+        raw = node_config.get(key)
+        if raw is None or raw == "":
+            values[name] = None
+            continue
+        try:
+            value = int(raw)
+        except (TypeError, ValueError) as exc:
+            raise ModPreconditionError(f"node config {key} = {raw!r} is not an int") from exc
+        if value < 0 or (isinstance(raw, float) and raw != value):
+            raise ModPreconditionError(f"node config {key} = {raw!r} must be an int >= 0")
+        values[name] = value
+    roster_path = node_config.get(ROSTER_KEY)
+    return ClientPolicy(
+        min_threshold=values["min_threshold"],
+        min_neighbours=values["min_neighbours"],
+        roster=load_roster(str(roster_path)) if roster_path else None,
+    )
 
 
 class SimulatedDropout(RuntimeError):
@@ -78,9 +169,11 @@ def _save(client: SecAggClient, extra: Mapping[str, Any]) -> ConfigRecord:
     return ConfigRecord(rec)
 
 
-def _load(record: ConfigRecord, client_id: int) -> tuple[SecAggClient, dict[str, Any]]:
+def _load(
+    record: ConfigRecord, client_id: int, policy: ClientPolicy | None = None
+) -> tuple[SecAggClient, dict[str, Any]]:
     state = {k: v for k, v in record.items() if not k.startswith(GLUE_PREFIX)}
-    client = SecAggClient.from_state(state)
+    client = SecAggClient.from_state(state, policy=policy)
     if client.client_id != client_id:
         raise ModPreconditionError(
             f"saved secagg state belongs to node {client.client_id}, not this node {client_id}"
@@ -142,7 +235,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 def _later_stage(msg: Message, context: Context, record: ConfigRecord, stage: str) -> Message:
     if STATE_KEY not in context.state:
         raise ModPreconditionError("arrived before this client's setup")
-    client, glue = _load(context.state[STATE_KEY], int(context.node_id))
+    client, glue = _load(
+        context.state[STATE_KEY], int(context.node_id), client_policy(context.node_config)
+    )
     if int(glue["round"]) != int(record.get("round", -1)):
         raise ModPreconditionError("for another round than this client's setup")
     _maybe_drop(glue, stage)
@@ -190,7 +285,17 @@ def _encode_input(
 def _setup_stage(
     msg: Message, context: Context, call_next: ClientAppCallable, record: ConfigRecord
 ) -> Message:
-    client = SecAggClient(int(context.node_id), from_fields(record))  # validates first
+    server_round = int(record["round"])
+    replay = context.state.config_records.get(REPLAY_KEY)
+    last = int(replay["last-setup"]) if replay is not None else None
+    if last is not None and server_round <= last:
+        raise ModPreconditionError(
+            f"refusing setup for round {server_round}: this client already set up round {last} "
+            "(a repeated round would release a second encoding of the same update)"
+        )
+    policy = client_policy(context.node_config)
+    client = SecAggClient(int(context.node_id), from_fields(record), policy=policy)  # validates
+    context.state[REPLAY_KEY] = ConfigRecord({"last-setup": server_round})
     encoding = encoding_from_fields(from_fields(record, ENCODING_PREFIX))
     start = from_record(single_arrays(msg.content, "the train message")[1])
     reply = call_next(msg, context)
@@ -203,14 +308,14 @@ def _setup_stage(
     weight_key = str(record.get("weight-key", "num-examples"))
     weight = int(metrics[1].get(weight_key, 1)) if metrics is not None else 1
     glue: dict[str, Any] = {
-        "round": int(record["round"]),
+        "round": server_round,
         "drop-stage": str(record.get("drop-stage", "")),
     }
     delta = flatten(local) - flatten(start)
     x = _encode_input(encoding, delta, weight, str(record.get("feedback", "")), context, glue)
     glue["input"] = x.astype("<u8").tobytes()
     _maybe_drop(glue, SETUP)
-    out = client.advertise_keys()
+    out = client.advertise_keys(load_identity(context.node_config))
     context.state[STATE_KEY] = _save(client, glue)
     public = None
     if metrics is not None:

@@ -7,7 +7,14 @@ carrying a :data:`SECAGG_KEY` ConfigRecord that names its stage:
             and the round's summable encoding; the reply carries two public keys;
 ``share``   the neighbours' public keys → encrypted Shamir shares;
 ``mask``    the shares addressed to this client → the masked input, bit-packed at b bits;
-``unmask``  who survived → the shares the server needs to strip the masks.
+``unmask``  who survived (the client's neighbours, and ``included_ids``: every client whose
+            masked input is in the sum, so each client checks that the sum runs over a
+            connected graph of at least t clients) → the shares the server needs to strip
+            the masks.
+
+The client refuses a ``setup`` whose parameters are below its own floor (node config
+``secagg-min-threshold``, ``secagg-min-neighbours``) or for a round at or below one it
+already set up; see :mod:`fedsqueeze.client.secure`.
 
 Replies carry the core's fields in a compact wire form (:func:`pack_reply`): one bytes field
 per stage, fixed-size items concatenated, and no ids the server already sent in its request
@@ -23,7 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES
-from fedsqueeze.secagg.crypto import KEY_BYTES
+from fedsqueeze.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES
 from fedsqueeze.secagg.shamir import SHARE_BYTES
 
 SECAGG_KEY = "fedsqueeze.secagg"
@@ -44,6 +51,8 @@ WIRE_FIELD = "b"
 """The one bytes field of a stage reply."""
 COMMIT_BYTES = 32
 """Size of the self-mask seed commitment in a ``share`` reply (SHA-256)."""
+SIGNED_BYTES = KEY_BYTES + SIGNATURE_BYTES
+"""Extra bytes of a signed ``setup`` reply: the Ed25519 identity key and the signature."""
 
 
 def stage_record(
@@ -71,7 +80,7 @@ class SecureWireError(ValueError):
 def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -> bytes:
     """The core's reply for ``stage`` as one byte string (the inverse of :func:`unpack_reply`).
 
-    ``setup``  ``c_pk || s_pk``;
+    ``setup``  ``c_pk || s_pk``, plus ``id_pk || sig`` when the device signs its keys;
     ``share``  ``b_commit || ciphertext_1 || ...`` for the recipients in ascending id order,
                which are exactly the ``peer_ids`` of the server's request (the core shares
                among the live neighbours it was sent);
@@ -84,7 +93,8 @@ def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -
     server that re-attached the wrong ids would fail to get shares decrypted, not learn more.
     """
     if stage == SETUP:
-        return bytes(out["c_pk"]) + bytes(out["s_pk"])
+        signed = bytes(out["id_pk"]) + bytes(out["sig"]) if "sig" in out else b""
+        return bytes(out["c_pk"]) + bytes(out["s_pk"]) + signed
     if stage == SHARE:
         if list(out["recipients"]) != sorted(int(v) for v in request["peer_ids"]):
             raise SecureWireError("share recipients differ from the peers the server sent")
@@ -115,6 +125,9 @@ def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[st
         The length does not match what the stage and the request imply.
     """
     if stage == SETUP:
+        if len(blob) == 2 * KEY_BYTES + SIGNED_BYTES:
+            c_pk, s_pk, id_pk = _chunks(blob[: 3 * KEY_BYTES], KEY_BYTES, 3, "public keys")
+            return {"c_pk": c_pk, "s_pk": s_pk, "id_pk": id_pk, "sig": blob[3 * KEY_BYTES :]}
         c_pk, s_pk = _chunks(blob, KEY_BYTES, 2, "public keys")
         return {"c_pk": c_pk, "s_pk": s_pk}
     if stage == SHARE:

@@ -3,20 +3,30 @@
 Two kinds of randomness, never mixed:
 
 - **Reproducible** streams derive from the run ``seed`` and the round, so that a run (and a
-  resumed run) repeats bit for bit: client sampling, codec and rotation seeds, the SecAgg+
-  graph, the simulated drop-outs, local training order. Anyone who knows the run config can
-  recompute them; nothing secret may depend on them.
-- **Secret** randomness (a client's stochastic rounding and distributed-DP noise, SecAgg+
-  keys and self-masks) is drawn from OS entropy where it is used and never appears here.
+  resumed run) repeats bit for bit: client sampling *without DP*, codec and rotation seeds,
+  the SecAgg+ graph, the simulated drop-outs, local training order without DP. Anyone who
+  knows the run config can recompute them; nothing secret may depend on them.
+- **Secret** randomness is never derivable from the run config:
 
-Central-DP noise and DP-SGD's batches are still drawn from reproducible streams
-(:attr:`Stream.CENTRAL_DP_NOISE`, :func:`training_seed`); that is a known weakness
-of the current code (the server, or anyone with the config, can replay them) which the
-guarantees work replaces with secret, checkpointed generators.
+  - on the server, :class:`SecretStreams` — a 256-bit key drawn once from OS entropy
+    (``secrets``) from which each round's generator for a :class:`Secret` purpose is
+    derived (central-DP noise and adaptive-clipping count noise, client sampling under
+    central or distributed DP). The key is the wrapper's checkpoint state, so it lives only
+    in the server's owner-only checkpoint and a resumed run repeats the same draws;
+  - on a client, drawn from OS entropy where it is used: stochastic rounding and
+    distributed-DP noise, SecAgg+ keys and self-masks, DP-SGD's noise and Poisson batches
+    (:func:`secret_seed` seeds a fresh torch generator every round).
+
+Who can recompute what: the reproducible streams, everyone with ``config.toml`` (clients
+receive the run config, and ``summary.json`` repeats it). The server's secret streams, only
+whoever can read ``checkpoint.pkl`` (the server's operator). A client's secret randomness,
+only that client.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from enum import IntEnum
 
 import numpy as np
@@ -36,13 +46,67 @@ class Stream(IntEnum):
     SECAGG_GRAPH = 4
     """The SecAgg+ communication graph's relabelling."""
     CLIENT_SAMPLING = 0xC11E
-    """Which partitions train in a round."""
+    """Which partitions train in a round, without DP (under DP: :attr:`Secret.CLIENT_SAMPLING`)."""
     EVAL_SAMPLING = 0xE7A1
     """Which partitions evaluate in a round (federated evaluation)."""
     SIMULATED_DROPOUT = 0xD809
     """Which sampled clients a test tells to fail, and at which stage."""
     CENTRAL_DP_NOISE = 0xD9
-    """Central-DP Gaussian noise (reproducible today: see the module docstring)."""
+    """Only for :class:`SecretStreams` built from an explicit, public seed (experiments that
+    replay a run's noise on purpose); fedsqueeze's own app never does that."""
+
+
+class Secret(IntEnum):
+    """Purposes of the server's secret per-round generators (:class:`SecretStreams`)."""
+
+    CENTRAL_DP_NOISE = 0xD9
+    """Central DP's Gaussian noise, then adaptive clipping's count noise (one stream)."""
+    CLIENT_SAMPLING = 0xC11E
+    """Which partitions train in a round under central or distributed DP."""
+
+
+class SecretStreams:
+    """Per-round numpy generators derived from a secret key.
+
+    ``rng(round, purpose)`` seeds a PCG64 from ``SHA-256(key ‖ round ‖ purpose)``: outputs of
+    one round's generator say nothing about another round's, and nothing about the key; the
+    same key and round give the same draws, which is what makes a resumed run (and a round
+    re-run after a crash) release exactly what the uninterrupted run would — never a second,
+    independently noised copy of the same round.
+
+    Parameters
+    ----------
+    key
+        32 secret bytes; None draws them from OS entropy (``secrets.token_bytes``).
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = secrets.token_bytes(32) if key is None else bytes(key)
+        if len(self.key) < 16:
+            raise ValueError("a secret stream key needs at least 16 bytes")
+
+    @classmethod
+    def from_public_seed(cls, seed: int) -> SecretStreams:
+        """Streams anyone who knows ``seed`` can recompute: for experiments only."""
+        return cls(hashlib.sha256(b"public:%d:%d" % (int(seed), Stream.CENTRAL_DP_NOISE)).digest())
+
+    def rng(self, server_round: int, purpose: Secret) -> np.random.Generator:
+        """The generator of ``purpose`` in round ``server_round``."""
+        digest = hashlib.sha256(self.key + b"|%d|%d" % (int(server_round), int(purpose))).digest()
+        return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+
+    def state(self) -> bytes:
+        """What the private checkpoint keeps (the key)."""
+        return self.key
+
+    @classmethod
+    def restore(cls, state: bytes) -> SecretStreams:
+        return cls(state)
+
+
+def secret_seed(bits: int = 64) -> int:
+    """A seed from OS entropy (for a client's fresh per-round torch generator)."""
+    return secrets.randbits(bits)
 
 
 def round_seed(seed: int, server_round: int, stream: Stream) -> int:
@@ -57,7 +121,7 @@ def round_rng(seed: int, server_round: int, stream: Stream) -> np.random.Generat
 
 
 def training_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """The seed of a client's local training order (and of DP-SGD's batches and noise)."""
+    """The seed of a client's local training order without DP (DP-SGD's is secret)."""
     return int(
         np.random.SeedSequence([int(seed), int(server_round), int(partition_id)]).generate_state(1)[
             0

@@ -7,7 +7,9 @@ of encodings decodes to the sum of the inputs, up to unbiased rounding), which i
 makes it usable under SecAgg+. One interface, one class per mode:
 
 - :class:`ClippedSum` — clip to L2 norm ``clip``, scale, round without bias; the server gets
-  the sum of the clipped updates (central DP adds its noise to that sum);
+  the sum of the clipped updates (central DP adds its noise to that sum, and asks for
+  conditional rounding so that one client's contribution has a known norm bound,
+  :attr:`ClippedSum.l2_sensitivity`);
 - :class:`WeightedSum` — the same weighted by ``min(n_i, weight_cap)``, with ``n_i`` appended
   as one more coordinate, so FedAvg's weights travel inside the mask;
 - :class:`DistributedDPSum` — clip, shared-seed randomized Hadamard rotation, scale,
@@ -36,7 +38,12 @@ import numpy as np
 
 from fedsqueeze.compression import random_k_indices, stochastic_round
 from fedsqueeze.compression.stages import resolve_k
-from fedsqueeze.privacy.distributed import DistributedDPClient, DistributedDPParams, decode_sum
+from fedsqueeze.privacy.distributed import (
+    DistributedDPClient,
+    DistributedDPParams,
+    decode_sum,
+    rounded_l2_sensitivity,
+)
 from fedsqueeze.secagg.field import MAX_BITS, required_bits
 
 DEFAULT_BITS = 16
@@ -94,15 +101,40 @@ class SummableEncoding(ABC):
         return x
 
 
+_MAX_ROUNDING_ATTEMPTS = 1000
+
+
 @dataclass(frozen=True)
 class ClippedSum(SummableEncoding):
-    """Unweighted: ``stochastic_round(scale * clip(x))``; the server gets the sum of clipped x."""
+    """Unweighted: ``stochastic_round(scale * clip(x))``; the server gets the sum of clipped x.
+
+    Rounding moves every coordinate by up to one unit, so a rounded contribution can be
+    longer than ``clip`` — by up to ``sqrt(dim) / scale``. With ``beta > 0`` (central DP)
+    the client rounds *conditionally* (Kairouz et al. 2021, as distributed DP does): it
+    redraws the rounding until the integer vector's norm is within the bound of
+    :func:`~fedsqueeze.privacy.distributed.rounded_l2_sensitivity`, so every contribution
+    the server sums has norm at most :attr:`l2_sensitivity` (in update units), the value
+    central DP calibrates its noise to. The bound holds for every contribution, not just
+    with high probability: ``beta`` only sets how often a draw is redone.
+    """
 
     dim: int
     clip: float
     scale: float
     bits: int
     num_clients: int
+    beta: float = 0.0
+    """Per-attempt failure probability of conditional rounding; 0 = unconditional."""
+
+    def __post_init__(self) -> None:
+        if not (self.beta == 0.0 or 0.0 < self.beta < 1.0):
+            raise EncodingError(f"conditional-rounding beta must be 0 or in (0, 1): {self.beta}")
+
+    @property
+    def l2_sensitivity(self) -> float:
+        """Largest L2 norm of one client's decoded contribution (before any weighting)."""
+        beta = self.beta if self.beta > 0 else None
+        return rounded_l2_sensitivity(self.dim, self.clip, self.scale, beta) / self.scale
 
     @property
     def input_len(self) -> int:
@@ -118,10 +150,18 @@ class ClippedSum(SummableEncoding):
         return math.ceil(self.scale * self.clip)
 
     def _ints(self, x: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
-        ints = stochastic_round(clip_flat(x, self.clip) * (self.scale * factor), rng)
+        scaled = clip_flat(x, self.clip) * (self.scale * factor)
         bound = math.ceil(self.scale * self.clip)
-        clipped: np.ndarray = np.clip(ints, -bound, bound)  # no-op unless float nudged an edge
-        return clipped
+        max_sq = (self.l2_sensitivity * self.scale) ** 2 if self.beta > 0 else math.inf
+        for _ in range(_MAX_ROUNDING_ATTEMPTS):
+            # np.clip is a no-op unless float nudged an edge (and never lengthens the vector).
+            ints: np.ndarray = np.clip(stochastic_round(scaled, rng), -bound, bound)
+            wide = ints.astype(np.float64)
+            if float(np.dot(wide, wide)) <= max_sq:
+                return ints
+        raise EncodingError(
+            f"conditional rounding missed its norm bound {_MAX_ROUNDING_ATTEMPTS} times"
+        )
 
     def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         return self._ints(self._check_len(x), 1.0, rng)
@@ -182,8 +222,11 @@ def choose_integer_encoding(
     bits: int = 0,
     scale: float = 0.0,
     weight_cap: int = 0,
+    beta: float = 0.0,
 ) -> ClippedSum:
     """A :class:`ClippedSum` (``weight_cap = 0``) or :class:`WeightedSum` that cannot overflow.
+
+    ``beta > 0`` asks for conditional rounding (central DP; see :class:`ClippedSum`).
 
     Given ``bits``: the largest scale that fits; given ``scale``: the bits it needs; neither:
     :data:`DEFAULT_BITS` (more if the weights need it).
@@ -234,8 +277,10 @@ def choose_integer_encoding(
     if bits > MAX_BITS:
         raise EncodingError(f"secagg needs {bits} bits, more than the {MAX_BITS} maximum")
     if cap:
-        return WeightedSum(dim, float(clip), float(scale), int(bits), num_clients, cap)
-    return ClippedSum(dim, float(clip), float(scale), int(bits), num_clients)
+        return WeightedSum(
+            dim, float(clip), float(scale), int(bits), num_clients, float(beta), weight_cap=cap
+        )
+    return ClippedSum(dim, float(clip), float(scale), int(bits), num_clients, float(beta))
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ plain module (whose ``state_dict`` keys lack Opacus's ``_module.`` prefix) after
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
+import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -64,6 +64,7 @@ def make_private(
     mechanism: Mechanism = "rdp",
     *,
     poisson_sampling: bool = True,
+    noise_generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, DPOptimizer, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and loader for DP-SGD, resuming the accountant's history.
 
@@ -80,7 +81,12 @@ def make_private(
     mechanism
         Accountant: ``"rdp"`` or ``"prv"``; must match the one that produced the history.
     poisson_sampling
-        Opacus's Poisson-sampled loader (needed for the accounting to hold).
+        Opacus's Poisson-sampled loader (needed for the accounting to hold); it samples
+        with ``data_loader.generator``.
+    noise_generator
+        Source of the Gaussian noise (None: torch's global generator). Both this and the
+        loader's generator must be secret from whoever DP protects against — seeded from
+        OS entropy, not from anything in the run config.
 
     Returns
     -------
@@ -99,12 +105,9 @@ def make_private(
     history = history_from_list(accountant_history or [])
 
     module = unwrap_model(model)
-    with warnings.catch_warnings():
-        # Opacus warns on every engine that its default RNG is not cryptographically
-        # secure; a new engine per round would repeat it each round. Documented in the
-        # mechanisms module instead.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=mechanism)
+    # Opacus warns that its RNG is not cryptographically secure: true here as well (torch's
+    # generator, seeded from OS entropy by the caller), so the warning is not silenced.
+    engine = PrivacyEngine(accountant=mechanism)
     engine.accountant.history = list(history)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=module,
@@ -113,6 +116,7 @@ def make_private(
         noise_multiplier=noise,
         max_grad_norm=clip,
         poisson_sampling=poisson_sampling,
+        noise_generator=noise_generator,
     )
     return private_model, private_optimizer, private_loader, engine
 

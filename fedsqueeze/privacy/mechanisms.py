@@ -1,10 +1,13 @@
 """Noise mechanisms and the randomized Hadamard rotation (numpy only).
 
-Every sampler takes an explicit ``np.random.Generator`` so runs are reproducible and the
-caller decides where randomness comes from. ``numpy.random`` is not a cryptographically
-secure source; a deployment that needs floating-point-attack-resistant DP must feed these
-samplers a generator seeded from the OS (``np.random.default_rng(secrets.randbits(128))``)
-and should be aware of the usual caveats about floating-point noise (Mironov 2012).
+Every sampler takes an explicit ``np.random.Generator``: the caller decides where
+randomness comes from, and for DP it must be secret from whoever DP protects against —
+fedsqueeze feeds them generators seeded from OS entropy (clients) or from a secret key
+(:class:`fedsqueeze.contracts.streams.SecretStreams`, the server), never from the run
+seed. ``numpy.random``'s PCG64 is not a cryptographic generator (a secret 128-bit or
+larger seed makes its output unpredictable to someone who never sees raw draws), and the
+float Gaussian sampler is subject to the usual floating-point caveats (Mironov 2012); the
+discrete samplers (Skellam, discrete Gaussian) avoid the latter.
 """
 
 from __future__ import annotations

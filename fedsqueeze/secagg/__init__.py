@@ -12,13 +12,26 @@ Framework-free (``cryptography`` + numpy). Typical round::
     out = server.collect_masked({c: clients[c].masked_input(out[c], x[c]) for c in out})
     result = server.finish({c: clients[c].unmask(out[c]) for c in out})
 
-Clients absent from a dict are treated as dropped at that stage. Between stages a client can
-be saved with ``state = client.to_state()`` (flat, fits a Flower ``ConfigRecord``) and
-resumed with ``SecAggClient.from_state(state)``.
+Clients absent from a dict are treated as dropped at that stage. The graph is a random
+k-regular graph from the round seed; ``secure_neighbours(n, dropout, corrupt)`` is the degree
+bound after Bell et al. (CCS 2020) and ``check_neighbours`` refuses a smaller ``k``. Each
+client enforces its own floor, ``SecAggClient(cid, msg, policy=ClientPolicy(...))``, and
+refuses requests that would let an active server strip its masks (see ``client.py``).
+
+Between stages a client can be saved with ``state = client.to_state()`` (flat, fits a
+Flower ``ConfigRecord``) and resumed with ``SecAggClient.from_state(state)``.
 """
 
 from fedsqueeze.secagg.client import SecAggClient
-from fedsqueeze.secagg.config import SecAggConfig, neighbour_graph
+from fedsqueeze.secagg.config import (
+    ClientPolicy,
+    SecAggConfig,
+    check_neighbours,
+    is_connected,
+    neighbour_graph,
+    secure_neighbours,
+    secure_threshold,
+)
 from fedsqueeze.secagg.errors import (
     SecAggAbort,
     SecAggConfigError,
@@ -32,6 +45,7 @@ from fedsqueeze.secagg.field import check_no_overflow, from_field, required_bits
 from fedsqueeze.secagg.server import SecAggResult, SecAggServer
 
 __all__ = [
+    "ClientPolicy",
     "SecAggAbort",
     "SecAggClient",
     "SecAggConfig",
@@ -43,9 +57,13 @@ __all__ = [
     "SecAggProtocolError",
     "SecAggResult",
     "SecAggServer",
+    "check_neighbours",
     "check_no_overflow",
     "from_field",
+    "is_connected",
     "neighbour_graph",
     "required_bits",
+    "secure_neighbours",
+    "secure_threshold",
     "to_field",
 ]

@@ -16,6 +16,26 @@ private keys and shares: keep it on the client.
 
 Any violation raises a :class:`~fedsqueeze.secagg.errors.SecAggError` subclass; the glue
 should then drop this client from the round.
+
+Threat model: the server may deviate from the protocol; the client defends itself. It
+refuses (``SecAggProtocolError``, or ``SecAggAbort`` where the round cannot succeed anyway)
+
+- parameters below its own :class:`~fedsqueeze.secagg.config.ClientPolicy` (threshold and
+  graph degree floors set on the device; the server's ``allow_low_threshold`` is ignored);
+- a neighbour list that differs from the graph the round seed defines;
+- at ``share``, fewer than ``t - 1`` live neighbours; at ``mask``, a sender list shorter
+  than ``t - 1`` (an empty one would leave only the self mask on the input, whose shares
+  the honest neighbours then hand over: exact recovery of the input);
+- at ``unmask``, fewer than ``t`` survivors, a survivor set (``included_ids``, the clients
+  whose masked input is in the sum) whose communication graph is disconnected (the server
+  would learn the sum of each component), a request inconsistent with it, and revealing
+  both the self-mask and the mask-key share of any peer.
+
+Key authentication: with a roster in its policy the client accepts only peer keys signed by
+a distinct roster identity key (Ed25519); without one, the server is trusted not to
+substitute keys. Not covered yet: Bonawitz et al.'s consistency-check round (a server can
+still tell different clients different survivor sets; the rules above bound what that gains
+it).
 """
 
 from __future__ import annotations
@@ -26,12 +46,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsqueeze.compression.bitpack import pack_bits
 from fedsqueeze.secagg import crypto, shamir
 from fedsqueeze.secagg.config import (
     CONFIG_FIELDS,
     PROTOCOL,
+    ClientPolicy,
     SecAggConfig,
     check_client_ids,
     get_bytes,
@@ -39,6 +61,7 @@ from fedsqueeze.secagg.config import (
     get_id_list,
     get_int,
     get_str,
+    is_connected,
     neighbour_graph,
     session_id,
 )
@@ -116,6 +139,10 @@ class SecAggClient:
         This client's id (its Flower node id); must match the setup message.
     setup_msg:
         The message :meth:`SecAggServer.setup` produced for this client.
+    policy:
+        This device's security floor (:class:`~fedsqueeze.secagg.config.ClientPolicy`);
+        the default refuses thresholds below ``floor((k+1)/2) + 1`` and degrees below the
+        Bell et al. bound for the round's ``n``.
     entropy:
         Source of randomness, ``entropy(n) -> n bytes``. Defaults to :func:`os.urandom`;
         inject a seeded source only in tests.
@@ -126,13 +153,17 @@ class SecAggClient:
         client_id: int,
         setup_msg: Mapping[str, Any],
         *,
+        policy: ClientPolicy | None = None,
         entropy: Callable[[int], bytes] | None = None,
     ) -> None:
         self.config, self.client_ids = config_from_setup(setup_msg)
         if get_int(setup_msg, "client_id") != client_id or client_id not in self.client_ids:
             raise SecAggProtocolError(f"setup message is not addressed to client {client_id}")
+        self.policy = policy or ClientPolicy()
+        self.policy.check(self.config)
         self.client_id = client_id
         graph = neighbour_graph(self.client_ids, self.config.neighbours, self.config.round_seed)
+        self._graph = graph
         self.neighbours: tuple[int, ...] = graph[client_id]
         if sorted(get_id_list(setup_msg, "neighbour_ids")) != list(self.neighbours):
             raise SecAggProtocolError(
@@ -188,12 +219,14 @@ class SecAggClient:
         cls,
         state: Mapping[str, Any],
         *,
+        policy: ClientPolicy | None = None,
         entropy: Callable[[int], bytes] | None = None,
     ) -> SecAggClient:
         """Rebuild a client saved with :meth:`to_state`, in the stage it was saved in.
 
-        The round parameters are re-verified as for a setup message, and the saved keys,
-        shares and peer lists are checked for size and consistency with the neighbour graph.
+        The round parameters are re-verified as for a setup message (against ``policy``),
+        and the saved keys, shares and peer lists are checked for size and consistency with
+        the neighbour graph.
 
         Raises
         ------
@@ -202,13 +235,16 @@ class SecAggClient:
             field, wrong type or size, or fields inconsistent with its stage).
         """
         try:
-            return cls._from_state(state, entropy)
+            return cls._from_state(state, policy, entropy)
         except SecAggProtocolError as exc:
             raise SecAggProtocolError(f"invalid saved client state: {exc}") from exc
 
     @classmethod
     def _from_state(
-        cls, state: Mapping[str, Any], entropy: Callable[[int], bytes] | None
+        cls,
+        state: Mapping[str, Any],
+        policy: ClientPolicy | None,
+        entropy: Callable[[int], bytes] | None,
     ) -> SecAggClient:
         if not isinstance(state, Mapping):
             raise SecAggProtocolError(f"expected a mapping, got {type(state).__name__}")
@@ -236,7 +272,7 @@ class SecAggClient:
             setup["neighbour_ids"] = list(graph[client_id])
         else:
             setup["neighbour_ids"] = []  # the constructor rejects it with a clear message
-        client = cls(client_id, setup, entropy=entropy)
+        client = cls(client_id, setup, policy=policy, entropy=entropy)
 
         order = STAGES.index(stage)
         for key, from_stage in (("c_key", "keys"), ("s_key", "keys"), ("b_seed", "shared")):
@@ -288,16 +324,27 @@ class SecAggClient:
 
     # -- stage 1 -------------------------------------------------------------------------
 
-    def advertise_keys(self) -> dict[str, Any]:
-        """Generate this round's two X25519 key pairs and return the public keys."""
+    def advertise_keys(self, identity: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+        """Generate this round's two X25519 key pairs and return the public keys.
+
+        With ``identity`` (this device's Ed25519 key) the advertisement also carries
+        ``id_pk`` and ``sig``, a signature over the session, this client's id and both keys,
+        which peers holding a roster check (:class:`~fedsqueeze.secagg.config.ClientPolicy`).
+        """
         self._expect("setup")
         self._c_key = crypto.generate_private_key(self._entropy)  # encrypts shares
         self._s_key = crypto.generate_private_key(self._entropy)  # pairwise masks
         self.stage = "keys"
-        return {
+        out: dict[str, Any] = {
             "c_pk": crypto.public_key_bytes(self._c_key),
             "s_pk": crypto.public_key_bytes(self._s_key),
         }
+        if identity is not None:
+            out["id_pk"] = crypto.identity_public_bytes(identity)
+            out["sig"] = crypto.sign_advertisement(
+                identity, self.session, self.client_id, out["c_pk"], out["s_pk"]
+            )
+        return out
 
     # -- stage 2 -------------------------------------------------------------------------
 
@@ -315,6 +362,8 @@ class SecAggClient:
             raise SecAggProtocolError("peer_ids, peer_c_pks and peer_s_pks differ in length")
         if not set(peer_ids) <= set(self.neighbours):
             raise SecAggProtocolError("the server sent keys of clients that are not neighbours")
+        if self.policy.roster is not None:
+            self._check_signatures(msg, peer_ids, c_pks, s_pks)
         own_c = crypto.public_key_bytes(self._c_key)
         own_s = crypto.public_key_bytes(self._s_key)
         all_keys = [own_c, own_s, *c_pks, *s_pks]
@@ -372,6 +421,13 @@ class SecAggClient:
             raise SecAggProtocolError("sender_ids and ciphertexts differ in length")
         if not set(senders) <= set(self._peers):
             raise SecAggProtocolError("received shares from clients that were not live peers")
+        if len(senders) < self.config.threshold - 1:
+            # With fewer pairwise masks than t - 1 the server could strip this input: with
+            # none at all only PRG(b_u) covers it, and the neighbours reveal b_u at unmask.
+            raise SecAggProtocolError(
+                f"refusing to mask: only {len(senders)} neighbours' shares arrived, fewer than "
+                f"t - 1 = {self.config.threshold - 1}"
+            )
         for sender, blob in zip(senders, blobs, strict=True):
             key = crypto.pairwise_key(
                 self._c_key, self._peers[sender][0], self.session, b"enc", self.client_id, sender
@@ -406,9 +462,13 @@ class SecAggClient:
         """Reveal the shares the server needs: ``b_v`` of survivors, ``s_v`` of dropped peers.
 
         ``msg`` holds ``survivor_ids`` (must include this client) and ``dropped_ids``; together
-        they must classify exactly the peers this client masked with. The client refuses
-        (``SecAggProtocolError``) to reveal both kinds of share for one peer in this round,
-        whether within one request or across repeated requests.
+        they must classify exactly the peers this client masked with. It also holds
+        ``included_ids``, every client whose masked input the server summed: the local lists
+        must agree with it, it must have at least ``t`` members, and its graph (recomputed
+        from the public seed) must be connected, otherwise the server would learn the sum of
+        each component. The client refuses (``SecAggProtocolError``) to reveal both kinds of
+        share for one peer in this round, whether within one request or across repeated
+        requests.
         """
         if self.stage not in ("masked", "unmasked"):
             raise SecAggProtocolError(f"unmask called in stage {self.stage!r}")
@@ -437,6 +497,22 @@ class SecAggClient:
                 f"refusing to reveal both the self-mask and the mask-key share of {conflict} "
                 "in one round"
             )
+        included = set(get_id_list(msg, "included_ids"))
+        mine = {self.client_id, *self._mask_peers}
+        if not included <= set(self.client_ids) or included & mine != set(survivors):
+            raise SecAggProtocolError(
+                "included_ids disagrees with the survivors and dropouts this client was told"
+            )
+        if len(included) < self.config.threshold:
+            raise SecAggProtocolError(
+                f"refusing to unmask a sum of {len(included)} clients, fewer than t = "
+                f"{self.config.threshold}"
+            )
+        if not is_connected(self._graph, included):
+            raise SecAggProtocolError(
+                "refusing to unmask: the included clients' graph is disconnected, the server "
+                "would learn the sum of each component"
+            )
         self._revealed.update(wanted)
         self.stage = "unmasked"
         survivors.sort()
@@ -449,6 +525,31 @@ class SecAggClient:
         }
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _check_signatures(
+        self, msg: Mapping[str, Any], peer_ids: list[int], c_pks: list[bytes], s_pks: list[bytes]
+    ) -> None:
+        """Every peer's keys must be signed by a distinct identity key of the roster."""
+        assert self.policy.roster is not None
+        try:
+            id_pks = get_bytes_list(msg, "peer_id_pks", crypto.KEY_BYTES)
+            sigs = get_bytes_list(msg, "peer_sigs", crypto.SIGNATURE_BYTES)
+        except SecAggProtocolError as exc:
+            raise SecAggProtocolError(
+                f"refusing unauthenticated peer keys (this client holds a roster): {exc}"
+            ) from exc
+        if not len(id_pks) == len(sigs) == len(peer_ids):
+            raise SecAggProtocolError("peer identity keys and signatures differ in length")
+        if len(set(id_pks)) != len(id_pks):
+            raise SecAggProtocolError("two peers advertise the same identity key")
+        for peer, id_pk, sig, c_pk, s_pk in zip(peer_ids, id_pks, sigs, c_pks, s_pks, strict=True):
+            if id_pk not in self.policy.roster:
+                raise SecAggProtocolError(f"client {peer}'s identity key is not in the roster")
+            if not crypto.verify_advertisement(id_pk, sig, self.session, peer, c_pk, s_pk):
+                raise SecAggProtocolError(
+                    f"the key advertisement of client {peer} is not signed by its identity key "
+                    "(substituted keys?)"
+                )
 
     def _expect(self, stage: str) -> None:
         if self.stage != stage:

@@ -4,7 +4,9 @@
 - AES-256-GCM for the encrypted share pairs, with associated data binding the session,
   sender and recipient so a ciphertext only opens in the exact slot it was made for;
 - AES-256-CTR keystream as the mask generator (PRG), read as little-endian words with
-  numpy so masking costs no Python loop per coordinate.
+  numpy so masking costs no Python loop per coordinate;
+- Ed25519 device identity keys signing a client's key advertisement (session, id, both
+  public keys), checked by its peers against a roster of trusted identity keys.
 
 Every derived key is salted with the session id (a hash of the round's public
 parameters, see :func:`fedsqueeze.secagg.config.session_id`), so keys and masks never
@@ -16,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -27,6 +30,7 @@ from fedsqueeze.secagg.errors import SecAggDecryptionError, SecAggProtocolError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
+SIGNATURE_BYTES = 64
 _TAG = b"fedsqueeze/secagg/v1/"
 _ZERO_IV = bytes(16)
 
@@ -145,3 +149,46 @@ def prg_words(key: bytes, count: int, bits: int) -> np.ndarray:
     encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
     stream = encryptor.update(bytes(count * dtype.itemsize))
     return np.frombuffer(stream, dtype=dtype.newbyteorder("<"))
+
+
+# --- device identity (Ed25519) ------------------------------------------------------------
+
+
+def load_identity_key(data: bytes) -> Ed25519PrivateKey:
+    """An Ed25519 private key from 32 raw bytes or an unencrypted PEM (PKCS#8) file's bytes."""
+    try:
+        if len(data) == KEY_BYTES:
+            return Ed25519PrivateKey.from_private_bytes(data)
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as exc:
+        raise SecAggProtocolError(f"not an Ed25519 private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SecAggProtocolError("the identity key must be an Ed25519 key")
+    return key
+
+
+def identity_public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _advertisement(session: bytes, client_id: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    return _TAG + b"advertise" + session + id_bytes(client_id) + c_pk + s_pk
+
+
+def sign_advertisement(
+    identity: Ed25519PrivateKey, session: bytes, client_id: int, c_pk: bytes, s_pk: bytes
+) -> bytes:
+    """Ed25519 signature binding both public keys to the client id and the session."""
+    return identity.sign(_advertisement(session, client_id, c_pk, s_pk))
+
+
+def verify_advertisement(
+    identity_pk: bytes, signature: bytes, session: bytes, client_id: int, c_pk: bytes, s_pk: bytes
+) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_pk).verify(
+            signature, _advertisement(session, client_id, c_pk, s_pk)
+        )
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -17,12 +17,26 @@ every client ``v`` that dropped after sharing but is masked into a neighbour's i
 live neighbours holding ``s_v``. Before sharing, the server prunes clients whose
 neighbourhood is already too small (they could never be recovered); after masked inputs
 arrive nothing can be pruned any more, so a failed condition raises :class:`SecAggAbort`.
+
+The server also aborts, before asking for any share, when the communication graph of the
+included clients (those whose masked input is in the sum) is disconnected: pairwise masks
+cancel inside each component, so unmasking would reveal the sum of every component, down
+to ``t`` clients. Each unmask request carries ``included_ids`` so clients check the same.
+
+Unmasking is robust to a wrong share: a reconstructed self-mask seed is verified against the
+owner's commitment and a mask key against the owner's public key; if the first ``t`` shares
+fail, each ``t``-subset of the first ``t + 1`` is tried, and then every share that disagrees
+with the verified polynomial is named in :attr:`SecAggServer.rejected` when the evidence is
+unambiguous (unique decoding: the polynomial and the verified secret agree with ``t`` more
+points than it disagrees with); the sender's own input stays in the sum. More than one
+wrong share among those tried aborts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 import numpy as np
@@ -37,6 +51,7 @@ from fedsqueeze.secagg.config import (
     get_bytes,
     get_bytes_list,
     get_id_list,
+    is_connected,
     neighbour_graph,
     session_id,
 )
@@ -68,6 +83,14 @@ class SecAggResult:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
+def _matches_commitment(session: bytes, client_id: int, commit: bytes, seed: bytes) -> bool:
+    return b_commitment(session, client_id, seed) == commit
+
+
+def _matches_public_key(public: bytes, raw: bytes) -> bool:
+    return crypto.public_key_bytes(crypto.load_private_key(raw)) == public
+
+
 class SecAggServer:
     """The aggregator of one SecAgg+ round; see the module docstring for the stages."""
 
@@ -81,6 +104,7 @@ class SecAggServer:
         self.stage = "init"
         self.rejected: dict[int, str] = {}
         self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._signed: dict[int, tuple[bytes, bytes]] = {}  # identity key, signature
         self._u1: set[int] = set()
         self._u2: set[int] = set()
         self._u3: set[int] = set()
@@ -114,6 +138,12 @@ class SecAggServer:
                 s_pk = get_bytes(msg, "s_pk", crypto.KEY_BYTES)
                 crypto.load_public_key(c_pk)
                 crypto.load_public_key(s_pk)
+                if "sig" in msg:
+                    id_pk = get_bytes(msg, "id_pk", crypto.KEY_BYTES)
+                    sig = get_bytes(msg, "sig", crypto.SIGNATURE_BYTES)
+                    if not crypto.verify_advertisement(id_pk, sig, self.session, cid, c_pk, s_pk):
+                        raise SecAggProtocolError("key advertisement signature does not verify")
+                    self._signed[cid] = (id_pk, sig)
             except SecAggError as exc:
                 self._reject(cid, "advertise_keys", exc)
                 continue
@@ -128,6 +158,9 @@ class SecAggServer:
                 "peer_c_pks": [self._keys[v][0] for v in peers],
                 "peer_s_pks": [self._keys[v][1] for v in peers],
             }
+            if any(v in self._signed for v in peers):  # forwarded for clients with a roster
+                out[u]["peer_id_pks"] = [self._signed.get(v, (b"", b""))[0] for v in peers]
+                out[u]["peer_sigs"] = [self._signed.get(v, (b"", b""))[1] for v in peers]
         return out
 
     def collect_shares(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
@@ -192,13 +225,19 @@ class SecAggServer:
                     f"client {v} dropped after sharing keys but only {len(holders)} of its "
                     f"neighbours survive to reveal its mask key (threshold {c.threshold})"
                 )
+        if not is_connected(self.graph, self._u3):
+            self._abort(
+                f"the graph of the {len(self._u3)} included clients is disconnected; unmasking "
+                "would reveal the sum of each component"
+            )
+        included = sorted(self._u3)
         out: dict[int, Message] = {}
-        for u in sorted(self._u3):
+        for u in included:
             peers = self._live_neighbours(u, self._u2)
             survivors = sorted([u, *(v for v in peers if v in self._u3)])
             dropped = [v for v in peers if v not in self._u3]
             self._requests[u] = (survivors, dropped)
-            out[u] = {"survivor_ids": survivors, "dropped_ids": dropped}
+            out[u] = {"survivor_ids": survivors, "dropped_ids": dropped, "included_ids": included}
         return out
 
     def finish(self, msgs: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
@@ -232,24 +271,26 @@ class SecAggServer:
         assert self._acc is not None
         acc, d, bits = self._acc, c.vector_len, c.bits
         for u in sorted(self._u3):
-            seed = self._reconstruct(b_shares[u], f"the self-mask seed of client {u}")
-            if b_commitment(self.session, u, seed) != self._commits[u]:
-                self._abort(
-                    f"the self-mask seed of client {u} does not match its commitment "
-                    "(a holder returned a wrong share)"
-                )
+            commit = self._commits[u]
+            seed = self._reconstruct(
+                b_shares[u],
+                f"the self-mask seed of client {u}",
+                partial(_matches_commitment, self.session, u, commit),
+                "its commitment",
+            )
             acc -= crypto.prg_words(crypto.self_mask_key(seed, self.session), d, bits)
         for v in sorted(s_shares):
             masked_with = self._live_neighbours(v, self._u3)
             if not masked_with:
                 continue
-            raw = self._reconstruct(s_shares[v], f"the mask key of dropped client {v}")
+            s_pk = self._keys[v][1]
+            raw = self._reconstruct(
+                s_shares[v],
+                f"the mask key of dropped client {v}",
+                partial(_matches_public_key, s_pk),
+                "its public key",
+            )
             s_key = crypto.load_private_key(raw)
-            if crypto.public_key_bytes(s_key) != self._keys[v][1]:
-                self._abort(
-                    f"the mask key of client {v} does not match its public key "
-                    "(a holder returned a wrong share)"
-                )
             for u in masked_with:
                 key = crypto.pairwise_key(s_key, self._keys[u][1], self.session, b"mask", v, u)
                 # Client u added the pair mask if u < v, subtracted it otherwise: undo that.
@@ -329,15 +370,46 @@ class SecAggServer:
         self._acc = None
         raise SecAggAbort(f"secure aggregation aborted: {reason}")
 
-    def _reconstruct(self, points: list[tuple[int, int]], what: str) -> bytes:
-        if len(points) < self.config.threshold:
-            self._abort(
-                f"only {len(points)} shares of {what} arrived, threshold is {self.config.threshold}"
-            )
+    def _reconstruct(
+        self,
+        points: list[tuple[int, int]],
+        what: str,
+        verify: Callable[[bytes], bool],
+        against: str,
+    ) -> bytes:
+        """The secret behind ``points``, verified; wrong shares are named in ``rejected``."""
+        t = self.config.threshold
+        if len(points) < t:
+            self._abort(f"only {len(points)} shares of {what} arrived, threshold is {t}")
         # Use the t shares with the smallest positions: holder sets then repeat across
-        # secrets and the Lagrange coefficients are cached.
-        chosen = sorted(points)[: self.config.threshold]
-        try:
-            return shamir.reconstruct_secret([p[0] for p in chosen], [p[1] for p in chosen])
-        except SecAggProtocolError as exc:
-            self._abort(f"could not reconstruct {what}: {exc}")
+        # secrets and the Lagrange coefficients are cached. If they fail verification, try
+        # leaving out each one of the first t + 1 (one wrong share is always survived).
+        ordered = sorted(points)
+        tries = [ordered[:t]]
+        if len(ordered) > t:
+            head = ordered[: t + 1]
+            tries += [head[:j] + head[j + 1 :] for j in range(t - 1, -1, -1)]
+        for attempt, chosen in enumerate(tries):
+            xs, ys = [p[0] for p in chosen], [p[1] for p in chosen]
+            try:
+                secret = shamir.reconstruct_secret(xs, ys)
+                ok = verify(secret)
+            except SecAggError:
+                continue
+            if ok and attempt == 0:
+                return secret  # the usual case: no wrong share among the first t
+            if ok:
+                wrong = [
+                    x for x, y in ordered if x not in xs and shamir.interpolate_at(xs, ys, x) != y
+                ]
+                # Name senders only within the unique-decoding radius: the polynomial (with
+                # the verified secret as one more point) must agree with t + |wrong| points,
+                # so colluding senders of wrong shares cannot get an honest holder named.
+                if wrong and len(ordered) - len(wrong) + 1 >= t + len(wrong):
+                    for x in wrong:
+                        holder = x - 1  # share_position(holder) = holder + 1
+                        self.rejected[holder] = f"unmask: returned a wrong share of {what}"
+                return secret
+        self._abort(
+            f"{what} does not match {against} (more than one holder returned a wrong share)"
+        )

@@ -76,6 +76,12 @@ def reconstruct_secret(xs: Sequence[int], ys: Sequence[int]) -> bytes:
     return secret.to_bytes(SECRET_BYTES, "big")
 
 
+def interpolate_at(xs: Sequence[int], ys: Sequence[int], x: int) -> int:
+    """The value at ``x`` of the polynomial through the given shares (to check other shares)."""
+    coeffs = _lagrange_at(tuple(xs), x % PRIME)
+    return sum(c * y for c, y in zip(coeffs, ys, strict=True)) % PRIME
+
+
 def encode_share(y: int) -> bytes:
     """Fixed-width big-endian encoding of a share value."""
     return y.to_bytes(SHARE_BYTES, "big")
@@ -110,5 +116,20 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
             if j != i:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """Coefficients l_i with f(x) = sum_i l_i f(x_i): l_i = prod_{j!=i} (x - x_j) / (x_i - x_j)."""
+    _check_positions(xs)
+    out = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
         out.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(out)

@@ -5,22 +5,62 @@ accountant, the budget, calibration, checkpoint state, ε in the round's MetricR
 each mode says only where its noise comes from.
 
 - :class:`CentralDP` (user level, trusted server) — each client's update is clipped to
-  ``clip`` (L2 over all tensors), the server sums, adds N(0, (z·C)²) and divides by
+  ``clip`` (L2 over all tensors), the server sums, adds N(0, (z·Δ)²) and divides by
   ``clients_per_round`` (DP-FedAvg's fixed denominator: the mean is *unweighted*, so a
   client's number of examples cannot leak through the weights). Without secure aggregation
-  the server clips the decoded updates (``CompressedStrategy(CentralDP(FedAvg()))``); inside
-  ``SecAggStrategy`` clients clip and the server noises the secure sum.
+  the server clips the decoded updates (``CompressedStrategy(CentralDP(FedAvg()))``, Δ =
+  clip); inside ``SecAggStrategy`` clients clip and round conditionally, and Δ is the
+  rounded contribution's bound (a hair above clip).
 - :class:`DistributedDP` (user level, the server only sees a noised secure sum) — clients
   add their share of discrete noise before masking; only directly inside ``SecAggStrategy``.
 - :class:`LocalDP` (sample level, untrusted server) — clients run DP-SGD with their own
   Opacus accountant; this wrapper reports the largest ε a client has reported.
 
+Threat model, per mode
+----------------------
+What ε bounds is always the same statement — how much more likely any release is with one
+client's data (central, distributed: all of a client's data; local: one training example)
+than without it — but each mode makes it against different parties.
+
+**Central DP** protects against everyone *except the server*: readers of the released
+models (``model.pt``, every round's global model sent to clients), readers of the run
+directory, and other clients. The server sees every client's clipped update (or, under
+SecAgg, the exact sum of the clipped updates) before it adds noise; it must be trusted.
+The noise, the adaptive-clipping count noise and, under any user-level DP, the choice of
+clients per round are drawn from a secret key (OS entropy) that lives only in
+``checkpoint.pkl`` (mode 0600): someone with ``config.toml`` or the seed cannot regenerate
+them; someone who can read the checkpoint can, and is as trusted as the server.
+``metrics.jsonl`` and ``summary.json`` hold only noised quantities and public
+parameters: ε, δ, z, the clip (with adaptive clipping: the clip computed from the noised
+count, and that noised fraction), counts of clients that replied, bytes, and the central
+test accuracy of the (noised) model — never per-client losses or exact clipping counts.
+
+**Distributed DP** (with SecAgg+) protects against an honest-but-curious server as well:
+it learns only the noised sum of at least ``min_contributors`` clients' contributions,
+each client adding its own secret share of the noise (from its own OS entropy). The
+guarantee holds as long as secure aggregation does (its own threat model bounds what an
+active server can do) and the clients that drop out were not colluding with the server
+to withdraw their noise: the accountant charges the noise of the clients actually
+included, and the budget check assumes the fewest a round accepts. What the server and
+the run directory see beyond the noised model: which sampled clients replied (counts), the
+SecAgg+ protocol metadata, bytes. Clients send no loss, example count or other per-client
+statistic in the clear (their example counts travel inside the mask, or not at all).
+
+**Local DP** (DP-SGD on each client) protects every client's examples against the server
+and everyone downstream: each client's noise and Poisson batches come from its own OS
+entropy, so the server cannot replay its training. ε is per example, per client, and is
+what the client reports (the server takes the largest). The server sees each update
+(noised by DP-SGD) and, without SecAgg, each client's example count as FedAvg's weight
+plus the ε/δ it reports (both depend on that count); clients send no training loss.
+
 Accounting: q = clients_per_round / num_clients, one step of the subsampled Gaussian
 mechanism per round in which the server computed a noised aggregate (even if that aggregate
 was then dropped as non-finite), composed by Opacus's RDP or PRV accountant. Opacus analyses
 Poisson subsampling while clients are sampled without replacement — the usual DP-FedAvg
-approximation. Distributed DP is accounted as the Gaussian mechanism with the effective
-multiplier of the summed discrete noise over the rounding-inflated sensitivity.
+approximation; the amplification holds only because the sampled set is secret (under DP
+fedsqueeze's loop samples from a secret stream). Distributed DP is accounted as the
+Gaussian mechanism with the effective multiplier of the summed discrete noise over the
+rounding-inflated sensitivity.
 
 Order with compression (central DP, no secure aggregation): client trains → codec → server
 decodes → **clip** → sum → **noise** → ÷ clients_per_round → strategy. The server is trusted
@@ -40,9 +80,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsqueeze.compression.stages import resolve_k
 from fedsqueeze.contracts.checks import ConfigError
-from fedsqueeze.contracts.records import RecordNames, from_record, single_metrics
-from fedsqueeze.contracts.streams import Stream, round_rng
+from fedsqueeze.contracts.records import RecordNames, flatten, from_record, single_metrics
+from fedsqueeze.contracts.streams import Secret, SecretStreams
 from fedsqueeze.contracts.summable import (
     DistributedDPSum,
     SummableEncoding,
@@ -59,6 +100,7 @@ from fedsqueeze.privacy import (
     gaussian_noise,
     noise_for_budget,
 )
+from fedsqueeze.privacy.distributed import DEFAULT_BETA
 from fedsqueeze.server.compose import (
     FLOWER_DP,
     StrategyCompositionError,
@@ -66,7 +108,7 @@ from fedsqueeze.server.compose import (
     refuse_below,
 )
 from fedsqueeze.server.hooks import RoundHook
-from fedsqueeze.server.strategy import CompressedStrategy, mean_metric, merge_delta
+from fedsqueeze.server.strategy import CompressedStrategy, merge_delta
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +311,16 @@ class DPStrategy(_Delegating, _PrivacyHook):
                 f"{type(self).__name__}(clients_per_round={self.clients_per_round}) accounts "
                 "for at most that many; sample fewer or raise clients_per_round"
             )
+        refusal = self._refuse_round(server_round, len(messages))
+        if refusal:
+            log.warning("round %d not run: %s", server_round, refusal)
+            return []
+        self.report["dp_noise_multiplier"] = self.next_multiplier()
         return messages
+
+    def _refuse_round(self, server_round: int, num_messages: int) -> str:
+        """A mode's last check once the round's clients are known (before anything is sent)."""
+        return ""
 
     def state(self) -> dict[str, Any]:
         return {
@@ -307,10 +358,26 @@ class DPStrategy(_Delegating, _PrivacyHook):
 class CentralDP(DPStrategy):
     """Central DP: clip each client's update, noise the sum, divide by clients_per_round.
 
-    ``noise_seed`` makes the noise reproducible from the run seed (fedsqueeze's own app
-    uses it for bit-identical resume; anyone who knows the seed can then remove the noise).
-    ``None`` draws it from OS entropy. ``adaptive_quantile`` in (0, 1) tracks that quantile
-    of the update norms (Andrew et al. 2021; not under secure aggregation).
+    Against whom: everyone but the server — readers of the released models and of the run
+    directory, other clients. The server sees every clipped update (or, under SecAgg, the
+    exact clipped sum) before it adds the noise; it is trusted.
+
+    The Gaussian noise and adaptive clipping's count noise come from
+    :class:`~fedsqueeze.contracts.streams.SecretStreams`: a key drawn from OS entropy when
+    the wrapper is built, kept in :meth:`state` (the server's owner-only checkpoint) and
+    nowhere else, so a resumed run releases exactly the noise the uninterrupted run would,
+    and nobody without the checkpoint can regenerate it. ``noise_seed`` replaces the key by
+    one derived from a public seed — anyone who knows it removes the noise (ε = ∞): for
+    experiments that replay a run on purpose only; fedsqueeze's own app never sets it.
+
+    ``adaptive_quantile`` in (0, 1) tracks that quantile of the update norms (Andrew et al.
+    2021; not under secure aggregation).
+
+    Under secure aggregation the clients round their scaled updates to integers. The noise
+    is calibrated to what one client can actually contribute after rounding:
+    :attr:`~fedsqueeze.contracts.summable.ClippedSum.l2_sensitivity` with conditional
+    rounding (Kairouz et al. 2021), i.e. std ``z * Δ`` with ``Δ >= clip`` (slightly), so
+    the accountant's multiplier ``z`` is exact.
     """
 
     mode = "central"
@@ -327,6 +394,17 @@ class CentralDP(DPStrategy):
         self.noise_seed = noise_seed
         self.adaptive_quantile = float(adaptive_quantile)
         self.clipper = self._new_clipper(self.clip) if adaptive_quantile else None
+        self._sensitivity = self.clip
+
+    @property
+    def noise_seed(self) -> int | None:
+        """The public seed the noise is derived from (None: secret, the default)."""
+        return self._noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: int | None) -> None:
+        self._noise_seed = seed
+        self.streams = SecretStreams() if seed is None else SecretStreams.from_public_seed(seed)
 
     def _new_clipper(self, clip: float) -> AdaptiveClipper:
         """An adaptive clipper at ``clip`` that splits the current noise multiplier."""
@@ -348,17 +426,18 @@ class CentralDP(DPStrategy):
         super().attach_secure_sum()
 
     def _rng(self, server_round: int) -> np.random.Generator:
-        if self.noise_seed is None:
-            return np.random.default_rng()
-        return round_rng(self.noise_seed, server_round, Stream.CENTRAL_DP_NOISE)
+        return self.streams.rng(server_round, Secret.CENTRAL_DP_NOISE)
 
     def summable_encoding(
         self, *, dim: int, num_clients: int, bits: int, scale: float, rotation_seed: int
     ) -> SummableEncoding:
-        """Clients clip to ``clip`` and send the unweighted sum."""
-        return choose_integer_encoding(
-            dim=dim, num_clients=num_clients, clip=self.clip, bits=bits, scale=scale
-        )
+        """Clients clip to ``clip``, round conditionally and send the unweighted sum."""
+        enc = choose_integer_encoding(
+            dim=dim, num_clients=num_clients, clip=self.clip, bits=bits, scale=scale,
+            beta=DEFAULT_BETA,
+        )  # fmt: skip
+        self._sensitivity = enc.l2_sensitivity
+        return enc
 
     def _noised_mean(
         self, total: Mapping[str, np.ndarray], std: float, rng: np.random.Generator
@@ -377,13 +456,20 @@ class CentralDP(DPStrategy):
         template: Message,
         metrics: Mapping[str, float],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        std = self.noise_multiplier * self.clip
+        # Calibrated to the rounded contribution's bound, not to clip (finding: rounding
+        # lengthens a contribution by up to sqrt(d)/scale).
+        std = self.noise_multiplier * self._sensitivity
         mean = self._noised_mean(total, std, self._rng(server_round))
+        # Client metrics (their exact train losses) are not released: only the noised model.
         arrays, out = merge_delta(
-            self.inner, server_round, self._global, mean, template, self.names, metrics
+            self.inner, server_round, self._global, mean, template, self.names, {}
         )
         return arrays, self._release(
-            self.noise_multiplier, out, dp_clip=self.clip, dp_noise_std=std
+            self.noise_multiplier,
+            out,
+            dp_clip=self.clip,
+            dp_sensitivity=self._sensitivity,
+            dp_noise_std=std,
         )
 
     def aggregate_train(
@@ -395,43 +481,41 @@ class CentralDP(DPStrategy):
         clip = self.clipper.clip if self.clipper is not None else self.clip
         total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self._global.items()}
         unclipped = 0
-        rows = []
         for msg in usable:
             local = from_record(msg.content.array_records[self.names.arrays])
             clipped, norm = clip_l2({k: local[k] - self._global[k] for k in total}, clip)
             unclipped += int(norm <= clip)
             for k in total:
                 total[k] += clipped[k]
-            metrics = single_metrics(msg.content)
-            if metrics is not None:
-                rows.append({k: float(v) for k, v in metrics[1].items() if k == "train-loss"})
         std = self.clipper.update_noise_std() if self.clipper else self.noise_multiplier * clip
         rng = self._rng(server_round)  # one stream: the count noise continues it
         mean = self._noised_mean(total, std, rng)
         if self.clipper is not None:
             self.clipper.update(unclipped, len(usable), rng)
+        # Neither the clients' exact losses nor the exact unclipped count are released: only
+        # the noised model and, with adaptive clipping, the noised fraction it computed.
         arrays, out = merge_delta(
-            self.inner,
-            server_round,
-            self._global,
-            mean,
-            usable[0],
-            self.names,
-            mean_metric(rows, "train-loss"),
+            self.inner, server_round, self._global, mean, usable[0], self.names, {}
         )
+        noised = {}
+        if self.clipper is not None and self.clipper.last_unclipped_fraction is not None:
+            noised["dp_unclipped_fraction_noised"] = self.clipper.last_unclipped_fraction
         return arrays, self._release(
-            self.noise_multiplier,
-            out,
-            dp_clip=clip,
-            dp_noise_std=std,
-            dp_unclipped_fraction=unclipped / len(usable),
+            self.noise_multiplier, out, dp_clip=clip, dp_noise_std=std, **noised
         )
 
     def state(self) -> dict[str, Any]:
-        return {**super().state(), "adaptive_clip": self.clipper.clip if self.clipper else None}
+        """Includes the secret noise key: this state belongs in the private checkpoint only."""
+        return {
+            **super().state(),
+            "adaptive_clip": self.clipper.clip if self.clipper else None,
+            "noise_key": self.streams.state(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
+        if state.get("noise_key") is not None:
+            self.streams = SecretStreams.restore(state["noise_key"])
         if self.clipper is not None:
             # Rebuilt: the restored multiplier (kept from the checkpoint's calibration) may
             # differ from the one this wrapper was built with, and the clipper's split of
@@ -449,21 +533,44 @@ class CentralDP(DPStrategy):
 class DistributedDP(DPStrategy):
     """Distributed DP: clients add discrete noise before masking (inside ``SecAggStrategy``).
 
+    Against whom: an honest-but-curious server (and anyone who sees what it releases or
+    writes) — it only ever sees the securely summed, noised vector, as long as SecAgg+ holds
+    (see the secure-aggregation threat model) and at least ``min_contributors`` clients'
+    noise is in the sum. Each client's noise share is drawn from its own OS entropy.
+
     ``bits`` is the field width of the noised sum; ``mechanism`` ``"skellam"`` or
-    ``"dgauss"``. With a calibrated (budget) multiplier z the nominal multiplier is raised
-    until the *effective* one (rounding inflates the sensitivity) reaches z.
+    ``"dgauss"``. Every round is checked, before any message is sent, against the *worst*
+    round SecAgg+ can accept: only ``min_contributors`` of the sampled clients' noise
+    shares in the sum (the SecAgg+ threshold t; 0 = ``n // 2 + 1``, ``SecAggStrategy``'s
+    default with the full graph), with the rounding-inflated sensitivity of the round's
+    actual encoding. A round whose worst case would exceed ``epsilon`` is not run, so a run
+    never exceeds its budget, whatever drops out. With a budget and no explicit multiplier,
+    the nominal multiplier is raised until that worst case reaches the calibrated z (with
+    full participation the round is charged less). ``randk`` must be the random-k amount of
+    the ``SecAggStrategy`` outside (the encoded length is predicted from it).
     """
 
     mode = "distributed"
 
     def __init__(
-        self, inner: Strategy, *, bits: int = 16, mechanism: str = "skellam", **kwargs: Any
+        self,
+        inner: Strategy,
+        *,
+        bits: int = 16,
+        mechanism: str = "skellam",
+        min_contributors: int = 0,
+        randk: float | int = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(inner, **kwargs)
         self.bits = int(bits)
         self.noise_kind = mechanism
-        self.last_effective: float | None = None
+        self.min_contributors = int(min_contributors)
+        self.randk = randk
         self._params: dict[tuple[int, int], DistributedDPParams] = {}
+        super().__init__(inner, **kwargs)
+        self.last_effective: float | None = None
+        self._predicted: float | None = None
+        self._predicted_key: tuple[int, int] | None = None
         self._round_params: DistributedDPParams | None = None
 
     def configure_train(
@@ -476,19 +583,38 @@ class DistributedDP(DPStrategy):
             )
         return super().configure_train(server_round, arrays, config, grid)
 
+    def worst_contributors(self, num_clients: int) -> int:
+        """The fewest contributors a round of ``num_clients`` can be unmasked with."""
+        t = self.min_contributors if self.min_contributors > 0 else num_clients // 2 + 1
+        return max(1, min(t, num_clients))
+
     def next_multiplier(self) -> float:
-        return self.last_effective if self.last_effective is not None else self.noise_multiplier
+        """The worst-case effective multiplier of the next round (nominal until the first
+        round's encoding is known; :meth:`configure_train` checks the exact one)."""
+        return self._predicted if self._predicted is not None else self.noise_multiplier
+
+    def _refuse_round(self, server_round: int, num_messages: int) -> str:
+        if num_messages < 2:
+            return ""  # SecAggStrategy runs no protocol: nothing is released
+        dim = resolve_k(self.randk, int(flatten(self._global).size))
+        params = self.params(dim, num_messages)
+        self._predicted_key = (dim, num_messages)
+        self._predicted = float(
+            params.effective_noise_multiplier(self.worst_contributors(num_messages))
+        )
+        return self.before_round(server_round)
 
     def params(self, dim: int, num_clients: int) -> DistributedDPParams:
         """The encoding's parameters for a ``dim``-long update summed over ``num_clients``."""
         key = (int(dim), int(num_clients))
         if key not in self._params:
             z = self.noise_multiplier
+            worst = self.worst_contributors(num_clients)
             try:
                 params = self._for(dim, num_clients, z)
                 if self.calibrated:
                     for _ in range(_MAX_CALIBRATION_STEPS):
-                        eff = params.effective_noise_multiplier()
+                        eff = params.effective_noise_multiplier(worst)
                         if eff >= self.noise_multiplier:
                             break
                         z *= 1.001 * self.noise_multiplier / eff
@@ -513,6 +639,14 @@ class DistributedDP(DPStrategy):
     ) -> SummableEncoding:
         if bits and bits != self.bits:
             log.warning("secagg bits = %s ignored: distributed DP uses bits = %d", bits, self.bits)
+        key = (int(dim), int(num_clients))
+        if self._predicted_key is not None and key != self._predicted_key:
+            # The budget check ran on another encoding: refuse rather than release unchecked.
+            raise ConfigError(
+                f"DistributedDP checked the budget for {self._predicted_key[0]} coordinates "
+                f"of {self._predicted_key[1]} clients, SecAggStrategy encodes {dim} of "
+                f"{num_clients}: give DistributedDP the same randk as SecAggStrategy"
+            )
         self._round_params = self.params(dim, num_clients)
         return DistributedDPSum(self._round_params, rotation_seed)
 
@@ -526,9 +660,15 @@ class DistributedDP(DPStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._round_params is not None
         z = float(self._round_params.effective_noise_multiplier(contributors))
+        if self._predicted is not None and z < self._predicted * (1 - 1e-9):
+            log.error(
+                "round %d: only %d contributors, fewer than the %d the budget check assumed",
+                server_round, contributors, self.worst_contributors(self._round_params.num_clients),
+            )  # fmt: skip
         mean = {k: v / self.clients_per_round for k, v in total.items()}
+        # Per-client metrics (exact train losses) never leave the DP boundary: dropped.
         arrays, out = merge_delta(
-            self.inner, server_round, self._global, mean, template, self.names, metrics
+            self.inner, server_round, self._global, mean, template, self.names, {}
         )
         self.last_effective = z
         return arrays, self._release(z, out, effective_noise_multiplier=z, dp_clip=self.clip)
@@ -539,12 +679,18 @@ class DistributedDP(DPStrategy):
         raise StrategyCompositionError("DistributedDP aggregates only secure sums")
 
     def state(self) -> dict[str, Any]:
-        return {**super().state(), "last_effective": self.last_effective}
+        return {
+            **super().state(),
+            "last_effective": self.last_effective,
+            "predicted": self._predicted,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
         last = state.get("last_effective")
         self.last_effective = None if last is None else float(last)
+        predicted = state.get("predicted")
+        self._predicted = None if predicted is None else float(predicted)
 
 
 class LocalDP(_Delegating, _PrivacyHook):

@@ -3,7 +3,8 @@
 Flower's ``Strategy.start`` runs a fixed loop from round 1; fedsqueeze needs to resume
 from a checkpoint, sample reproducibly and count every byte, so it drives the same
 strategy methods (``configure_train``/``aggregate_train``/...) in its own loop. The loop
-knows nothing of compression, secure aggregation or privacy: those are the strategy chain
+knows nothing of compression, secure aggregation or privacy (beyond sampling secretly under
+DP, :class:`ClientSampler`): those are the strategy chain
 (:func:`~fedsqueeze.server.strategies.build_chain`), and everything a capability adds to a
 round — a privacy budget that stops the run, fields in ``metrics.jsonl``, checkpoint state,
 ``summary.json`` fields — comes through round hooks (:class:`~fedsqueeze.server.hooks.RoundHook`).
@@ -26,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.config import to_toml
 from fedsqueeze.contracts.records import from_record, to_record
-from fedsqueeze.contracts.streams import Stream, round_rng
+from fedsqueeze.contracts.streams import Secret, SecretStreams, Stream, round_rng
 from fedsqueeze.data import partition_stats
 from fedsqueeze.federation import dataset_for, new_model, partitions_for
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
@@ -98,6 +99,45 @@ def sample_partitions(
     return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
 
 
+class ClientSampler(RoundHook):
+    """Which partitions train in a round: by seed without DP, secretly under user-level DP.
+
+    Under ``dp = "central"`` or ``"distributed"`` the accountant's privacy amplification by
+    subsampling holds only if nobody outside the server knows which clients a round used;
+    a schedule that follows from the public seed would void it (a client whose rounds are
+    known is charged as if sampled every time). There the rounds' samples come from a
+    secret key drawn from OS entropy, kept only in the server's private checkpoint (so a
+    resumed run samples exactly as the uninterrupted one would). Against whom: everyone
+    but the server (and whoever reads its checkpoint). Without DP (and under local DP,
+    whose per-client accountant assumes nothing about the server's sampling) sampling stays
+    reproducible from ``seed``, and such runs repeat bit for bit.
+    """
+
+    hook_name = "sampling"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.seed = int(config["seed"])
+        self.secret = str(config.get("dp", "none")) in ("central", "distributed")
+        self.streams = SecretStreams() if self.secret else None
+
+    def sample(self, server_round: int, num_clients: int, k: int) -> list[int]:
+        if self.streams is None:
+            return sample_partitions(self.seed, server_round, num_clients, k)
+        rng = self.streams.rng(server_round, Secret.CLIENT_SAMPLING)
+        return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
+
+    def state(self) -> dict[str, Any]:
+        """The secret key under DP: this state belongs in the private checkpoint only."""
+        return {"key": self.streams.state() if self.streams is not None else None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if self.secret and state.get("key") is not None:
+            self.streams = SecretStreams.restore(state["key"])
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"client_sampling": "secret" if self.secret else "seed"}
+
+
 def train_round(
     strategy: Strategy,
     view: CountingGrid,
@@ -142,6 +182,7 @@ class Federation:
     inner: Strategy
     strategy: Strategy
     hooks: list[RoundHook]
+    sampler: ClientSampler
     arrays: dict[str, np.ndarray]
     metrics: list[dict[str, Any]]
     start_round: int
@@ -174,7 +215,8 @@ def start_federation(
         run_dir.write_metrics(metrics)  # drop any row written after the checkpoint
         log.info("resuming after round %d", ckpt.completed_round)
     strategy = build_chain(config, inner)
-    hooks = hooks_in(strategy, extra_hooks)
+    sampler = ClientSampler(config)
+    hooks = hooks_in(strategy, [*extra_hooks, sampler])
     saved = ckpt.extra.get("hooks", {}) if ckpt is not None else {}
     for hook in hooks:
         if hook.hook_name in saved:
@@ -186,6 +228,7 @@ def start_federation(
         inner,
         strategy,
         hooks,
+        sampler,
         arrays,
         list(metrics),
         start_round=1 if ckpt is None else ckpt.completed_round + 1,
@@ -200,7 +243,7 @@ def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
     """Train (and federated-evaluate) round ``rnd``; its metrics row."""
     cfg, t0 = fed.config, time.monotonic()
     num_clients, seed = int(cfg["num-clients"]), int(cfg["seed"])
-    sampled = sample_partitions(seed, rnd, num_clients, int(cfg["clients-per-round"]))
+    sampled = fed.sampler.sample(rnd, num_clients, int(cfg["clients-per-round"]))
     view = CountingGrid(fed.grid, fed.nodes(sampled))
     arrays, train_metrics = train_round(fed.strategy, view, rnd, fed.arrays, fed.timeout)
     if arrays is not None:

@@ -2,6 +2,15 @@
 
 Every file is written atomically (temporary file + ``os.replace``) so a run killed at
 any point leaves either the previous or the new version, never half a file.
+
+Who may read what: ``config.toml``, ``metrics.jsonl``, ``summary.json``, ``model.pt``,
+``clients.json`` and the plots are the run's *releases* — under DP they hold only noised
+statistics and public parameters, and may be shared. ``checkpoint.pkl`` is the server's
+*private* state: under central or distributed DP it holds the secret keys of the noise and
+of client sampling (whoever reads it can strip central DP's noise and knows which clients
+each round used). It is written owner-only (mode 0600, set on the temporary file before a
+byte is written, so the key is never readable by others even for an instant) and must not
+be shared; deleting it after the run is safe (it is needed only to resume).
 """
 
 from __future__ import annotations
@@ -25,11 +34,17 @@ MODEL = "model.pt"
 CLIENTS = "clients.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+PRIVATE_MODE = 0o600
+"""File mode of the private checkpoint: owner read/write only."""
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically; ``mode`` is set before anything is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -77,7 +92,9 @@ class RunDir:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
-        atomic_write(self.file(CHECKPOINT), pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL))
+        """Write the private checkpoint, owner-only (mode 0600; see the module docstring)."""
+        data = pickle.dumps(ckpt, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write(self.file(CHECKPOINT), data, mode=PRIVATE_MODE)
 
     def load_checkpoint(self) -> Checkpoint | None:
         p = self.file(CHECKPOINT)

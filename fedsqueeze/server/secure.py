@@ -53,7 +53,16 @@ from fedsqueeze.contracts.summable import (
     choose_integer_encoding,
     random_k,
 )
-from fedsqueeze.secagg import SecAggAbort, SecAggConfig, SecAggServer
+from fedsqueeze.secagg import (
+    SecAggAbort,
+    SecAggConfig,
+    SecAggConfigError,
+    SecAggServer,
+    check_neighbours,
+    secure_neighbours,
+    secure_threshold,
+)
+from fedsqueeze.secagg.config import DEFAULT_CORRUPT, DEFAULT_DROPOUT
 from fedsqueeze.secagg.field import from_field
 from fedsqueeze.server.compose import (
     FLOWER_DP,
@@ -90,14 +99,26 @@ class SecureSumAggregator(Protocol):
         """Aggregate from the decoded sum of ``contributors`` clients' encoded updates."""
 
 
-def protocol_params(neighbours: int, threshold: int, num_clients: int) -> tuple[int, int]:
-    """(neighbours k, threshold t) for ``num_clients``: the given ones or the defaults
-    (full graph; the smallest threshold safe against a server lying about dropouts)."""
+def protocol_params(
+    neighbours: int,
+    threshold: int,
+    num_clients: int,
+    dropout: float = DEFAULT_DROPOUT,
+    corrupt: float = DEFAULT_CORRUPT,
+) -> tuple[int, int]:
+    """(neighbours k, threshold t) for ``num_clients``: the given ones or the defaults.
+
+    Default k is the degree bound of Bell et al. (:func:`~fedsqueeze.secagg.secure_neighbours`
+    for ``dropout`` and ``corrupt``; the complete graph when ``n`` is small), default t the
+    smallest threshold safe against a server lying about dropouts. A given ``k`` below the
+    bound raises :class:`~fedsqueeze.secagg.SecAggConfigError` (one line).
+    """
     n = num_clients
-    k = min(int(neighbours) or n - 1, n - 1)
+    k = min(int(neighbours) or secure_neighbours(n, dropout, corrupt), n - 1)
     if (n * k) % 2:  # no k-regular graph on n nodes: take one more neighbour (or one fewer)
         k = k + 1 if k + 1 <= n - 1 else k - 1
-    t = int(threshold) or SecAggConfig.min_secure_threshold(k)
+    check_neighbours(n, k, dropout, corrupt)
+    t = int(threshold) or secure_threshold(n, k, corrupt)
     return k, min(t, k + 1)
 
 
@@ -165,7 +186,12 @@ class SecAggStrategy(Strategy, RoundHook):
         Field width b and integer scale; 0 = the other one's complement (see
         :func:`~fedsqueeze.contracts.summable.choose_integer_encoding`).
     neighbours, threshold
-        SecAgg+ graph degree k and Shamir threshold t (0 = full graph, safe threshold).
+        SecAgg+ graph degree k and Shamir threshold t (0 = automatic: the degree bound of
+        Bell et al. for the round's n, which is the full graph for small n, and the smallest
+        threshold safe against an active server). A k below the bound is refused.
+    dropout, corrupt
+        Dropout rate and corrupted-client fraction the degree bound assumes (the larger of
+        ``dropout`` and ``simulate_dropout`` is used).
     weight_cap
         Weight each update by ``min(n_i, weight_cap)`` inside the mask (``n_i`` = the
         strategy's weight key in the client's reply); 0 = the unweighted mean.
@@ -199,6 +225,8 @@ class SecAggStrategy(Strategy, RoundHook):
         seed: int = 0,
         timeout: float = 600.0,
         simulate_dropout: float = 0.0,
+        dropout: float = DEFAULT_DROPOUT,
+        corrupt: float = DEFAULT_CORRUPT,
     ) -> None:
         self.inner = inner
         refuse_below(
@@ -224,6 +252,9 @@ class SecAggStrategy(Strategy, RoundHook):
         self.feedback = f"secagg:randk({randk})+ef" if error_feedback else ""
         self.seed, self.timeout = int(seed), float(timeout)
         self.simulate_dropout = float(simulate_dropout)
+        self.dropout, self.corrupt = float(dropout), float(corrupt)
+        if self.neighbours < 0 or self.threshold < 0:
+            raise SecAggConfigError("neighbours and threshold must be >= 0 (0 = automatic)")
         self._grid: Grid | None = None
         self._round: _Round | None = None
         self.report: dict[str, Any] = {}
@@ -270,7 +301,13 @@ class SecAggStrategy(Strategy, RoundHook):
             return []
         global_arrays = from_record(arrays)
         encoding = self._encoding(int(flatten(global_arrays).size), len(nodes), server_round)
-        k, t = protocol_params(self.neighbours, self.threshold, len(nodes))
+        k, t = protocol_params(
+            self.neighbours,
+            self.threshold,
+            len(nodes),
+            max(self.dropout, self.simulate_dropout),
+            self.corrupt,
+        )
         sa_config = SecAggConfig(
             num_clients=len(nodes),
             neighbours=k,

@@ -22,15 +22,15 @@ from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
-from fedsqueeze.server.secure import SecAggStrategy
+from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
 
 
 def build_strategy(config: Mapping[str, Any]) -> Strategy:
     """A stock Flower strategy that trains on every node the round's grid view shows.
 
-    fedsqueeze samples the round's clients itself (reproducibly) and shows the strategy
-    only those, so ``fraction_train=1`` and the minimums equal ``clients-per-round``.
+    fedsqueeze samples the round's clients itself (by seed, or secretly under DP) and shows
+    the strategy only those, so ``fraction_train=1`` and the minimums equal ``clients-per-round``.
     """
     k = int(config["clients-per-round"])
     common: dict[str, Any] = {
@@ -78,11 +78,21 @@ def _dp_wrapper(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
     }
     if mode == "central":
         quantile = float(config["dp-target-quantile"]) if config["dp-adaptive-clip"] else 0.0
-        # Seeded noise keeps resume bit-identical; see fedsqueeze.contracts.streams.
-        seed = int(config["seed"])
-        return CentralDP(inner, noise_seed=seed, adaptive_quantile=quantile, **common)
+        # The noise is secret (OS entropy, key in the private checkpoint), never the seed.
+        return CentralDP(inner, adaptive_quantile=quantile, **common)
+    # The budget check assumes the worst round SecAgg+ accepts: only t clients' noise.
+    _, threshold = protocol_params(
+        int(config["secagg-neighbours"]),
+        int(config["secagg-threshold"]),
+        int(config["clients-per-round"]),
+    )
     return DistributedDP(
-        inner, bits=int(config["dp-bits"]), mechanism=str(config["dp-mechanism"]), **common
+        inner,
+        bits=int(config["dp-bits"]),
+        mechanism=str(config["dp-mechanism"]),
+        min_contributors=threshold,
+        randk=randk_fraction(config),
+        **common,
     )
 
 
