@@ -287,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--neighbours", type=int, default=4)
+    parser.add_argument("--neighbours", type=int, default=9)
     parser.add_argument("--bits", type=int, default=12)
     parser.add_argument("--long-rounds", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "simulations" / "secagg" / "table.md"))

@@ -13,6 +13,8 @@ from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.errors import CodecError
 from fedsqueeze.compression.stages import ErrorFeedback, RandomK
 from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
+from fedsqueeze.secagg import SecAggConfig, SecAggConfigError
+from fedsqueeze.secagg.config import DEFAULT_DROPOUT, protocol_params
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,16 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
     if threshold and threshold > (neighbours or n - 1) + 1:
         raise SecureConfigError(
             f"secagg-threshold = {threshold} exceeds neighbours + 1 = {(neighbours or n - 1) + 1}"
+        )
+    dropout = max(DEFAULT_DROPOUT, float(config.get("simulate-dropout", 0.0)))
+    try:
+        k, _ = protocol_params(neighbours, threshold, n, dropout)
+    except SecAggConfigError as err:
+        raise SecureConfigError(f"secagg-neighbours = {neighbours}: {err}") from None
+    if threshold and threshold < SecAggConfig.min_secure_threshold(k):
+        raise SecureConfigError(
+            f"secagg-threshold = {threshold} is below the secure threshold "
+            f"{SecAggConfig.min_secure_threshold(k)} for {k} neighbours; clients refuse it"
         )
     if dp != "distributed":
         clip = float(config["dp-clip"]) if dp == "central" else float(config["secagg-clip"])

@@ -58,11 +58,8 @@ from fedsqueeze.secagg import (
     SecAggConfig,
     SecAggConfigError,
     SecAggServer,
-    check_neighbours,
-    secure_neighbours,
-    secure_threshold,
 )
-from fedsqueeze.secagg.config import DEFAULT_CORRUPT, DEFAULT_DROPOUT
+from fedsqueeze.secagg.config import DEFAULT_CORRUPT, DEFAULT_DROPOUT, protocol_params
 from fedsqueeze.secagg.field import from_field
 from fedsqueeze.server.compose import (
     FLOWER_DP,
@@ -97,29 +94,6 @@ class SecureSumAggregator(Protocol):
         metrics: Mapping[str, float],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate from the decoded sum of ``contributors`` clients' encoded updates."""
-
-
-def protocol_params(
-    neighbours: int,
-    threshold: int,
-    num_clients: int,
-    dropout: float = DEFAULT_DROPOUT,
-    corrupt: float = DEFAULT_CORRUPT,
-) -> tuple[int, int]:
-    """(neighbours k, threshold t) for ``num_clients``: the given ones or the defaults.
-
-    Default k is the degree bound of Bell et al. (:func:`~fedsqueeze.secagg.secure_neighbours`
-    for ``dropout`` and ``corrupt``; the complete graph when ``n`` is small), default t the
-    smallest threshold safe against a server lying about dropouts. A given ``k`` below the
-    bound raises :class:`~fedsqueeze.secagg.SecAggConfigError` (one line).
-    """
-    n = num_clients
-    k = min(int(neighbours) or secure_neighbours(n, dropout, corrupt), n - 1)
-    if (n * k) % 2:  # no k-regular graph on n nodes: take one more neighbour (or one fewer)
-        k = k + 1 if k + 1 <= n - 1 else k - 1
-    check_neighbours(n, k, dropout, corrupt)
-    t = int(threshold) or secure_threshold(n, k, corrupt)
-    return k, min(t, k + 1)
 
 
 def simulated_dropouts(
