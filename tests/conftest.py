@@ -22,3 +22,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def test_root() -> Path:
     """A per-session scratch directory outside the user's home."""
     return _ROOT
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Flower needs a task identity to build a Message outside an app (tests build many)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 1

@@ -22,7 +22,6 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid
 
 from fedsqueeze.client.mods import compress_mod, downlink_mod
@@ -42,13 +41,6 @@ from fedsqueeze.server.rounds import evaluate_round, train_round
 N = 4
 NODES = [1000 + i for i in range(N)]
 SHAPES = {"w": (8, 4), "b": (4,)}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 def _step(node: int) -> float:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsqueeze.client.dp import STATE_KEY, plan_local_dp, train_local_dp
@@ -36,13 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 BASE = {"num-clients": 100, "clients-per-round": 10, "num-rounds": 10, "model": "logreg"}
 Arrays = dict[str, np.ndarray]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 class _Nodes:

@@ -25,7 +25,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client.app import build_client_app
 from fedsqueeze.client.dp import train_local_dp
@@ -58,13 +57,6 @@ RUN = {
     "local-epochs": 1,
     "lr": 0.1,
 }
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 class _Nodes:

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
@@ -45,13 +44,6 @@ SUITE = {
 SHAPES = {"fc.weight": (10, 64), "fc.bias": (10,)}
 K = 20
 Arrays = dict[str, np.ndarray]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 class _Nodes:

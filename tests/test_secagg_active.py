@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
-from flwr.supercore.task_identity import TaskIdentity
 from test_secure_glue import InProcessGrid, _run, train_one
 
 from fedsqueeze.client.mods import ModPreconditionError
@@ -35,13 +34,6 @@ from fedsqueeze.secagg import (
 from fedsqueeze.server.secure import protocol_params
 
 PERMISSIVE = ClientPolicy(min_neighbours=1, allow_low_threshold=True)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 def _cfg(n: int = 5, k: int = 4, t: int = 3, seed: int = 11, **kw: Any) -> SecAggConfig:

@@ -19,7 +19,6 @@ import pytest
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.client.app import build_client_app
 from fedsqueeze.client.mods import ModPreconditionError
@@ -82,13 +81,6 @@ def _secure_sum(vectors: dict[int, np.ndarray], bits: int, drop_after_mask: int 
     out = server.collect_masked({c: clients[c].masked_input(out[c], vectors[c]) for c in out})
     answering = sorted(out)[drop_after_mask:]
     return server.finish({c: clients[c].unmask(out[c]) for c in answering})
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 # --- encoding ------------------------------------------------------------------------------

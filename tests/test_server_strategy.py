@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.contracts.records import CODEC_KEY, UPDATE_KEY, from_record, to_record
@@ -27,13 +26,6 @@ class _NodesOnly:
 
     def get_node_ids(self) -> Iterable[int]:
         return list(NODES)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
 
 
 def _global() -> dict[str, np.ndarray]:

@@ -107,17 +107,8 @@ def _check_positions(xs: Sequence[int]) -> None:
 
 @lru_cache(maxsize=256)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """Coefficients l_i with f(0) = sum_i l_i f(x_i): l_i = prod_{j!=i} x_j / (x_j - x_i)."""
-    _check_positions(xs)
-    out = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        out.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(out)
+    """Coefficients l_i with f(0) = sum_i l_i f(x_i)."""
+    return _lagrange_at(xs, 0)
 
 
 @lru_cache(maxsize=1024)
