@@ -32,6 +32,11 @@ _DIGITS_SPLIT_SEED = 0
 _MNIST1D_CACHE_VERSION = 1
 
 
+MAX_CLASSES = 10_000
+"""Largest number of classes an ``npz:`` dataset may have: the model gets an output per
+class up to the largest label, so one stray label of 10^9 would ask for a 32 GB model."""
+
+
 def default_cache_dir() -> Path:
     """Return the cache directory: ``$FEDSQUEEZE_CACHE`` or ``~/.cache/fedsqueeze``."""
     env = os.environ.get("FEDSQUEEZE_CACHE")
@@ -301,6 +306,11 @@ def _load_npz(path: Path) -> Dataset:
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     if num_classes < 2:
         raise DatasetError(f"{where}: labels contain a single class; need at least 2")
+    if num_classes > MAX_CLASSES:
+        raise DatasetError(
+            f"{where}: largest label is {num_classes - 1}; labels must be 0..K-1 with "
+            f"K <= {MAX_CLASSES} (the model gets one output per class up to the largest label)"
+        )
 
     client_train = None
     if "client_train" in raw:
