@@ -89,11 +89,15 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
     layers = [load_toml(args.config)] if args.config else []
     config = resolve_config(*layers, sets)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        hint = f" (use --resume {run_dir} to continue it)" if (run_dir / CONFIG).is_file() else ""
-        raise UsageError(f"{run_dir} already exists and is not empty{hint}")
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"{run_dir} exists and is not a directory")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            resumable = (run_dir / CONFIG).is_file()
+            hint = f" (use --resume {run_dir} to continue it)" if resumable else ""
+            raise UsageError(f"{run_dir} already exists and is not empty{hint}")
+    except OSError as err:  # e.g. a name too long to look up
+        raise UsageError(f"cannot create the run directory {run_dir}: {err.strerror}") from None
     return config, run_dir, False
 
 
@@ -127,8 +131,9 @@ def _create_run_dir(run_dir: Path, config: Mapping[str, Any]) -> Path | None:
     from fedsqueeze.config import to_toml
     from fedsqueeze.server.rundir import CONFIG, RunDir, RunDirWriteError
 
-    created = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
+    created = None
     try:
+        created = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
         run_dir.mkdir(parents=True, exist_ok=True)
         RunDir(run_dir).write_text(CONFIG, to_toml(config))
     except (OSError, RunDirWriteError) as err:
