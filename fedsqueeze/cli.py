@@ -105,18 +105,18 @@ def _preflight(config: Mapping[str, Any]) -> None:
     """Load the data, partition it, build the model and the privacy calibration: user errors
     surface here, before the run directory exists, rather than inside Ray."""
     from fedsqueeze.federation import new_model, partitions_for
-    from fedsqueeze.server.dp import DistributedDP
     from fedsqueeze.server.hooks import strategy_chain
+    from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
     model = new_model(config)
     for strategy in strategy_chain(build_chain(config)):
-        if isinstance(strategy, DistributedDP):
+        if isinstance(strategy, SecAggStrategy):
             # The field encoding is otherwise first built in round 1 (it needs the model's
             # size): a dp-bits too narrow for it would only fail inside Ray.
             dim = sum(p.numel() for p in model.state_dict().values())
-            strategy.params(dim, int(config["clients-per-round"]))
+            strategy._encoding(dim, int(config["clients-per-round"]), 1)
 
 
 def _create_run_dir(run_dir: Path, config: Mapping[str, Any]) -> Path | None:
