@@ -95,6 +95,7 @@ def test_state_packs_to_json_and_arrays_and_back() -> None:
         "history": [1.0, 0.5, 3],
         "z": np.float64(0.1),
         "n": np.int64(7),
+        "flag": np.bool_(True),
         "pair": (1, None),
         "nan": float("nan"),
     }
@@ -106,7 +107,7 @@ def test_state_packs_to_json_and_arrays_and_back() -> None:
     np.testing.assert_array_equal(back["m"]["w"], state["m"]["w"])
     assert back["m"]["w"].dtype == np.float32
     assert back["history"] == [1.0, 0.5, 3] and back["z"] == 0.1 and back["n"] == 7
-    assert back["pair"] == [1, None] and np.isnan(back["nan"])
+    assert back["pair"] == [1, None] and np.isnan(back["nan"]) and back["flag"] is True
     for bad in ({"s": {1, 2}}, {"o": np.array([object()])}, {1: "int key"}, {"f": len}):
         with pytest.raises(TypeError):
             pack_state(bad, {})

@@ -119,6 +119,8 @@ def pack_state(obj: Any, arrays: dict[str, np.ndarray], where: str = "state") ->
     """
     if obj is None or isinstance(obj, bool | str):
         return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     if isinstance(obj, int | np.integer):
         return int(obj)
     if isinstance(obj, float | np.floating):
