@@ -35,7 +35,7 @@ _MNIST1D_CACHE_VERSION = 1
 
 MAX_CLASSES = 10_000
 """Largest number of classes an ``npz:`` dataset may have: the model gets an output per
-class up to the largest label, so one stray label of 10^9 would ask for a 32 GB model."""
+class up to the largest label, so one stray label of 10^9 would ask for 10^9 outputs."""
 
 
 def default_cache_dir() -> Path:
