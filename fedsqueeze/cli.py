@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -65,7 +66,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
     """The validated config, the run directory and whether this is a resume."""
     from fedsqueeze.config import load_toml, parse_set_option, resolve_config
     from fedsqueeze.server.app import default_run_dir
-    from fedsqueeze.server.rundir import CHECKPOINT, CONFIG
+    from fedsqueeze.server.rundir import CONFIG, RunDir, check_resume_config
 
     sets = dict(parse_set_option(s) for s in args.sets)
     if args.resume is not None:
@@ -73,17 +74,30 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
         if not target:
             raise UsageError("--resume needs a run directory (--resume DIR or --out DIR)")
         run_dir = Path(target)
-        if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
-            raise UsageError(f"{run_dir}: not a resumable run directory (no {CONFIG}/{CHECKPOINT})")
+        if not (run_dir / CONFIG).is_file():
+            raise UsageError(f"{run_dir}: not a resumable run directory (no {CONFIG})")
         base = load_toml(run_dir / CONFIG)
         base.pop("out-dir", None)
         config = resolve_config(base, sets)
+        # A run killed before its first checkpoint restarts from round 1 with its config.
+        ckpt = RunDir(run_dir).load_checkpoint()
+        if ckpt is None:
+            check_resume_config(base, config, 0)
+        else:
+            check_resume_config(ckpt.config, config, ckpt.completed_round)
         return config, run_dir, True
     layers = [load_toml(args.config)] if args.config else []
     config = resolve_config(*layers, sets)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"{run_dir} already exists and is not empty (use --resume to continue it)")
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"{run_dir} exists and is not a directory")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            resumable = (run_dir / CONFIG).is_file()
+            hint = f" (use --resume {run_dir} to continue it)" if resumable else ""
+            raise UsageError(f"{run_dir} already exists and is not empty{hint}")
+    except OSError as err:  # e.g. a name too long to look up
+        raise UsageError(f"cannot create the run directory {run_dir}: {err.strerror}") from None
     return config, run_dir, False
 
 
@@ -91,11 +105,43 @@ def _preflight(config: Mapping[str, Any]) -> None:
     """Load the data, partition it, build the model and the privacy calibration: user errors
     surface here, before the run directory exists, rather than inside Ray."""
     from fedsqueeze.federation import new_model, partitions_for
+    from fedsqueeze.server.hooks import strategy_chain
+    from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
-    new_model(config)
-    build_chain(config)
+    model = new_model(config)
+    for strategy in strategy_chain(build_chain(config)):
+        if isinstance(strategy, SecAggStrategy):
+            # The field encoding is otherwise first built in round 1 (it needs the model's
+            # size): a dp-bits too narrow for it would only fail inside Ray.
+            dim = sum(p.numel() for p in model.state_dict().values())
+            strategy._encoding(dim, int(config["clients-per-round"]), 1)
+
+
+def _create_run_dir(run_dir: Path, config: Mapping[str, Any]) -> Path | None:
+    """Create the run directory with its ``config.toml`` (so a run killed before its first
+    checkpoint can be resumed); the topmost directory created, to remove on a later error.
+
+    Raises
+    ------
+    UsageError
+        The directory cannot be created or written (read-only, a name too long, ...).
+    """
+    from fedsqueeze.config import to_toml
+    from fedsqueeze.server.rundir import CONFIG, RunDir, RunDirWriteError
+
+    created = None
+    try:
+        created = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunDir(run_dir).write_text(CONFIG, to_toml(config))
+    except (OSError, RunDirWriteError) as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UsageError(f"cannot create the run directory {run_dir}: {reason}") from None
+    return created
 
 
 def _configure_environment(verbose: bool) -> None:
@@ -192,23 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
     from fedsqueeze.models import ModelError
+    from fedsqueeze.server.rundir import RunDirWriteError
 
     user_errors = (UsageError, ConfigError, DatasetError, ModelError, CodecError)
     created: Path | None = None
+    run_dir: Path | None = None
     try:
         args = _parser().parse_args(argv)
         if args.command == "report":
-            summary_path = Path(args.run_dir) / "summary.json"
-            if not summary_path.is_file():
-                raise UsageError(f"{args.run_dir}: no summary.json (is the run finished?)")
-            print(format_table(json.loads(summary_path.read_text()), args.run_dir))
+            print(_report(Path(args.run_dir)))
             return 0
         config, run_dir, resuming = _resolve(args)
         _preflight(config)
-        _configure_environment(args.verbose)
         if not resuming:
-            created = run_dir if not run_dir.exists() else None
-            run_dir.mkdir(parents=True, exist_ok=True)
+            created = _create_run_dir(run_dir, config)
+        _configure_environment(args.verbose)
         summary = simulate(config, run_dir, quiet=args.quiet)
         print(format_table(summary, run_dir))
         return 0
@@ -217,6 +261,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         return EXIT_USAGE
+    except RunDirWriteError as err:
+        # The failed write left the previous file in place: the last checkpoint is intact.
+        print(f"fedsqueeze: error: {err}; resume with --resume {run_dir}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _report(run_dir: Path) -> str:
+    """The result table of a finished run directory."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UsageError(f"{run_dir}: no summary.json (is the run finished?)")
+    try:
+        summary = json.loads(summary_path.read_text())
+        return format_table(summary, run_dir)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{summary_path}: not a valid run summary ({err!r})") from None
 
 
 if __name__ == "__main__":

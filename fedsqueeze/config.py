@@ -37,6 +37,21 @@ def _non_negative_float(v: Any) -> str | None:
     return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
 
 
+def _seed(v: Any) -> str | None:
+    # Seeds travel in Flower records (int64) and seed torch's generator.
+    return None if 0 <= v < 2**63 else "must be in [0, 2**63)"
+
+
+MIN_NODE_TIMEOUT = 10.0
+"""Shortest ``node-timeout``: below it the handshake fails before a node can start."""
+
+
+def _timeout(v: Any) -> str | None:
+    if math.isfinite(v) and v >= MIN_NODE_TIMEOUT:
+        return None
+    return f"must be a finite number of seconds >= {MIN_NODE_TIMEOUT:g}"
+
+
 def _fraction(v: Any) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else "must be in [0, 1)"
 
@@ -75,7 +90,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "lr": (0.05, float, _positive_float, "client learning rate (SGD)"),
     "momentum": (0.9, float, _fraction, "client SGD momentum"),
     "weight-decay": (0.0, float, _non_negative_float, "client SGD weight decay"),
-    "seed": (0, int, _non_negative_int, "seed for partitions, sampling, init and training"),
+    "seed": (0, int, _seed, "seed for partitions, sampling, init and training"),
     "model": ("mlp", str, None, "model registry name"),
     "strategy": ("fedavg", str, _choice(*STRATEGIES), "server strategy"),
     "proximal-mu": (0.01, float, _non_negative_float, "FedProx proximal term"),
@@ -103,7 +118,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "dp-bits": (16, int, _positive_int, "field bit width for distributed DP"),
     "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),
     "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
-    "node-timeout": (600.0, float, _positive_float, "seconds to wait for nodes / replies"),
+    "node-timeout": (600.0, float, _timeout, "seconds to wait for nodes / replies"),
     "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
 }
 

@@ -32,6 +32,12 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     nan_x = np.full((40, 5), np.nan, dtype=np.float32)
     not_npz = tmp_path / "junk.npz"
     not_npz.write_bytes(b"this is not a zip file")
+
+    def big_label(label: int) -> np.ndarray:
+        y = np.random.default_rng(0).integers(0, 3, size=40)
+        y[7] = label
+        return y
+
     return [
         (["--set", f"dataset=npz:{tmp_path / 'missing.npz'}"], "missing.npz"),
         (["--set", f"dataset=npz:{not_npz}"], "junk.npz"),
@@ -49,6 +55,45 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--set", "nonsense=1"], "unknown config key"),
         ([str(tmp_path / "nope.toml")], "not found"),
         (["--resume", str(tmp_path)], "not a resumable run directory"),
+        # Accepted by the old code, then a traceback (or a hang) inside Ray.
+        (
+            [
+                "--set",
+                "secagg=true",
+                "--set",
+                "num-clients=5",
+                "--set",
+                "clients-per-round=5",
+                "--set",
+                "secagg-threshold=2",
+            ],
+            "secagg-threshold",
+        ),
+        (["--set", f"seed={2**63}"], "seed"),
+        (["--set", "node-timeout=0.001"], "node-timeout"),
+        (["--set", "dp=central", "--set", "dp-noise-multiplier=1e308"], "dp-noise-multiplier"),
+        (["--set", "dp=central", "--set", "dp-epsilon=1e308"], "dp-epsilon"),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'huge', y_train=big_label(10**9))}"], "label"),
+        (["--set", f"dataset={_bad_npz(tmp_path, 'wide', y_train=big_label(3 * 10**6))}"], "label"),
+        # Refused correctly by the old code, but only after Ray had started.
+        (["--set", "downlink-codec=ef"], "downlink-codec"),
+        (
+            [
+                "--set",
+                "dp=distributed",
+                "--set",
+                "secagg=true",
+                "--set",
+                "dp-noise-multiplier=1",
+                "--set",
+                "num-clients=4",
+                "--set",
+                "clients-per-round=4",
+                "--set",
+                "dp-bits=1",
+            ],
+            "dp-bits",
+        ),
     ]
 
 
@@ -108,3 +153,34 @@ def test_report_prints_the_result_table(tmp_path: Path, capsys: pytest.CaptureFi
         assert fragment in out, fragment
     assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_unusable_out_paths_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out an existing file, a path under a file, an over-long name, a read-only place."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    cases = [
+        (a_file, "not a directory"),
+        (a_file / "run", "cannot create the run directory"),
+        (tmp_path / ("x" * 300), "cannot create the run directory"),
+        (Path("/proc/fedsqueeze-run"), "cannot create the run directory"),  # even for root
+    ]
+    for out, fragment in cases:
+        code = main(["simulate", "--set", "model=logreg", "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_USAGE, (out, err)
+        assert len(err.splitlines()) == 1 and fragment in err, (out, err)
+    assert a_file.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_report_of_a_corrupt_summary_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for text in ("{not json", "[1, 2]", '{"num_rounds": 3}', '{"final_accuracy": "x"}'):
+        (tmp_path / "summary.json").write_text(text)
+        assert main(["report", str(tmp_path)]) == EXIT_USAGE, text
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a valid run summary" in err, (text, err)

@@ -80,3 +80,20 @@ def test_bad_toml_files(tmp_path: Path) -> None:
     bad.write_text("num-rounds = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_bounds_that_used_to_fail_only_inside_the_run() -> None:
+    """Finding 7: these were accepted, then crashed (or hung) after Ray had started."""
+    assert resolve_config({"seed": 2**63 - 1})["seed"] == 2**63 - 1
+    assert resolve_config({"node-timeout": 10})["node-timeout"] == 10.0
+    dp = {"dp": "central", "dp-noise-multiplier": 1.0}
+    assert resolve_config(dp, {"dp-noise-multiplier": 1e100, "dp-epsilon": 1000})
+    for bad, key in (
+        ({"seed": 2**63}, "seed"),
+        ({"node-timeout": 9.9}, "node-timeout"),
+        ({"node-timeout": 0.001}, "node-timeout"),
+        ({**dp, "dp-noise-multiplier": 1e308}, "dp-noise-multiplier"),
+        ({**dp, "dp-epsilon": 1e308}, "dp-epsilon"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            resolve_config(bad)

@@ -532,3 +532,19 @@ def test_zip_without_required_members_names_found_keys(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as exc:
         load_dataset(f"npz:{path}")
     _assert_one_line_error(exc, str(path), "x_train", "found: weights")
+
+
+@pytest.mark.parametrize("label", [10**9, 3 * 10**6, 10_000])
+def test_npz_label_range_is_bounded_before_a_model_is_built(tmp_path: Path, label: int) -> None:
+    """One stray label of 1e9 asked for a 1e9-output model (32 GB for logreg); 3e6 for a
+    24M-parameter one that ran. Labels must be 0..K-1 with K <= 10,000."""
+    arrays = _valid_arrays()
+    arrays["y_test"] = arrays["y_test"].copy()
+    arrays["y_test"][0] = label
+    path = tmp_path / "labels.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match="K <= 10000"):
+        load_dataset(f"npz:{path}")
+    arrays["y_test"][0] = 9_999
+    np.savez(path, **arrays)
+    assert load_dataset(f"npz:{path}").num_classes == 10_000

@@ -109,15 +109,21 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """A SIGKILLed simulation (Ray and all) resumes in a new process, bit for bit. The
+    checkpoint's own round trip, per strategy, is tests/test_checkpoint.py (in process)."""
     sets = [
         "--set",
-        "num-rounds=6",
+        "num-rounds=3",
         "--set",
         "clients-per-round=2",
         "--set",
         "model=logreg",
         "--set",
         "num-clients=4",
+        "--set",
+        "local-epochs=1",
+        "--set",
+        "batch-size=64",
         "--set",
         "strategy=fedadam",
         "--set",
@@ -127,16 +133,16 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = _cli([*sets, "--out", str(tmp_path / "full")], env, tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
-    crash_env = {**env, "FEDSQUEEZE_CRASH_AFTER_ROUND": "3"}
+    crash_env = {**env, "FEDSQUEEZE_CRASH_AFTER_ROUND": "2"}
     crashed = _cli([*sets, "--out", str(tmp_path / "part")], crash_env, tmp_path)
     assert crashed.returncode == -signal.SIGKILL
-    assert [r["round"] for r in _metrics(tmp_path / "part")] == [1, 2, 3]
+    assert [r["round"] for r in _metrics(tmp_path / "part")] == [1, 2]
     assert not (tmp_path / "part" / "summary.json").exists()
 
     resumed = _cli(["--resume", str(tmp_path / "part")], env, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = _metrics(tmp_path / "part")
-    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     a = torch.load(tmp_path / "full" / "model.pt")
     b = torch.load(tmp_path / "part" / "model.pt")
     for k in a:

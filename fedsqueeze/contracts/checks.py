@@ -16,6 +16,13 @@ from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
 from fedsqueeze.secagg import SecAggConfig, SecAggConfigError
 from fedsqueeze.secagg.config import DEFAULT_DROPOUT, protocol_params
 
+MAX_NOISE_MULTIPLIER = 1e100
+"""Largest ``dp-noise-multiplier``: Opacus' RDP accountant squares it (overflow near 1e154)."""
+
+MAX_EPSILON = 1000.0
+"""Largest ``dp-epsilon`` budget: beyond it DP means nothing, and the noise calibration's
+search never ends for a budget of 1e308."""
+
 
 class ConfigError(ValueError):
     """A run-config key or value a user supplied is invalid."""
@@ -155,6 +162,16 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
     mode = str(config["dp"])
     if mode == "none":
         return
+    if float(config["dp-noise-multiplier"]) > MAX_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"dp-noise-multiplier = {config['dp-noise-multiplier']:g}: must be <= "
+            f"{MAX_NOISE_MULTIPLIER:g} (the privacy accountant overflows above it)"
+        )
+    if float(config["dp-epsilon"]) > MAX_EPSILON:
+        raise ConfigError(
+            f"dp-epsilon = {config['dp-epsilon']:g}: must be <= {MAX_EPSILON:g} (a larger "
+            "budget protects nothing, and calibrating noise for a huge one never ends)"
+        )
     if float(config["dp-noise-multiplier"]) <= 0 and float(config["dp-epsilon"]) <= 0:
         raise ConfigError(f"dp = {mode!r} needs dp-noise-multiplier > 0 or a budget dp-epsilon > 0")
     if mode == "distributed" and not bool(config["secagg"]):

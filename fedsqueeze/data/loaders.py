@@ -14,6 +14,7 @@ import random
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 # Bump when the cached mnist1d arrays change meaning, so stale caches are not reused.
 _MNIST1D_CACHE_VERSION = 1
+
+
+MAX_CLASSES = 10_000
+"""Largest number of classes an ``npz:`` dataset may have: the model gets an output per
+class up to the largest label, so one stray label of 10^9 would ask for 10^9 outputs."""
 
 
 def default_cache_dir() -> Path:
@@ -265,7 +271,7 @@ def _load_npz(path: Path) -> Dataset:
                     raw[key] = npz[key]
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(f"{where}: not a valid .npz archive ({reason})") from exc
 
@@ -301,6 +307,11 @@ def _load_npz(path: Path) -> Dataset:
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     if num_classes < 2:
         raise DatasetError(f"{where}: labels contain a single class; need at least 2")
+    if num_classes > MAX_CLASSES:
+        raise DatasetError(
+            f"{where}: largest label is {num_classes - 1}; labels must be 0..K-1 with "
+            f"K <= {MAX_CLASSES} (the model gets one output per class up to the largest label)"
+        )
 
     client_train = None
     if "client_train" in raw:

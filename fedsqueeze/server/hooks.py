@@ -27,11 +27,15 @@ class RoundHook:
         """Add this hook's fields to the round's metrics row (after aggregation)."""
 
     def state(self) -> dict[str, Any]:
-        """Picklable state for the checkpoint."""
+        """State for the checkpoint: JSON values (``None``, bool, int, float, str, lists and
+        string-keyed dicts of them), numpy arrays and bytes — nothing else, since the
+        checkpoint is JSON plus an ``.npz`` archive, never a pickle
+        (:func:`~fedsqueeze.server.rundir.pack_state` refuses any other type). Tuples come
+        back as lists, numpy scalars as Python numbers."""
         return {}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state` of a checkpoint."""
+        """Continue from :meth:`state` as read back from a checkpoint."""
 
     def summary_fields(self) -> dict[str, Any]:
         """Fields for ``summary.json``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,7 +32,16 @@ from fedsqueeze.federation import dataset_for, new_model, partitions_for
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.grid import CountingGrid
 from fedsqueeze.server.hooks import RoundHook, hooks_in
-from fedsqueeze.server.rundir import CLIENTS, CONFIG, SUMMARY, Checkpoint, RunDir
+from fedsqueeze.server.rundir import (
+    CLIENTS,
+    CONFIG,
+    SUMMARY,
+    Checkpoint,
+    RunDir,
+    check_resume_config,
+    restore_strategy_state,
+    strategy_state,
+)
 from fedsqueeze.server.strategies import build_chain, build_strategy
 
 log = logging.getLogger(__name__)
@@ -204,14 +212,16 @@ def start_federation(
     t_setup = time.monotonic()
     partition_nodes = handshake(grid, int(config["num-clients"]), timeout)
     ckpt = run_dir.load_checkpoint()
+    inner = build_strategy(config)
     if ckpt is None:
-        inner = build_strategy(config)
         arrays = state_to_numpy(new_model(config, seed=int(config["seed"])))
         metrics: list[dict[str, Any]] = []
         run_dir.write_text(CONFIG, to_toml(config))
         run_dir.write_json(CLIENTS, partition_stats(dataset_for(config), partitions_for(config)))
     else:
-        inner, arrays, metrics = pickle.loads(ckpt.strategy_state), ckpt.arrays, ckpt.metrics
+        check_resume_config(ckpt.config, config, ckpt.completed_round)
+        restore_strategy_state(inner, ckpt.strategy_state)
+        arrays, metrics = ckpt.arrays, ckpt.metrics
         run_dir.write_metrics(metrics)  # drop any row written after the checkpoint
         log.info("resuming after round %d", ckpt.completed_round)
     strategy = build_chain(config, inner)
@@ -315,12 +325,13 @@ def run_federation(
             Checkpoint(
                 completed_round=rnd,
                 arrays=fed.arrays,
-                strategy_state=pickle.dumps(fed.inner),
+                strategy_state=strategy_state(fed.inner),
                 metrics=fed.metrics,
                 extra={
                     "elapsed_s": fed.elapsed,
                     "hooks": {h.hook_name: h.state() for h in fed.hooks if h.hook_name},
                 },
+                config=dict(config),
             )
         )
         run_dir.write_metrics(fed.metrics)
