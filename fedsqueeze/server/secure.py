@@ -3,13 +3,14 @@
 ``SecAggStrategy(FedAvg(), clip=1.0)`` runs SecAgg+ inside Flower's own round loop
 (``strategy.start(grid=..., ...)``): ``configure_train`` adds the setup to the wrapped
 strategy's train messages; ``aggregate_train`` receives the public keys, drives the other
-three stages over the same grid (``grid.send_and_receive``, so a byte-counting grid counts
+four stages over the same grid (``grid.send_and_receive``, so a byte-counting grid counts
 them), unmasks the sum and hands the wrapped strategy one reply, ``global + mean delta``::
 
     setup (= the train message)  → public keys        SecAggServer.collect_keys
     share (neighbours' keys)     → encrypted shares    SecAggServer.collect_shares
     mask  (shares for me)        → masked input        SecAggServer.collect_masked
-    unmask (who survived)        → shares to unmask    SecAggServer.finish
+    check (survivor set U3)      → signature over U3   SecAggServer.collect_signatures
+    unmask (who survived, sigs)  → shares to unmask    SecAggServer.finish
 
 The server learns only the sum over the clients whose masked input was included. What the
 clients sum is a summable encoding (:mod:`fedsqueeze.contracts.summable`): by default each
@@ -33,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
+    CHECK,
     ENCODING_PREFIX,
     MASK,
     REPLY_KEY,
@@ -336,7 +338,8 @@ class SecAggStrategy(Strategy, RoundHook):
         t_train = time.perf_counter()
         shares = self._exchange(r.server_round, SHARE, r.server.collect_keys(keys))
         masked = self._exchange(r.server_round, MASK, r.server.collect_shares(shares))
-        out = r.server.collect_masked(masked)
+        checks = self._exchange(r.server_round, CHECK, r.server.collect_masked(masked))
+        out = r.server.collect_signatures(checks)
         answers = self._exchange(r.server_round, UNMASK, out)
         t_unmask = time.perf_counter()
         result = r.server.finish(answers)
@@ -352,7 +355,7 @@ class SecAggStrategy(Strategy, RoundHook):
                 "dropped_clients": len(result.dropped) - rejected,
                 "secagg_included": len(result.included),
                 # Sent the masked input (so it is in the sum) but not its unmasking shares.
-                "secagg_late_dropouts": len(set(out) - set(answers)),
+                "secagg_late_dropouts": len(set(result.included) - set(answers)),
             }
         )
         return from_field(result.total, r.encoding.bits), len(result.included)
