@@ -66,7 +66,7 @@ def _at_check(
 
 def test_honest_round_with_the_check_sums_exactly() -> None:
     ids = [1, 2, 3, 4, 5]
-    server, clients, out, x = _at_check(ids, drop=[5])
+    server, clients, out, _x = _at_check(ids, drop=[5])
     assert all(out[c] == {"included_ids": [1, 2, 3, 4]} for c in out)
     requests = signed(server, clients, out)
     assert requests[1]["signer_ids"] == [1, 2, 3, 4]
@@ -79,7 +79,7 @@ def test_server_equivocating_on_u3_is_caught_before_any_share_leaves() -> None:
     five sent masked inputs), to get b_5's shares from the first and s_5's from the second.
     The signatures over the two sets disagree, so every client refuses."""
     ids = [1, 2, 3, 4, 5]
-    server, clients, out, _ = _at_check(ids)
+    _server, clients, _out, _ = _at_check(ids)
     told = {c: [1, 2, 3, 4, 5] if c in (1, 2, 5) else [1, 2, 3, 4] for c in [1, 2, 3, 4]}
     sigs = {c: clients[c].check_survivors({"included_ids": told[c]}) for c in told}
     for u in (1, 3):
@@ -108,7 +108,7 @@ def test_forged_or_foreign_signatures_are_refused() -> None:
     requests = server.collect_signatures({c: {"sig": sigs[c]} for c in ids})
     forged = Ed25519PrivateKey.generate()  # the server's own key: not the advertised one
     bad = dict(requests[1])
-    bad["signatures"] = [crypto.sign_survivors(forged, server.session, ids)] + bad["signatures"][1:]
+    bad["signatures"] = [crypto.sign_survivors(forged, server.session, ids), *bad["signatures"][1:]]
     with pytest.raises(SecAggProtocolError, match="different survivor sets"):
         clients[1].unmask(bad)
     with pytest.raises(SecAggProtocolError, match="not a surviving neighbour"):
@@ -119,7 +119,7 @@ def test_forged_or_foreign_signatures_are_refused() -> None:
 
 def test_server_rejects_a_bad_signature_and_names_its_sender() -> None:
     ids = [1, 2, 3, 4, 5]
-    server, clients, out, x = _at_check(ids)
+    server, clients, out, _x = _at_check(ids)
     sigs = {c: clients[c].check_survivors(out[c]) for c in ids}
     sigs[2] = {"sig": bytes(64)}
     requests = server.collect_signatures(sigs)

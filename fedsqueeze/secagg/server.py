@@ -34,11 +34,14 @@ to ``t`` clients. Each unmask request carries ``included_ids`` so clients check 
 
 Unmasking is robust to a wrong share: a reconstructed self-mask seed is verified against the
 owner's commitment and a mask key against the owner's public key; if the first ``t`` shares
-fail, each ``t``-subset of the first ``t + 1`` is tried, and then every share that disagrees
-with the verified polynomial is named in :attr:`SecAggServer.rejected` when the evidence is
-unambiguous (unique decoding: the polynomial and the verified secret agree with ``t`` more
-points than it disagrees with); the sender's own input stays in the sum. More than one
-wrong share among those tried aborts.
+fail, each ``t``-subset of the first ``t + 1`` is tried, and then every revealed share (not
+only those used) that disagrees with the verified polynomial is named in
+:attr:`SecAggServer.rejected` when the evidence is unambiguous (unique decoding: the
+polynomial and the verified secret agree with ``t`` more points than it disagrees with);
+the sender's own input stays in the sum. More than one wrong share among those tried
+aborts. Limit: the shares are checked against the owner's dealt polynomial, not against
+per-share commitments, so an owner that deals one holder a share off its polynomial can
+get that holder named (it cannot make the round abort while t shares agree).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class SecAggServer:
         self.graph = neighbour_graph(self.client_ids, config.neighbours, config.round_seed)
         self.stage = "init"
         self.rejected: dict[int, str] = {}
+        self.silent: set[int] = set()  # asked at some stage and did not answer
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._signed: dict[int, tuple[bytes, bytes]] = {}  # identity key, signature
         self._id_pks: dict[int, bytes] = {}  # consistency-check signing keys
@@ -294,6 +298,28 @@ class SecAggServer:
         self._require(set(out), "after the consistency check")
         return out
 
+    def counts(self, included: Sequence[int]) -> dict[str, int]:
+        """Exact per-client accounting of the round, whatever its outcome.
+
+        ``included``: whose input reached the model (``SecAggResult.included``, or none when
+        the round was aborted or its sum refused). Every selected client is counted once:
+        ``clients`` (included), ``rejected`` (named in :attr:`rejected`, not included),
+        ``dropped`` (did not answer a stage), ``discarded`` (answered, but the round was
+        thrown away or the server excluded it); ``flagged``: named but already in the sum
+        (e.g. a wrong unmask share after its masked input arrived).
+        """
+        inc = set(included)
+        named = set(self.rejected) & set(self.client_ids)
+        rejected = named - inc
+        dropped = self.silent - named - inc
+        return {
+            "clients": len(inc),
+            "rejected": len(rejected),
+            "dropped": len(dropped),
+            "discarded": len(self.client_ids) - len(inc) - len(rejected) - len(dropped),
+            "flagged": len(named & inc),
+        }
+
     def finish(self, msgs: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
         """Stage 4: reconstruct the secrets, strip the masks, return the sum."""
         self._expect("collect_signatures", "finish")
@@ -377,6 +403,7 @@ class SecAggServer:
     ) -> list[tuple[int, Mapping[str, Any]]]:
         if not isinstance(msgs, Mapping):
             raise SecAggProtocolError("messages must be a mapping {client_id: message}")
+        self.silent |= allowed - set(msgs)
         out = []
         for cid, msg in msgs.items():
             if cid not in allowed:
@@ -443,16 +470,16 @@ class SecAggServer:
         if len(ordered) > t:
             head = ordered[: t + 1]
             tries += [head[:j] + head[j + 1 :] for j in range(t - 1, -1, -1)]
-        for attempt, chosen in enumerate(tries):
+        for chosen in tries:
             xs, ys = [p[0] for p in chosen], [p[1] for p in chosen]
             try:
                 secret = shamir.reconstruct_secret(xs, ys)
                 ok = verify(secret)
             except SecAggError:
                 continue
-            if ok and attempt == 0:
-                return secret  # the usual case: no wrong share among the first t
             if ok:
+                # Every revealed share is checked against the verified polynomial, not only
+                # those needed: a wrong share is named even when the first t were right.
                 wrong = [
                     x for x, y in ordered if x not in xs and shamir.interpolate_at(xs, ys, x) != y
                 ]
