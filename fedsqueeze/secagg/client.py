@@ -315,10 +315,10 @@ class SecAggClient:
             client._s_key = crypto.load_private_key(get_bytes(state, "s_key"))
             client._id_pk = get_bytes(state, "id_pk", crypto.KEY_BYTES)
             if "sign_key" in state:
-                key = crypto.load_identity_key(get_bytes(state, "sign_key", crypto.KEY_BYTES))
-                if crypto.identity_public_bytes(key) != client._id_pk:
+                sign_key = crypto.load_identity_key(get_bytes(state, "sign_key", crypto.KEY_BYTES))
+                if crypto.identity_public_bytes(sign_key) != client._id_pk:
                     raise SecAggProtocolError("sign_key does not match id_pk")
-                client._sign_key = key
+                client._sign_key = sign_key
         elif "sign_key" in state:
             raise SecAggProtocolError(f"field 'sign_key' does not match stage {stage!r}")
         if order >= STAGES.index("shared"):
