@@ -151,3 +151,37 @@ def test_honest_range_check_on_the_decoded_sum() -> None:
     total = np.sum([unweighted.encode(rng.normal(0, 1, 50), 1, rng) for _ in range(4)], axis=0)
     assert outside_honest_range(unweighted, total, 4) == ""
     assert "norm" in outside_honest_range(unweighted, total * 3, 4)
+
+
+def test_a_copied_public_key_gets_both_advertisers_named_not_the_round_aborted() -> None:
+    """A client replaying another's key would make every peer refuse the round (keys must
+    be distinct); the server names both advertisers and goes on with the other three."""
+    from fedsqueeze.secagg import SecAggClient, SecAggConfig, SecAggServer
+
+    ids = [1, 2, 3, 4, 5]
+    cfg = SecAggConfig(
+        num_clients=5, neighbours=4, threshold=3, bits=16, vector_len=4, round_seed=3
+    )
+    server = SecAggServer(cfg, ids)
+    setup = server.setup()
+    clients = {c: SecAggClient(c, setup[c]) for c in ids}
+    keys = {c: clients[c].advertise_keys() for c in ids}
+    keys[5] = {**keys[5], "s_pk": keys[4]["s_pk"]}
+    out = server.collect_keys(keys)
+    assert sorted(out) == [1, 2, 3]
+    assert "also advertised" in server.rejected[4] and "also advertised" in server.rejected[5]
+    out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in out})
+    x = np.arange(4, dtype=np.uint64)
+    requests = server.collect_masked({c: clients[c].masked_input(out[c], x) for c in out})
+    requests = server.collect_signatures(
+        {c: clients[c].check_survivors(requests[c]) for c in requests}
+    )
+    result = server.finish({c: clients[c].unmask(requests[c]) for c in requests})
+    assert result.total.tolist() == (3 * x).tolist()
+    assert server.counts(result.included) == {
+        "clients": 3,
+        "rejected": 2,
+        "dropped": 0,
+        "discarded": 0,
+        "flagged": 0,
+    }

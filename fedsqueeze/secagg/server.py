@@ -30,7 +30,8 @@ arrive nothing can be pruned any more, so a failed condition raises :class:`SecA
 The server also aborts, before asking for any share, when the communication graph of the
 included clients (those whose masked input is in the sum) is disconnected: pairwise masks
 cancel inside each component, so unmasking would reveal the sum of every component, down
-to ``t`` clients. Each unmask request carries ``included_ids`` so clients check the same.
+to ``t`` clients. The consistency-check request carries ``included_ids`` so clients check
+the same.
 
 Unmasking is robust to a wrong share: a reconstructed self-mask seed is verified against the
 owner's commitment and a mask key against the owner's public key; if the first ``t`` shares
