@@ -81,7 +81,7 @@ def test_secagg_through_the_deployment_engine(tmp_path: Path) -> None:
                 "lr": 0.1,
                 "secagg": True,  # secagg-* keys are not in pyproject's run config yet
             },
-            timeout=400,
+            timeout=600,  # five SecAgg+ stages, each a ClientApp process per node
         )
     assert not dep.survivors()
     (row,) = result.metrics()
