@@ -65,6 +65,8 @@ def run_case(n: int, d: int, k: int, bits: int, dropout: float, seed: int) -> di
     start = time.perf_counter()
     requests = server.collect_masked(masked)
     aggregate_s = time.perf_counter() - start
+    checks = {c: clients[c].check_survivors(requests[c]) for c in requests}
+    requests = server.collect_signatures(checks)  # the consistency check (Bonawitz et al.)
     answers = {c: clients[c].unmask(requests[c]) for c in requests}
     start = time.perf_counter()
     result = server.finish(answers)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
+from test_secagg_consistency import signed
 
 from fedsqueeze.compression.bitpack import unpack_bits
 from fedsqueeze.secagg import (
@@ -72,6 +73,7 @@ class Round:
         out = self.server.collect_masked(
             {c: cl[c].masked_input(out[c], inputs[c]) for c in alive(3, out)}
         )
+        out = signed(self.server, cl, out)
         return self.server.finish({c: cl[c].unmask(out[c]) for c in alive(4, out)})
 
 
@@ -274,32 +276,30 @@ def _at_unmask(ids=(1, 2, 3, 4, 5)):
     out = rnd.server.collect_masked(
         {c: rnd.clients[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids}
     )
-    return rnd, out
+    return rnd, signed(rnd.server, rnd.clients, out)
 
 
 def test_client_never_reveals_both_shares_of_a_peer() -> None:
     rnd, out = _at_unmask()
     client = rnd.clients[1]
     with pytest.raises(SecAggProtocolError, match="both"):
-        client.unmask({"survivor_ids": [1, 2, 3, 4, 5], "dropped_ids": [5]})
+        client.unmask({**out[1], "survivor_ids": [1, 2, 3, 4, 5], "dropped_ids": [5]})
     first = client.unmask(out[1])
     assert first["s_ids"] == [] and first["b_ids"] == [1, 2, 3, 4, 5]
     assert client.unmask(out[1]) == first  # an identical retry is harmless
-    # Now claim that 4 and 5 dropped: their b shares were already revealed.
-    with pytest.raises(SecAggProtocolError, match=r"both .* \[4, 5\]"):
-        client.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
-    # A fresh client (nothing revealed yet) would answer that same request.
-    other = rnd.clients[2]
-    answer = other.unmask(
-        {"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5], "included_ids": [1, 2, 3]}
-    )
-    assert answer["s_ids"] == [4, 5] and answer["b_ids"] == [1, 2, 3]
-    with pytest.raises(SecAggProtocolError):
-        other.unmask(out[2])  # would now reveal b of 4 and 5
+    # Now claim that 4 and 5 dropped: their b shares were already revealed, and the claim
+    # contradicts the survivor set every neighbour signed.
+    lie = {**out[1], "survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]}
+    with pytest.raises(SecAggProtocolError, match="survivor set U3"):
+        client.unmask(lie)
+    # A client that revealed nothing yet refuses it too (the consistency check).
+    with pytest.raises(SecAggProtocolError, match="survivor set U3"):
+        rnd.clients[2].unmask({**out[2], "survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+    assert rnd.clients[2]._revealed == {}
 
 
 def test_unmask_request_validation() -> None:
-    rnd, _ = _at_unmask()
+    rnd, out = _at_unmask()
     c = rnd.clients[1]
     bad = [
         {"survivor_ids": [2, 3, 4, 5], "dropped_ids": []},  # self missing
@@ -308,12 +308,11 @@ def test_unmask_request_validation() -> None:
         {"survivor_ids": [1, 2, 3, 3], "dropped_ids": [4, 5]},  # duplicate
         {"survivor_ids": "1,2,3", "dropped_ids": []},
         {"survivor_ids": [1, 2, 3, 4, 5]},
+        {"survivor_ids": [1, 2], "dropped_ids": [3, 4, 5]},  # not the signed U3
     ]
     for msg in bad:
         with pytest.raises(SecAggProtocolError):
-            c.unmask(msg)
-    with pytest.raises(SecAggAbort):
-        c.unmask({"survivor_ids": [1, 2], "dropped_ids": [3, 4, 5]})
+            c.unmask({**out[1], **msg} if "dropped_ids" in msg else msg)
 
 
 def _flip(share: bytes, bit: int = 1) -> bytes:
@@ -352,7 +351,7 @@ def test_malformed_client_messages_are_dropped_not_fatal() -> None:
     out = srv.collect_shares({c: cl[c].share_keys(out[c]) for c in ids})
     masked = {c: cl[c].masked_input(out[c], xs[c]) for c in ids}
     masked[6] = {"masked": masked[6]["masked"][:-1]}  # truncated payload
-    out = srv.collect_masked(masked)
+    out = signed(srv, cl, srv.collect_masked(masked))
     result = srv.finish({c: cl[c].unmask(out[c]) for c in out})
     assert result.included == [1, 2, 3, 4, 5] and 6 in result.rejected and 99 in result.rejected
     assert result.total.tolist() == [15] * 30
@@ -455,7 +454,7 @@ def test_wrong_mask_key_share_detected_by_public_key() -> None:
     rnd, _, out = _shared_round(_cfg(), ids, 4)
     cl, srv = rnd.clients, rnd.server
     masked = {c: cl[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids[:-1]}
-    requests = srv.collect_masked(masked)  # client 5 dropped after sharing
+    requests = signed(srv, cl, srv.collect_masked(masked))  # 5 dropped after sharing
     answers = {c: cl[c].unmask(requests[c]) for c in requests}
     assert answers[1]["s_ids"] == [5]
     good = dict(answers)
@@ -468,7 +467,7 @@ def test_wrong_mask_key_share_detected_by_public_key() -> None:
     rnd, _, out = _shared_round(_cfg(), ids, 4)
     cl, srv = rnd.clients, rnd.server
     masked = {c: cl[c].masked_input(out[c], np.zeros(8, dtype=np.uint64)) for c in ids[:-1]}
-    requests = srv.collect_masked(masked)
+    requests = signed(srv, cl, srv.collect_masked(masked))
     answers = {c: cl[c].unmask(requests[c]) for c in requests}
     assert [a["s_shares"] for a in answers.values()] == [a["s_shares"] for a in good.values()]
     for holder, bit in ((1, 1), (2, 4)):
@@ -508,6 +507,9 @@ def test_state_round_trip_at_every_stage_recovers_exact_sum() -> None:
     out = srv.collect_masked({c: cl[c].masked_input(out[c], xs[c]) for c in out if c != 40})
     cl = {c: _restored(cl[c]) for c in ids}
     assert cl[5].stage == "masked"
+    out = signed(srv, {c: cl[c] for c in out}, out)
+    cl = {c: _restored(cl[c]) for c in ids}
+    assert cl[5].stage == "checked"
     result = srv.finish({c: cl[c].unmask(out[c]) for c in out})
     assert 40 in result.dropped and len(result.included) == 5
     expected = sum(xs[c] for c in result.included) % np.uint64(2**24)
@@ -522,9 +524,9 @@ def test_state_round_trip_keeps_reveals_and_is_stable() -> None:
     assert restored.to_state() == client.to_state()
     assert restored.stage == "unmasked"
     assert restored.unmask(out[1]) == first  # identical retry still answered
-    # The restored client remembers which b shares it revealed.
-    with pytest.raises(SecAggProtocolError, match="both"):
-        restored.unmask({"survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
+    # The restored client remembers the survivor set it signed.
+    with pytest.raises(SecAggProtocolError, match="survivor set U3"):
+        restored.unmask({**out[1], "survivor_ids": [1, 2, 3], "dropped_ids": [4, 5]})
 
 
 def test_state_values_are_flat_record_types() -> None:
@@ -559,7 +561,7 @@ def test_from_state_rejects_malformed_state_with_typed_error() -> None:
     state = rnd.clients[1].to_state()
     SecAggClient.from_state(state)  # the untouched state loads
     bad = [
-        _tampered(state, version=2),
+        _tampered(state, version=1),  # the format before the check round
         _tampered(state, stage="done"),
         _tampered(state, extra=1),
         _tampered(state, s_key=None),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
+from test_secagg_consistency import signed
 from test_secure_glue import InProcessGrid, _run, train_one
 
 from fedsqueeze.client.mods import ModPreconditionError
@@ -76,7 +77,7 @@ def test_share_stage_refuses_fewer_than_t_minus_1_peers() -> None:
     client = SecAggClient(1, server.setup()[1])
     client.advertise_keys()
     with pytest.raises(SecAggAbort, match="threshold is 3"):
-        client.share_keys({"peer_ids": [], "peer_c_pks": [], "peer_s_pks": []})
+        client.share_keys({"peer_ids": [], "peer_c_pks": [], "peer_s_pks": [], "peer_id_pks": []})
 
 
 # --- 2. the security floor is the device's, not the server's (finding 5) ---------------------
@@ -242,16 +243,15 @@ def test_client_refuses_to_unmask_a_disconnected_sum() -> None:
     included = [c for c in ids if c not in dropped]
     u = next(c for c in included if not set(graph[c]) & set(dropped))
     # A lying server: "the two dropped clients left after masking" — a disconnected sum.
-    forged = {"survivor_ids": sorted([u, *graph[u]]), "dropped_ids": [], "included_ids": included}
     with pytest.raises(SecAggProtocolError, match="disconnected"):
-        clients[u].unmask(forged)
-    # Fewer than t included, or a survivor list that disagrees with it: refused too.
-    with pytest.raises(SecAggProtocolError, match="disagrees"):
-        clients[u].unmask({**requests[u], "included_ids": [u]})
-    # Omitting the included set does not bypass the check.
+        clients[u].check_survivors({"included_ids": included})
+    # Fewer than t included: refused too; omitting the set does not bypass the check.
+    with pytest.raises(SecAggProtocolError, match="contain this client"):
+        clients[u].check_survivors({"included_ids": [v for v in ids if v != u]})
     with pytest.raises(SecAggProtocolError, match="included_ids"):
-        clients[u].unmask({k: v for k, v in requests[u].items() if k != "included_ids"})
-    # The honest request (all eight included: one cycle) is answered.
+        clients[u].check_survivors({})
+    # The honest request (all eight included: one cycle) is signed and then answered.
+    requests = signed(server, clients, requests)
     assert clients[u].unmask(requests[u])["b_ids"] == sorted([u, *graph[u]])
 
 
@@ -270,6 +270,7 @@ def test_every_completed_round_has_connected_survivors_at_n100_k4() -> None:
         x = np.ones(1, dtype=np.uint64)
         try:
             requests = server.collect_masked({c: clients[c].masked_input(out[c], x) for c in alive})
+            requests = signed(server, clients, requests)
         except SecAggAbort:
             continue
         result = server.finish({c: clients[c].unmask(requests[c]) for c in requests})
@@ -304,6 +305,7 @@ def test_issue_partial_sum_attack_at_n100_k4_is_impossible() -> None:
         x = np.ones(1, dtype=np.uint64)
         with pytest.raises(SecAggAbort):
             requests = server.collect_masked({c: clients[c].masked_input(out[c], x) for c in alive})
+            requests = signed(server, clients, requests)
             server.finish({c: clients[c].unmask(requests[c]) for c in requests})
 
 
@@ -326,7 +328,12 @@ def test_substituted_keys_are_refused_with_a_roster() -> None:
     # The honest server forwards the signed advertisements: the round runs, sum exact.
     out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in ids})
     x = {c: np.full(8, c, dtype=np.uint64) for c in ids}
-    out = server.collect_masked({c: clients[c].masked_input(out[c], x[c]) for c in ids})
+    out = signed(
+        server,
+        clients,
+        server.collect_masked({c: clients[c].masked_input(out[c], x[c]) for c in ids}),
+        identities=ident,
+    )
     result = server.finish({c: clients[c].unmask(out[c]) for c in out})
     assert result.total.tolist() == [15] * 8
 

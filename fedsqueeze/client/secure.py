@@ -2,7 +2,7 @@
 
 Runs the client half of SecAgg+ around any ClientApp's train handler when the server's
 message carries a ``fedsqueeze.secagg`` record (see :mod:`fedsqueeze.contracts.secure_wire`
-for the four stages). In ``setup`` the mod lets the handler train, turns ``local - start``
+for the five stages). In ``setup`` the mod lets the handler train, turns ``local - start``
 into an integer vector with the round's summable encoding
 (:mod:`fedsqueeze.contracts.summable`: clipping, weighting, random-k, distributed-DP noise —
 whatever the server described), keeps it in ``Context.state`` and replies with its public
@@ -61,6 +61,7 @@ from fedsqueeze.contracts.records import (
     to_record,
 )
 from fedsqueeze.contracts.secure_wire import (
+    CHECK,
     ENCODING_PREFIX,
     MASK,
     REPLY_KEY,
@@ -253,6 +254,8 @@ def _later_stage(msg: Message, context: Context, record: ConfigRecord, stage: st
             pending = np.frombuffer(bytes(glue["ef-pending"]), dtype="<f4")
             store_residual(context, str(glue["ef-spec"]), pending)
         glue = {k: v for k, v in glue.items() if k not in ("input", "ef-pending")}
+    elif stage == CHECK:
+        out = client.check_survivors(request, load_identity(context.node_config))
     elif stage == UNMASK:
         out = client.unmask(request)
     else:

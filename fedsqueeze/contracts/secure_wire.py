@@ -1,16 +1,21 @@
 """The SecAgg+ wire contract: how the protocol's stages travel as Flower messages.
 
-Under secure aggregation one training round is four ``TRAIN`` messages per client, each
+Under secure aggregation one training round is five ``TRAIN`` messages per client, each
 carrying a :data:`SECAGG_KEY` ConfigRecord that names its stage:
 
 ``setup``   the ordinary train message (the app's arrays and config) plus the SecAgg+ setup
-            and the round's summable encoding; the reply carries two public keys;
+            and the round's summable encoding; the reply carries two X25519 public keys and
+            the Ed25519 key the client signs the consistency check with (plus a signature
+            over its keys when the device has an identity key);
 ``share``   the neighbours' public keys → encrypted Shamir shares;
 ``mask``    the shares addressed to this client → the masked input, bit-packed at b bits;
-``unmask``  who survived (the client's neighbours, and ``included_ids``: every client whose
-            masked input is in the sum, so each client checks that the sum runs over a
-            connected graph of at least t clients) → the shares the server needs to strip
-            the masks.
+``check``   the survivor set U3 (``included_ids``: every client whose masked input is in the
+            sum; each client checks that it is a connected graph of at least t clients) →
+            an Ed25519 signature over the session and U3 (Bonawitz et al.'s consistency
+            check);
+``unmask``  who survived among the client's neighbours, with the neighbours' signatures over
+            U3 (the client reveals nothing unless t of them verify over the U3 it signed) →
+            the shares the server needs to strip the masks.
 
 The client refuses a ``setup`` whose parameters are below its own floor (node config
 ``secagg-min-threshold``, ``secagg-min-neighbours``) or for a round at or below one it
@@ -37,8 +42,8 @@ SECAGG_KEY = "fedsqueeze.secagg"
 """ConfigRecord in every SecAgg+ train message: ``stage``, ``round``, the core's request
 fields (prefix :data:`PROTO_PREFIX`), and in ``setup`` the encoding (prefix
 :data:`ENCODING_PREFIX`), ``weight-key``, ``feedback`` and ``drop-stage``."""
-SETUP, SHARE, MASK, UNMASK = "setup", "share", "mask", "unmask"
-STAGES = (SETUP, SHARE, MASK, UNMASK)
+SETUP, SHARE, MASK, CHECK, UNMASK = "setup", "share", "mask", "check", "unmask"
+STAGES = (SETUP, SHARE, MASK, CHECK, UNMASK)
 """Protocol stages in order; a simulated dropout names the one at which the client fails."""
 PROTO_PREFIX = "sa."
 """Keys carrying the SecAgg+ core's message fields."""
@@ -46,13 +51,15 @@ ENCODING_PREFIX = "enc."
 """Keys carrying the round's summable encoding (``SummableEncoding.to_fields``)."""
 REPLY_KEY = "sa"
 """ConfigRecord in a client's stage reply: the core's reply in wire form (:func:`pack_reply`).
-Short on purpose: the record name travels in every one of the four replies."""
+Short on purpose: the record name travels in every one of the five replies."""
 WIRE_FIELD = "b"
 """The one bytes field of a stage reply."""
 COMMIT_BYTES = 32
 """Size of the self-mask seed commitment in a ``share`` reply (SHA-256)."""
-SIGNED_BYTES = KEY_BYTES + SIGNATURE_BYTES
-"""Extra bytes of a signed ``setup`` reply: the Ed25519 identity key and the signature."""
+SETUP_BYTES = 3 * KEY_BYTES
+"""A ``setup`` reply: two X25519 keys and the consistency-check Ed25519 key."""
+SIGNED_BYTES = SETUP_BYTES + SIGNATURE_BYTES
+"""A signed ``setup`` reply (the device's identity key signed the X25519 keys)."""
 
 
 def stage_record(
@@ -80,11 +87,12 @@ class SecureWireError(ValueError):
 def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -> bytes:
     """The core's reply for ``stage`` as one byte string (the inverse of :func:`unpack_reply`).
 
-    ``setup``  ``c_pk || s_pk``, plus ``id_pk || sig`` when the device signs its keys;
+    ``setup``  ``c_pk || s_pk || id_pk``, plus ``sig`` when the device signs its keys;
     ``share``  ``b_commit || ciphertext_1 || ...`` for the recipients in ascending id order,
                which are exactly the ``peer_ids`` of the server's request (the core shares
                among the live neighbours it was sent);
     ``mask``   the bit-packed masked vector;
+    ``check``  the 64-byte signature over U3;
     ``unmask`` ``b shares || s shares``, in the ascending order of the request's
                ``survivor_ids`` and ``dropped_ids``.
 
@@ -93,14 +101,16 @@ def pack_reply(stage: str, out: Mapping[str, Any], request: Mapping[str, Any]) -
     server that re-attached the wrong ids would fail to get shares decrypted, not learn more.
     """
     if stage == SETUP:
-        signed = bytes(out["id_pk"]) + bytes(out["sig"]) if "sig" in out else b""
-        return bytes(out["c_pk"]) + bytes(out["s_pk"]) + signed
+        signed = bytes(out["sig"]) if "sig" in out else b""
+        return bytes(out["c_pk"]) + bytes(out["s_pk"]) + bytes(out["id_pk"]) + signed
     if stage == SHARE:
         if list(out["recipients"]) != sorted(int(v) for v in request["peer_ids"]):
             raise SecureWireError("share recipients differ from the peers the server sent")
         return bytes(out["b_commit"]) + b"".join(bytes(c) for c in out["ciphertexts"])
     if stage == MASK:
         return bytes(out["masked"])
+    if stage == CHECK:
+        return bytes(out["sig"])
     if stage == UNMASK:
         if list(out["b_ids"]) != sorted(int(v) for v in request["survivor_ids"]) or list(
             out["s_ids"]
@@ -125,11 +135,11 @@ def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[st
         The length does not match what the stage and the request imply.
     """
     if stage == SETUP:
-        if len(blob) == 2 * KEY_BYTES + SIGNED_BYTES:
-            c_pk, s_pk, id_pk = _chunks(blob[: 3 * KEY_BYTES], KEY_BYTES, 3, "public keys")
-            return {"c_pk": c_pk, "s_pk": s_pk, "id_pk": id_pk, "sig": blob[3 * KEY_BYTES :]}
-        c_pk, s_pk = _chunks(blob, KEY_BYTES, 2, "public keys")
-        return {"c_pk": c_pk, "s_pk": s_pk}
+        if len(blob) == SIGNED_BYTES:
+            c_pk, s_pk, id_pk = _chunks(blob[:SETUP_BYTES], KEY_BYTES, 3, "public keys")
+            return {"c_pk": c_pk, "s_pk": s_pk, "id_pk": id_pk, "sig": blob[SETUP_BYTES:]}
+        c_pk, s_pk, id_pk = _chunks(blob, KEY_BYTES, 3, "public keys")
+        return {"c_pk": c_pk, "s_pk": s_pk, "id_pk": id_pk}
     if stage == SHARE:
         recipients = sorted(int(v) for v in request["peer_ids"])
         commit, rest = blob[:COMMIT_BYTES], blob[COMMIT_BYTES:]
@@ -139,6 +149,8 @@ def unpack_reply(stage: str, blob: bytes, request: Mapping[str, Any]) -> dict[st
         return {"recipients": recipients, "ciphertexts": cts, "b_commit": commit}
     if stage == MASK:
         return {"masked": bytes(blob)}
+    if stage == CHECK:
+        return {"sig": _chunks(blob, SIGNATURE_BYTES, 1, "consistency signature")[0]}
     if stage == UNMASK:
         b_ids = sorted(int(v) for v in request["survivor_ids"])
         s_ids = sorted(int(v) for v in request["dropped_ids"])

@@ -6,6 +6,7 @@ Stages, in order (each method may be called only in its stage)::
     advertise_keys()               -> {"c_pk", "s_pk"}
     share_keys(msg)                -> {"recipients", "ciphertexts", "b_commit"}
     masked_input(msg, vector)      -> {"masked"}
+    check_survivors(msg)           -> {"sig"}        (consistency check: signs U3)
     unmask(msg)                    -> {"b_ids", "b_shares", "s_ids", "s_shares"}
 
 Between stages the whole state machine can be saved with :meth:`SecAggClient.to_state`
@@ -26,16 +27,29 @@ refuses (``SecAggProtocolError``, or ``SecAggAbort`` where the round cannot succ
 - at ``share``, fewer than ``t - 1`` live neighbours; at ``mask``, a sender list shorter
   than ``t - 1`` (an empty one would leave only the self mask on the input, whose shares
   the honest neighbours then hand over: exact recovery of the input);
-- at ``unmask``, fewer than ``t`` survivors, a survivor set (``included_ids``, the clients
-  whose masked input is in the sum) whose communication graph is disconnected (the server
-  would learn the sum of each component), a request inconsistent with it, and revealing
-  both the self-mask and the mask-key share of any peer.
+- at ``check``, a survivor set (``included_ids``, the clients whose masked input is in the
+  sum) with fewer than ``t`` members, without this client, or whose communication graph is
+  disconnected (the server would learn the sum of each component);
+- at ``unmask``, fewer than ``t`` valid signatures over the survivor set it signed from its
+  closed neighbourhood (its own included), any invalid one (the server told a neighbour a
+  different set), a request inconsistent with that set, and revealing both the self-mask
+  and the mask-key share of any peer.
+
+Consistency check (Bonawitz et al., CCS 2017, round 3 "ConsistencyCheck"): after the
+masked inputs are in, the server sends U3 to every client of U3; each signs
+``(session, U3)`` with Ed25519 and the server forwards to each client the signatures of its
+neighbours (SecAgg+: the check runs among neighbours, as Bell et al. 2020 run every step
+of the protocol on the neighbourhood; on the complete graph this is exactly Bonawitz et
+al.). A client reveals shares only after seeing ``t`` valid signatures over the same U3,
+so a server that tells two neighbours different survivor sets is caught before any share
+leaves.
 
 Key authentication: with a roster in its policy the client accepts only peer keys signed by
-a distinct roster identity key (Ed25519); without one, the server is trusted not to
-substitute keys. Not covered yet: Bonawitz et al.'s consistency-check round (a server can
-still tell different clients different survivor sets; the rules above bound what that gains
-it).
+a distinct roster identity key (Ed25519), and the consistency signatures are made with the
+same identity keys, so they authenticate the device. Without an identity key the client
+signs with a fresh per-round Ed25519 key advertised next to its X25519 keys; that key is
+then as authentic as the others, i.e. the server is trusted not to substitute keys, and the
+check only catches a server that equivocates on U3 without substituting keys.
 """
 
 from __future__ import annotations
@@ -75,9 +89,9 @@ from fedsqueeze.secagg.errors import (
 SHARE_PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + 16
 
-STAGES = ("setup", "keys", "shared", "masked", "unmasked")
+STAGES = ("setup", "keys", "shared", "masked", "checked", "unmasked")
 """The client's stages, in order (:attr:`SecAggClient.stage`)."""
-STATE_VERSION = 1
+STATE_VERSION = 2
 """Format version of :meth:`SecAggClient.to_state`."""
 
 StateValue: TypeAlias = int | bool | str | bytes | list[int] | list[bytes]
@@ -102,6 +116,10 @@ _STATE_KEYS = frozenset(
         "revealed_b",
         "revealed_s",
         "mask_peers",
+        "id_pk",
+        "sign_key",
+        "peer_id_pks",
+        "checked_ids",
     }
 )
 
@@ -177,6 +195,10 @@ class SecAggClient:
         self._held: dict[int, tuple[int, int]] = {}  # peer -> (b share, s share)
         self._revealed: dict[int, str] = {}  # peer -> "b" or "s"
         self._mask_peers: list[int] = []  # set at stage 3: the peers this client masked with
+        self._id_pk = b""  # the Ed25519 key this client signs with (identity or per-round)
+        self._sign_key: Ed25519PrivateKey | None = None  # per-round key (no identity key)
+        self._peer_id_pks: dict[int, bytes] = {}
+        self._checked: list[int] = []  # the survivor set U3 this client signed
 
     # -- saving and restoring between stages ---------------------------------------------
 
@@ -199,12 +221,16 @@ class SecAggClient:
         if self.stage != "setup":
             state["c_key"] = crypto.private_key_bytes(self._c_key)
             state["s_key"] = crypto.private_key_bytes(self._s_key)
+            state["id_pk"] = self._id_pk
+            if self._sign_key is not None:
+                state["sign_key"] = crypto.signing_key_bytes(self._sign_key)
         if STAGES.index(self.stage) >= STAGES.index("shared"):
             state["b_seed"] = self._b_seed
         peers = sorted(self._peers)
         state["peer_ids"] = peers
         state["peer_c_pks"] = [self._peers[p][0] for p in peers]
         state["peer_s_pks"] = [self._peers[p][1] for p in peers]
+        state["peer_id_pks"] = [self._peer_id_pks[p] for p in peers]
         held = sorted(self._held)
         state["held_ids"] = held
         state["held_b"] = [shamir.encode_share(self._held[h][0]) for h in held]
@@ -212,6 +238,7 @@ class SecAggClient:
         state["revealed_b"] = sorted(v for v, kind in self._revealed.items() if kind == "b")
         state["revealed_s"] = sorted(v for v, kind in self._revealed.items() if kind == "s")
         state["mask_peers"] = list(self._mask_peers)
+        state["checked_ids"] = list(self._checked)
         return state
 
     @classmethod
@@ -275,20 +302,34 @@ class SecAggClient:
         client = cls(client_id, setup, policy=policy, entropy=entropy)
 
         order = STAGES.index(stage)
-        for key, from_stage in (("c_key", "keys"), ("s_key", "keys"), ("b_seed", "shared")):
+        for key, from_stage in (
+            ("c_key", "keys"),
+            ("s_key", "keys"),
+            ("id_pk", "keys"),
+            ("b_seed", "shared"),
+        ):
             if (key in state) != (order >= STAGES.index(from_stage)):
                 raise SecAggProtocolError(f"field {key!r} does not match stage {stage!r}")
         if order >= STAGES.index("keys"):
             client._c_key = crypto.load_private_key(get_bytes(state, "c_key"))
             client._s_key = crypto.load_private_key(get_bytes(state, "s_key"))
+            client._id_pk = get_bytes(state, "id_pk", crypto.KEY_BYTES)
+            if "sign_key" in state:
+                sign_key = crypto.load_identity_key(get_bytes(state, "sign_key", crypto.KEY_BYTES))
+                if crypto.identity_public_bytes(sign_key) != client._id_pk:
+                    raise SecAggProtocolError("sign_key does not match id_pk")
+                client._sign_key = sign_key
+        elif "sign_key" in state:
+            raise SecAggProtocolError(f"field 'sign_key' does not match stage {stage!r}")
         if order >= STAGES.index("shared"):
             client._b_seed = get_bytes(state, "b_seed", shamir.SECRET_BYTES)
 
         peer_ids = get_id_list(state, "peer_ids")
         c_pks = get_bytes_list(state, "peer_c_pks", crypto.KEY_BYTES)
         s_pks = get_bytes_list(state, "peer_s_pks", crypto.KEY_BYTES)
-        if not len(peer_ids) == len(c_pks) == len(s_pks):
-            raise SecAggProtocolError("peer_ids, peer_c_pks and peer_s_pks differ in length")
+        id_pks = get_bytes_list(state, "peer_id_pks", crypto.KEY_BYTES)
+        if not len(peer_ids) == len(c_pks) == len(s_pks) == len(id_pks):
+            raise SecAggProtocolError("peer_ids and the peers' keys differ in length")
         if not set(peer_ids) <= set(client.neighbours):
             raise SecAggProtocolError("peer_ids holds clients that are not neighbours")
         held_ids = get_id_list(state, "held_ids")
@@ -309,10 +350,15 @@ class SecAggClient:
             raise SecAggProtocolError(f"peers or shares saved before stage 'shared' ({stage!r})")
         if order < STAGES.index("masked") and mask_peers:
             raise SecAggProtocolError(f"mask_peers saved before stage 'masked' ({stage!r})")
+        checked = get_id_list(state, "checked_ids")
+        if (order >= STAGES.index("checked")) != bool(checked):
+            raise SecAggProtocolError(f"checked_ids does not match stage {stage!r}")
         if order < STAGES.index("unmasked") and (revealed_b or revealed_s):
             raise SecAggProtocolError(f"revealed shares saved before stage 'unmasked' ({stage!r})")
 
         client._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
+        client._peer_id_pks = dict(zip(peer_ids, id_pks, strict=True))
+        client._checked = sorted(checked)
         client._held = {
             h: (shamir.decode_share(b), shamir.decode_share(s))
             for h, b, s in zip(held_ids, held_b, held_s, strict=True)
@@ -327,9 +373,11 @@ class SecAggClient:
     def advertise_keys(self, identity: Ed25519PrivateKey | None = None) -> dict[str, Any]:
         """Generate this round's two X25519 key pairs and return the public keys.
 
-        With ``identity`` (this device's Ed25519 key) the advertisement also carries
-        ``id_pk`` and ``sig``, a signature over the session, this client's id and both keys,
-        which peers holding a roster check (:class:`~fedsqueeze.secagg.config.ClientPolicy`).
+        Also returns ``id_pk``, the Ed25519 key this client signs the consistency check
+        with. With ``identity`` (this device's Ed25519 key) that is the identity key and the
+        advertisement carries ``sig``, a signature over the session, this client's id and
+        both X25519 keys, which peers holding a roster check
+        (:class:`~fedsqueeze.secagg.config.ClientPolicy`); without it a fresh per-round key.
         """
         self._expect("setup")
         self._c_key = crypto.generate_private_key(self._entropy)  # encrypts shares
@@ -340,10 +388,12 @@ class SecAggClient:
             "s_pk": crypto.public_key_bytes(self._s_key),
         }
         if identity is not None:
-            out["id_pk"] = crypto.identity_public_bytes(identity)
             out["sig"] = crypto.sign_advertisement(
                 identity, self.session, self.client_id, out["c_pk"], out["s_pk"]
             )
+        else:
+            self._sign_key = identity = crypto.generate_signing_key(self._entropy)
+        self._id_pk = out["id_pk"] = crypto.identity_public_bytes(identity)
         return out
 
     # -- stage 2 -------------------------------------------------------------------------
@@ -351,19 +401,22 @@ class SecAggClient:
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         """Shamir-share ``b_u`` and ``s_u`` among the live neighbours and encrypt the shares.
 
-        ``msg`` holds ``peer_ids``, ``peer_c_pks`` and ``peer_s_pks`` (the neighbours that
-        advertised keys).
+        ``msg`` holds ``peer_ids``, ``peer_c_pks``, ``peer_s_pks`` and ``peer_id_pks`` (the
+        neighbours that advertised keys; the last are their consistency-check keys).
         """
         self._expect("keys")
         peer_ids = get_id_list(msg, "peer_ids")
         c_pks = get_bytes_list(msg, "peer_c_pks", crypto.KEY_BYTES)
         s_pks = get_bytes_list(msg, "peer_s_pks", crypto.KEY_BYTES)
         if not len(peer_ids) == len(c_pks) == len(s_pks):
-            raise SecAggProtocolError("peer_ids, peer_c_pks and peer_s_pks differ in length")
+            raise SecAggProtocolError("peer_ids and the peers' keys differ in length")
         if not set(peer_ids) <= set(self.neighbours):
             raise SecAggProtocolError("the server sent keys of clients that are not neighbours")
         if self.policy.roster is not None:
             self._check_signatures(msg, peer_ids, c_pks, s_pks)
+        id_pks = get_bytes_list(msg, "peer_id_pks", crypto.KEY_BYTES)
+        if len(id_pks) != len(peer_ids):
+            raise SecAggProtocolError("peer_ids and peer_id_pks differ in length")
         own_c = crypto.public_key_bytes(self._c_key)
         own_s = crypto.public_key_bytes(self._s_key)
         all_keys = [own_c, own_s, *c_pks, *s_pks]
@@ -376,6 +429,7 @@ class SecAggClient:
                 f"threshold is {self.config.threshold}"
             )
         self._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
+        self._peer_id_pks = dict(zip(peer_ids, id_pks, strict=True))
         self._b_seed = self._entropy(shamir.SECRET_BYTES)
         xs = [share_position(h) for h in holders]
         t = self.config.threshold
@@ -456,22 +510,65 @@ class SecAggClient:
         self.stage = "masked"
         return {"masked": pack_bits(acc, bits)}
 
-    # -- stage 4 -------------------------------------------------------------------------
+    # -- stage 4: consistency check ------------------------------------------------------
+
+    def check_survivors(
+        self, msg: Mapping[str, Any], identity: Ed25519PrivateKey | None = None
+    ) -> dict[str, Any]:
+        """Sign the survivor set U3 (``included_ids``) after checking it is safe to unmask.
+
+        U3 is every client whose masked input the server summed. It must contain this
+        client, have at least ``t`` members (``t`` of them in this client's closed
+        neighbourhood) and a connected graph (recomputed from the public seed), otherwise
+        the server would learn the sum of each component. Signs with ``identity`` when this
+        client advertised it, else with its per-round key. Signing again is refused.
+        """
+        self._expect("masked")
+        included = sorted(get_id_list(msg, "included_ids"))
+        if self.client_id not in included or not set(included) <= set(self.client_ids):
+            raise SecAggProtocolError(
+                "included_ids must contain this client and only clients of the round"
+            )
+        if len(included) < self.config.threshold:
+            raise SecAggProtocolError(
+                f"refusing to unmask a sum of {len(included)} clients, fewer than t = "
+                f"{self.config.threshold}"
+            )
+        near = set(included) & {self.client_id, *self._mask_peers}
+        if len(near) < self.config.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: only {len(near)} survivors in its neighbourhood, "
+                f"threshold is {self.config.threshold}"
+            )
+        if not is_connected(self._graph, included):
+            raise SecAggProtocolError(
+                "refusing to unmask: the included clients' graph is disconnected, the server "
+                "would learn the sum of each component"
+            )
+        key = identity if identity is not None else self._sign_key
+        if key is None or crypto.identity_public_bytes(key) != self._id_pk:
+            raise SecAggProtocolError("the signing key is not the one this client advertised")
+        self._checked = included
+        self.stage = "checked"
+        return {"sig": crypto.sign_survivors(key, self.session, included)}
+
+    # -- stage 5 -------------------------------------------------------------------------
 
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         """Reveal the shares the server needs: ``b_v`` of survivors, ``s_v`` of dropped peers.
 
-        ``msg`` holds ``survivor_ids`` (must include this client) and ``dropped_ids``; together
-        they must classify exactly the peers this client masked with. It also holds
-        ``included_ids``, every client whose masked input the server summed: the local lists
-        must agree with it, it must have at least ``t`` members, and its graph (recomputed
-        from the public seed) must be connected, otherwise the server would learn the sum of
-        each component. The client refuses (``SecAggProtocolError``) to reveal both kinds of
-        share for one peer in this round, whether within one request or across repeated
-        requests.
+        ``msg`` holds ``signer_ids`` and ``signatures``: the consistency-check signatures of
+        clients of this client's closed neighbourhood. Every one must verify over the
+        survivor set U3 this client signed, and at least ``t`` must be there; an invalid one
+        means the server told that neighbour a different set (refused). ``msg`` also holds
+        ``survivor_ids`` (must include this client) and ``dropped_ids``: together they must
+        classify exactly the peers this client masked with, as U3 does. The client refuses
+        (``SecAggProtocolError``) to reveal both kinds of share for one peer in this round,
+        whether within one request or across repeated requests.
         """
-        if self.stage not in ("masked", "unmasked"):
+        if self.stage not in ("checked", "unmasked"):
             raise SecAggProtocolError(f"unmask called in stage {self.stage!r}")
+        self._check_consistency(msg)
         survivors = get_id_list(msg, "survivor_ids")
         dropped = get_id_list(msg, "dropped_ids")
         both = set(survivors) & set(dropped)
@@ -481,14 +578,14 @@ class SecAggClient:
             )
         if self.client_id not in survivors:
             raise SecAggProtocolError("the survivor list must contain this client")
-        if set(survivors) | set(dropped) != {self.client_id, *self._mask_peers}:
+        mine = {self.client_id, *self._mask_peers}
+        if set(survivors) | set(dropped) != mine:
             raise SecAggProtocolError(
                 "survivors and dropped must classify exactly the peers this client masked with"
             )
-        if len(survivors) < self.config.threshold:
-            raise SecAggAbort(
-                f"client {self.client_id}: only {len(survivors)} survivors in its neighbourhood, "
-                f"threshold is {self.config.threshold}"
+        if set(self._checked) & mine != set(survivors):
+            raise SecAggProtocolError(
+                "the survivors differ from the survivor set U3 this client signed"
             )
         wanted = {v: "b" for v in survivors} | {v: "s" for v in dropped}
         conflict = sorted(v for v, kind in wanted.items() if self._revealed.get(v, kind) != kind)
@@ -496,22 +593,6 @@ class SecAggClient:
             raise SecAggProtocolError(
                 f"refusing to reveal both the self-mask and the mask-key share of {conflict} "
                 "in one round"
-            )
-        included = set(get_id_list(msg, "included_ids"))
-        mine = {self.client_id, *self._mask_peers}
-        if not included <= set(self.client_ids) or included & mine != set(survivors):
-            raise SecAggProtocolError(
-                "included_ids disagrees with the survivors and dropouts this client was told"
-            )
-        if len(included) < self.config.threshold:
-            raise SecAggProtocolError(
-                f"refusing to unmask a sum of {len(included)} clients, fewer than t = "
-                f"{self.config.threshold}"
-            )
-        if not is_connected(self._graph, included):
-            raise SecAggProtocolError(
-                "refusing to unmask: the included clients' graph is disconnected, the server "
-                "would learn the sum of each component"
             )
         self._revealed.update(wanted)
         self.stage = "unmasked"
@@ -550,6 +631,29 @@ class SecAggClient:
                     f"the key advertisement of client {peer} is not signed by its identity key "
                     "(substituted keys?)"
                 )
+
+    def _check_consistency(self, msg: Mapping[str, Any]) -> None:
+        """``t`` valid signatures over the signed U3 from this closed neighbourhood, none bad."""
+        signers = get_id_list(msg, "signer_ids")
+        sigs = get_bytes_list(msg, "signatures", crypto.SIGNATURE_BYTES)
+        if len(signers) != len(sigs):
+            raise SecAggProtocolError("signer_ids and signatures differ in length")
+        keys = {self.client_id: self._id_pk} | self._peer_id_pks
+        for signer, sig in zip(signers, sigs, strict=True):
+            if signer not in keys or signer not in self._checked:
+                raise SecAggProtocolError(
+                    f"consistency signature of client {signer}, not a surviving neighbour"
+                )
+            if not crypto.verify_survivors(keys[signer], sig, self.session, self._checked):
+                raise SecAggProtocolError(
+                    f"client {signer}'s consistency signature is not over the survivor set this "
+                    "client signed: the server sent different survivor sets (refusing to unmask)"
+                )
+        if len(signers) < self.config.threshold:
+            raise SecAggProtocolError(
+                f"refusing to unmask: {len(signers)} consistency signatures over the survivor "
+                f"set, fewer than t = {self.config.threshold}"
+            )
 
     def _expect(self, stage: str) -> None:
         if self.stage != stage:

@@ -338,6 +338,15 @@ def secure_neighbours(
     Returns ``n - 1`` (the complete graph, Bonawitz et al.) when no smaller ``k`` qualifies,
     which is the case for small ``n``, and when ``δ + γ >= 1/2`` (a threshold above half of
     every neighbourhood can then not be met w.h.p. by any sparse graph).
+
+    Against the paper: the events above assume drop-outs independent of the graph and ask
+    only for a connected survivor graph. Bell et al.'s semi-malicious setting lets the
+    adversary choose the drop-outs and asks that every included input be summed with at
+    least ``α n`` others; for ``n = 10^4``, ``γ = δ = 5%`` their abstract reports about 3% of
+    the clients as neighbours (k ≈ 300), where this function gives 112. So this bound is
+    *not* as conservative as theirs against adaptive drop-outs; it is the random-failure
+    bound. A deployment facing a server that drops honest clients selectively should set
+    ``k`` (and the device floor) from their Theorem.
     """
     if not _is_int(n) or n < 2:
         raise SecAggConfigError(f"n must be an int >= 2, got {n!r}")

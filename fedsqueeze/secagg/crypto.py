@@ -6,7 +6,8 @@
 - AES-256-CTR keystream as the mask generator (PRG), read as little-endian words with
   numpy so masking costs no Python loop per coordinate;
 - Ed25519 device identity keys signing a client's key advertisement (session, id, both
-  public keys), checked by its peers against a roster of trusted identity keys.
+  public keys), checked by its peers against a roster of trusted identity keys, and the
+  survivor set of the consistency check (Bonawitz et al. 2017, round 3).
 
 Every derived key is salted with the session id (a hash of the round's public
 parameters, see :func:`fedsqueeze.secagg.config.session_id`), so keys and masks never
@@ -192,3 +193,48 @@ def verify_advertisement(
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def generate_signing_key(entropy: Callable[[int], bytes]) -> Ed25519PrivateKey:
+    """A per-round Ed25519 key from ``entropy`` (used when the device has no identity key)."""
+    return Ed25519PrivateKey.from_private_bytes(entropy(KEY_BYTES))
+
+
+def signing_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def _survivors(session: bytes, included: list[int]) -> bytes:
+    return _TAG + b"consistency" + session + b"".join(id_bytes(v) for v in sorted(included))
+
+
+def sign_survivors(key: Ed25519PrivateKey, session: bytes, included: list[int]) -> bytes:
+    """Signature over the survivor set U3 of the session (the consistency-check message)."""
+    return key.sign(_survivors(session, included))
+
+
+def verify_survivors(
+    signer_pk: bytes, signature: bytes, session: bytes, included: list[int]
+) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(signer_pk).verify(
+            signature, _survivors(session, included)
+        )
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def is_low_order(public: bytes) -> bool:
+    """Whether an X25519 public key is a low-order point (every key agreement gives zero).
+
+    Checked by one key agreement with a throw-away key: ``cryptography`` refuses an all-zero
+    shared secret, which a clamped scalar produces exactly for the low-order points.
+    """
+    try:
+        X25519PrivateKey.generate().exchange(load_public_key(public))
+    except ValueError:
+        return True
+    return False

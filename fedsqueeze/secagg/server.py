@@ -5,11 +5,20 @@ Stages, in order::
     setup()               -> {cid: setup msg}
     collect_keys(msgs)    -> {cid: neighbours' public keys}          (U1: advertised keys)
     collect_shares(msgs)  -> {cid: ciphertexts addressed to cid}      (U2: shared keys)
-    collect_masked(msgs)  -> {cid: unmask request}                    (U3: sent masked input)
-    finish(msgs)          -> SecAggResult                             (U4: answered unmasking)
+    collect_masked(msgs)  -> {cid: survivor set U3}                   (U3: sent masked input)
+    collect_signatures(msgs) -> {cid: unmask request + signatures}    (U4: signed U3)
+    finish(msgs)          -> SecAggResult                             (U5: answered unmasking)
 
 A client missing from a ``collect_*``/``finish`` dict is treated as dropped at that stage;
-a client whose message is malformed is dropped too and listed in :attr:`SecAggServer.rejected`.
+a client whose message is malformed is dropped too and listed in :attr:`SecAggServer.rejected`
+(named, with the reason): a low-order or duplicated public key, a share reply that repeats a
+ciphertext (it cannot open for two recipients), an invalid consistency signature, a wrong
+unmask share.
+
+Consistency check (Bonawitz et al. 2017, round 3): the server sends U3 to every client of
+U3, verifies each returned signature over it, and forwards to each client of U4 the
+signatures of its closed neighbourhood; a client with fewer than ``t`` of them is not asked
+to unmask (it would refuse).
 
 Each client's secrets are shared among its closed neighbourhood, so recovery needs, for every
 included client ``u``, ``t`` live holders of ``b_u`` among ``u`` and its neighbours, and, for
@@ -21,15 +30,19 @@ arrive nothing can be pruned any more, so a failed condition raises :class:`SecA
 The server also aborts, before asking for any share, when the communication graph of the
 included clients (those whose masked input is in the sum) is disconnected: pairwise masks
 cancel inside each component, so unmasking would reveal the sum of every component, down
-to ``t`` clients. Each unmask request carries ``included_ids`` so clients check the same.
+to ``t`` clients. The consistency-check request carries ``included_ids`` so clients check
+the same.
 
 Unmasking is robust to a wrong share: a reconstructed self-mask seed is verified against the
 owner's commitment and a mask key against the owner's public key; if the first ``t`` shares
-fail, each ``t``-subset of the first ``t + 1`` is tried, and then every share that disagrees
-with the verified polynomial is named in :attr:`SecAggServer.rejected` when the evidence is
-unambiguous (unique decoding: the polynomial and the verified secret agree with ``t`` more
-points than it disagrees with); the sender's own input stays in the sum. More than one
-wrong share among those tried aborts.
+fail, each ``t``-subset of the first ``t + 1`` is tried, and then every revealed share (not
+only those used) that disagrees with the verified polynomial is named in
+:attr:`SecAggServer.rejected` when the evidence is unambiguous (unique decoding: the
+polynomial and the verified secret agree with ``t`` more points than it disagrees with);
+the sender's own input stays in the sum. More than one wrong share among those tried
+aborts. Limit: the shares are checked against the owner's dealt polynomial, not against
+per-share commitments, so an owner that deals one holder a share off its polynomial can
+get that holder named (it cannot make the round abort while t shares agree).
 """
 
 from __future__ import annotations
@@ -103,8 +116,11 @@ class SecAggServer:
         self.graph = neighbour_graph(self.client_ids, config.neighbours, config.round_seed)
         self.stage = "init"
         self.rejected: dict[int, str] = {}
+        self.silent: set[int] = set()  # asked at some stage and did not answer
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._signed: dict[int, tuple[bytes, bytes]] = {}  # identity key, signature
+        self._id_pks: dict[int, bytes] = {}  # consistency-check signing keys
+        self._checks: dict[int, bytes] = {}  # consistency signatures over U3
         self._u1: set[int] = set()
         self._u2: set[int] = set()
         self._u3: set[int] = set()
@@ -136,10 +152,12 @@ class SecAggServer:
             try:
                 c_pk = get_bytes(msg, "c_pk", crypto.KEY_BYTES)
                 s_pk = get_bytes(msg, "s_pk", crypto.KEY_BYTES)
-                crypto.load_public_key(c_pk)
-                crypto.load_public_key(s_pk)
+                id_pk = get_bytes(msg, "id_pk", crypto.KEY_BYTES)
+                if crypto.is_low_order(c_pk) or crypto.is_low_order(s_pk):
+                    raise SecAggProtocolError("low-order X25519 public key (e.g. all zero)")
+                if c_pk == s_pk:
+                    raise SecAggProtocolError("the two public keys are equal")
                 if "sig" in msg:
-                    id_pk = get_bytes(msg, "id_pk", crypto.KEY_BYTES)
                     sig = get_bytes(msg, "sig", crypto.SIGNATURE_BYTES)
                     if not crypto.verify_advertisement(id_pk, sig, self.session, cid, c_pk, s_pk):
                         raise SecAggProtocolError("key advertisement signature does not verify")
@@ -148,6 +166,16 @@ class SecAggServer:
                 self._reject(cid, "advertise_keys", exc)
                 continue
             self._keys[cid] = (c_pk, s_pk)
+            self._id_pks[cid] = id_pk
+        # A key advertised by two clients: one copied it (peers would refuse the round).
+        owners: dict[bytes, list[int]] = {}
+        for cid, (c_pk, s_pk) in self._keys.items():
+            for key in {c_pk, s_pk, self._id_pks[cid]}:
+                owners.setdefault(key, []).append(cid)
+        for shared in (ids for ids in owners.values() if len(ids) > 1):
+            for cid in shared:
+                self._keys.pop(cid, None)
+                self.rejected[cid] = f"advertise_keys: public key also advertised by {shared}"
         self._u1 = self._prune(set(self._keys))
         self._require(self._u1, "after key advertisement", pruned=True)
         out: dict[int, Message] = {}
@@ -157,9 +185,9 @@ class SecAggServer:
                 "peer_ids": peers,
                 "peer_c_pks": [self._keys[v][0] for v in peers],
                 "peer_s_pks": [self._keys[v][1] for v in peers],
+                "peer_id_pks": [self._id_pks[v] for v in peers],
             }
             if any(v in self._signed for v in peers):  # forwarded for clients with a roster
-                out[u]["peer_id_pks"] = [self._signed.get(v, (b"", b""))[0] for v in peers]
                 out[u]["peer_sigs"] = [self._signed.get(v, (b"", b""))[1] for v in peers]
         return out
 
@@ -176,6 +204,10 @@ class SecAggServer:
                     raise SecAggProtocolError("recipients and ciphertexts differ in length")
                 if set(recipients) != set(self._live_neighbours(cid, self._u1)):
                     raise SecAggProtocolError("shares must go to exactly the live neighbours")
+                if len(set(blobs)) != len(blobs):
+                    raise SecAggProtocolError(
+                        "the same ciphertext for two recipients (it can open for one at most)"
+                    )
             except SecAggError as exc:
                 self._reject(cid, "share_keys", exc)
                 continue
@@ -196,7 +228,7 @@ class SecAggServer:
         return out
 
     def collect_masked(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
-        """Stage 3: sum the masked inputs and ask survivors for the shares needed to unmask."""
+        """Stage 3: sum the masked inputs; send U3 to its clients for the consistency check."""
         self._expect("collect_shares", "collect_masked")
         c = self.config
         size = packed_size(c.vector_len, c.bits)
@@ -231,23 +263,72 @@ class SecAggServer:
                 "would reveal the sum of each component"
             )
         included = sorted(self._u3)
-        out: dict[int, Message] = {}
         for u in included:
             peers = self._live_neighbours(u, self._u2)
             survivors = sorted([u, *(v for v in peers if v in self._u3)])
             dropped = [v for v in peers if v not in self._u3]
             self._requests[u] = (survivors, dropped)
-            out[u] = {"survivor_ids": survivors, "dropped_ids": dropped, "included_ids": included}
+        return {u: {"included_ids": included} for u in included}
+
+    def collect_signatures(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
+        """Stage 4: verify the signatures over U3; ask each signer for its unmask shares."""
+        self._expect("collect_masked", "collect_signatures")
+        included = sorted(self._u3)
+        for cid, msg in self._valid(msgs, self._u3, "consistency_check"):
+            try:
+                sig = get_bytes(msg, "sig", crypto.SIGNATURE_BYTES)
+                if not crypto.verify_survivors(self._id_pks[cid], sig, self.session, included):
+                    raise SecAggProtocolError("signature over the survivor set does not verify")
+            except SecAggError as exc:
+                self._reject(cid, "consistency_check", exc)
+                continue
+            self._checks[cid] = sig
+        out: dict[int, Message] = {}
+        for u in sorted(self._checks):
+            signers = [v for v in [u, *self.graph[u]] if v in self._checks]
+            if len(signers) < self.config.threshold:
+                continue  # the client would refuse to unmask with fewer than t signatures
+            survivors, dropped = self._requests[u]
+            out[u] = {
+                "survivor_ids": survivors,
+                "dropped_ids": dropped,
+                "signer_ids": sorted(signers),
+                "signatures": [self._checks[v] for v in sorted(signers)],
+            }
+        self._requests = {u: self._requests[u] for u in out}
+        self._require(set(out), "after the consistency check")
         return out
+
+    def counts(self, included: Sequence[int]) -> dict[str, int]:
+        """Exact per-client accounting of the round, whatever its outcome.
+
+        ``included``: whose input reached the model (``SecAggResult.included``, or none when
+        the round was aborted or its sum refused). Every selected client is counted once:
+        ``clients`` (included), ``rejected`` (named in :attr:`rejected`, not included),
+        ``dropped`` (did not answer a stage), ``discarded`` (answered, but the round was
+        thrown away or the server excluded it); ``flagged``: named but already in the sum
+        (e.g. a wrong unmask share after its masked input arrived).
+        """
+        inc = set(included)
+        named = set(self.rejected) & set(self.client_ids)
+        rejected = named - inc
+        dropped = self.silent - named - inc
+        return {
+            "clients": len(inc),
+            "rejected": len(rejected),
+            "dropped": len(dropped),
+            "discarded": len(self.client_ids) - len(inc) - len(rejected) - len(dropped),
+            "flagged": len(named & inc),
+        }
 
     def finish(self, msgs: Mapping[int, Mapping[str, Any]]) -> SecAggResult:
         """Stage 4: reconstruct the secrets, strip the masks, return the sum."""
-        self._expect("collect_masked", "finish")
+        self._expect("collect_signatures", "finish")
         c = self.config
         b_shares: dict[int, list[tuple[int, int]]] = {u: [] for u in self._u3}
         s_shares: dict[int, list[tuple[int, int]]] = {v: [] for v in self._u2 - self._u3}
         answered: set[int] = set()
-        for cid, msg in self._valid(msgs, self._u3, "unmask"):
+        for cid, msg in self._valid(msgs, set(self._requests), "unmask"):
             survivors, dropped = self._requests[cid]
             try:
                 b_ids = get_id_list(msg, "b_ids")
@@ -323,6 +404,7 @@ class SecAggServer:
     ) -> list[tuple[int, Mapping[str, Any]]]:
         if not isinstance(msgs, Mapping):
             raise SecAggProtocolError("messages must be a mapping {client_id: message}")
+        self.silent |= allowed - set(msgs)
         out = []
         for cid, msg in msgs.items():
             if cid not in allowed:
@@ -389,16 +471,16 @@ class SecAggServer:
         if len(ordered) > t:
             head = ordered[: t + 1]
             tries += [head[:j] + head[j + 1 :] for j in range(t - 1, -1, -1)]
-        for attempt, chosen in enumerate(tries):
+        for chosen in tries:
             xs, ys = [p[0] for p in chosen], [p[1] for p in chosen]
             try:
                 secret = shamir.reconstruct_secret(xs, ys)
                 ok = verify(secret)
             except SecAggError:
                 continue
-            if ok and attempt == 0:
-                return secret  # the usual case: no wrong share among the first t
             if ok:
+                # Every revealed share is checked against the verified polynomial, not only
+                # those needed: a wrong share is named even when the first t were right.
                 wrong = [
                     x for x, y in ordered if x not in xs and shamir.interpolate_at(xs, ys, x) != y
                 ]

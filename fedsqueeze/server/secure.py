@@ -3,13 +3,14 @@
 ``SecAggStrategy(FedAvg(), clip=1.0)`` runs SecAgg+ inside Flower's own round loop
 (``strategy.start(grid=..., ...)``): ``configure_train`` adds the setup to the wrapped
 strategy's train messages; ``aggregate_train`` receives the public keys, drives the other
-three stages over the same grid (``grid.send_and_receive``, so a byte-counting grid counts
+four stages over the same grid (``grid.send_and_receive``, so a byte-counting grid counts
 them), unmasks the sum and hands the wrapped strategy one reply, ``global + mean delta``::
 
     setup (= the train message)  → public keys        SecAggServer.collect_keys
     share (neighbours' keys)     → encrypted shares    SecAggServer.collect_shares
     mask  (shares for me)        → masked input        SecAggServer.collect_masked
-    unmask (who survived)        → shares to unmask    SecAggServer.finish
+    check (survivor set U3)      → signature over U3   SecAggServer.collect_signatures
+    unmask (who survived, sigs)  → shares to unmask    SecAggServer.finish
 
 The server learns only the sum over the clients whose masked input was included. What the
 clients sum is a summable encoding (:mod:`fedsqueeze.contracts.summable`): by default each
@@ -21,6 +22,7 @@ the encoding is theirs and the decoded sum goes to them (they noise, divide and 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
+    CHECK,
     ENCODING_PREFIX,
     MASK,
     REPLY_KEY,
@@ -49,7 +52,10 @@ from fedsqueeze.contracts.secure_wire import (
 )
 from fedsqueeze.contracts.streams import Stream, round_rng, round_seed
 from fedsqueeze.contracts.summable import (
+    ClippedSum,
+    RandomK,
     SummableEncoding,
+    WeightedSum,
     choose_integer_encoding,
     random_k,
 )
@@ -94,6 +100,50 @@ class SecureSumAggregator(Protocol):
         metrics: Mapping[str, float],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate from the decoded sum of ``contributors`` clients' encoded updates."""
+
+
+def outside_honest_range(encoding: SummableEncoding, int_sum: np.ndarray, count: int) -> str:
+    """Why the decoded sum of ``count`` clients is one no honest clients produce ("" if not).
+
+    For the clipped encodings (:class:`ClippedSum`, :class:`WeightedSum`, inside random-k)
+    each honest client sends ``x_i = round(scale * w_i / cap * clip(u_i))`` (``w_i / cap = 1``
+    unweighted) and, weighted, its weight ``w_i`` in ``[0, cap]``. So honest sums satisfy:
+    the summed weight ``W`` in ``[1, count * cap]`` (``count`` unweighted); every coordinate
+    ``|s_j| <= scale * clip * W / cap + count`` (rounding moves each by < 1); and
+    ``||s|| <= scale * clip * W / cap + count * sqrt(d)`` (triangle inequality). Outside
+    that, at least one included client sent something no honest client could, and the
+    round's sum is refused. Inside it the mean has norm at most ``clip`` plus rounding:
+    a forged weight or a huge vector cannot scale the update up. DP encodings return "":
+    their wrappers bound (and noise) the sum.
+    """
+    enc = encoding.inner if isinstance(encoding, RandomK) else encoding
+    if not isinstance(enc, ClippedSum):
+        return ""
+    s = np.asarray(int_sum, dtype=np.int64)
+    if isinstance(enc, WeightedSum):
+        vec, weight = s[:-1], int(s[-1])
+        if not 1 <= weight <= count * enc.weight_cap:
+            return (
+                f"summed weight {weight} of {count} clients is outside the honest range "
+                f"[1, {count * enc.weight_cap}] (a forged hidden weight)"
+            )
+        units = weight / enc.weight_cap
+    else:
+        vec, units = s, float(count)
+    reach = enc.scale * enc.clip * units
+    worst = int(np.abs(vec).max()) if vec.size else 0
+    if worst > reach + count:
+        return (
+            f"a coordinate sum ({worst}) exceeds what {count} clients clipped to {enc.clip:g} "
+            f"can produce ({reach + count:.0f})"
+        )
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if norm > reach + count * math.sqrt(vec.size):
+        return (
+            f"the sum's norm ({norm:.0f}) exceeds what {count} clients clipped to {enc.clip:g} "
+            f"can produce ({reach + count * math.sqrt(vec.size):.0f})"
+        )
+    return ""
 
 
 def simulated_dropouts(
@@ -331,31 +381,44 @@ class SecAggStrategy(Strategy, RoundHook):
         replies = self._grid.send_and_receive(messages, timeout=self.timeout)
         return _collect(replies, stage, requests)[0]
 
-    def _run_protocol(self, r: _Round, keys: dict[int, dict[str, Any]]) -> tuple[np.ndarray, int]:
+    def _run_protocol(
+        self, r: _Round, keys: dict[int, dict[str, Any]]
+    ) -> tuple[np.ndarray, list[int]]:
         """``(signed integer sum, included clients)``; raises SecAggAbort."""
         t_train = time.perf_counter()
         shares = self._exchange(r.server_round, SHARE, r.server.collect_keys(keys))
         masked = self._exchange(r.server_round, MASK, r.server.collect_shares(shares))
-        out = r.server.collect_masked(masked)
+        checks = self._exchange(r.server_round, CHECK, r.server.collect_masked(masked))
+        out = r.server.collect_signatures(checks)
         answers = self._exchange(r.server_round, UNMASK, out)
         t_unmask = time.perf_counter()
         result = r.server.finish(answers)
         r.report["secagg_unmask_s"] = round(time.perf_counter() - t_unmask, 4)
         r.report["secagg_s"] = round(time.perf_counter() - t_train, 4)
-        if result.rejected:
-            log.warning("round %d: secagg rejected %s", r.server_round, result.rejected)
-        rejected = len(set(result.rejected) & set(result.dropped))
         r.report.update(
             {
-                "clients": len(result.included),
-                "rejected_updates": rejected,
-                "dropped_clients": len(result.dropped) - rejected,
                 "secagg_included": len(result.included),
                 # Sent the masked input (so it is in the sum) but not its unmasking shares.
-                "secagg_late_dropouts": len(set(out) - set(answers)),
+                "secagg_late_dropouts": len(set(result.included) - set(answers)),
             }
         )
-        return from_field(result.total, r.encoding.bits), len(result.included)
+        return from_field(result.total, r.encoding.bits), result.included
+
+    def _count(self, r: _Round, included: Sequence[int]) -> None:
+        """Every selected client counted once (:meth:`SecAggServer.counts`), culprits named."""
+        c = r.server.counts(included)
+        r.report.update(
+            {
+                "clients": c["clients"],
+                "rejected_updates": c["rejected"],
+                "dropped_clients": c["dropped"],
+                "secagg_discarded": c["discarded"],
+                "secagg_flagged": c["flagged"],
+            }
+        )
+        if r.server.rejected:
+            log.warning("round %d: secagg rejected %s", r.server_round, r.server.rejected)
+            r.report["secagg_rejected"] = {str(k): v for k, v in sorted(r.server.rejected.items())}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -372,31 +435,31 @@ class SecAggStrategy(Strategy, RoundHook):
         ]
         metrics = mean_metric(client_metrics, "train-loss")
         try:
-            total, included = self._run_protocol(r, keys)
+            total, ids = self._run_protocol(r, keys)
         except SecAggAbort as exc:
             log.warning("round %d: %s; global model kept", server_round, exc)
-            rejected = len(r.server.rejected)
-            r.report.update(
-                {
-                    "secagg_aborted": 1,
-                    "clients": 0,
-                    "rejected_updates": rejected,
-                    "dropped_clients": len(r.server.client_ids) - rejected,
-                }
-            )
+            r.report["secagg_aborted"] = 1
+            self._count(r, [])
             return None, None
+        r.report["secagg_round_s"] = round(time.perf_counter() - r.started, 4)
+        included = len(ids)
+        refused = "" if self.dp is not None else outside_honest_range(r.encoding, total, included)
+        if refused:
+            log.warning("round %d: %s; global model kept", server_round, refused)
+            r.report["secagg_refused"] = 1
+            self._count(r, [])
+            return None, None
+        self._count(r, ids)
         sum_flat, weight = r.encoding.decode_sum(total, included)
         template = ok[0]
-        r.report["secagg_round_s"] = round(time.perf_counter() - r.started, 4)
         if self.dp is not None:
             total_arrays = unflatten(sum_flat, r.global_arrays)
             return self.dp.aggregate_secure_sum(
                 server_round, total_arrays, included, template, metrics
             )
-        if weight <= 0:
-            log.warning("round %d: summed weight is %s; global model kept", server_round, weight)
-            return None, None
-        mean = unflatten(sum_flat / weight, r.global_arrays)
+        # Divide by at least one per included client: a summed weight forged small (a
+        # negative hidden weight) cannot scale the update up (honest weights are >= 1).
+        mean = unflatten(sum_flat / max(weight, included), r.global_arrays)
         return merge_delta(
             self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
         )
