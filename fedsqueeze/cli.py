@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+EXIT_STALLED = 3
+"""Too many rounds in a row had fewer than ``min-clients`` usable replies (run dir kept)."""
 
 
 class UsageError(Exception):
@@ -139,7 +141,16 @@ def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> d
     server_app = build_server_app(config, run_dir, on_round=on_round, result=result)
     client_app = build_client_app(config)
     backend = {
-        "client_resources": {"num_cpus": float(config["client-cpus"]), "num_gpus": 0.0},
+        # Ray actor options (Flower passes them through): an actor whose worker process dies
+        # (OOM kill, os._exit) is restarted instead of staying in the pool dead, and a message
+        # that meets it dead or restarting is run once more after the restart instead of
+        # failing at once (Flower would answer every such message with an error).
+        "client_resources": {
+            "num_cpus": float(config["client-cpus"]),
+            "num_gpus": 0.0,
+            "max_restarts": -1,
+            "max_task_retries": 1,
+        },
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     with progress:
@@ -192,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
     from fedsqueeze.models import ModelError
+    from fedsqueeze.server.liveness import FederationStalled
 
     user_errors = (UsageError, ConfigError, DatasetError, ModelError, CodecError)
     created: Path | None = None
@@ -217,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         return EXIT_USAGE
+    except FederationStalled as err:
+        print(f"fedsqueeze: run stopped: {err}", file=sys.stderr)
+        return EXIT_STALLED
 
 
 if __name__ == "__main__":
