@@ -101,7 +101,7 @@ def test_rounds_without_usable_replies_end_the_run(tmp_path: Path) -> None:
     """On main the run went on over empty rounds and wrote a normal summary."""
     cfg = resolve_config(RUN, {"num-rounds": 5, "max-failed-rounds": 2})
     grid = inprocess.InProcessGrid(build_client_app(cfg, extra_mods=[_failing_mod]), 4)
-    with pytest.raises(FederationStalled, match="2 rounds in a row .* min-clients = 1"):
+    with pytest.raises(FederationStalled, match=r"2 rounds in a row .* min-clients = 1"):
         run_federation(grid, cfg, RunDir(tmp_path), node_timeout=5)
     rows = RunDir(tmp_path).read_metrics()
     assert [(r["round"], r["clients"], r["min_clients_met"]) for r in rows] == [(1, 0, False)]
