@@ -16,7 +16,7 @@ from fedsqueeze.config import resolve_config
 
 pytestmark = pytest.mark.e2e
 
-NODE_TIMEOUT = 8.0
+NODE_TIMEOUT = 10.0
 RUN_DIR_ENV = "FEDSQUEEZE_TEST_RUN_DIR"  # Ray's workers inherit the driver's environment
 
 

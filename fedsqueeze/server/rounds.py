@@ -291,8 +291,8 @@ def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
     """Train (and federated-evaluate) round ``rnd``; its metrics row."""
     cfg, t0 = fed.config, time.monotonic()
     num_clients, seed = int(cfg["num-clients"]), int(cfg["seed"])
-    k = int(cfg["clients-per-round"])
-    sampled = fed.sampler.sample(rnd, num_clients, k, fed.liveness.available())
+    k, available = int(cfg["clients-per-round"]), fed.liveness.available()
+    sampled = fed.sampler.sample(rnd, num_clients, k, available)
     view = CountingGrid(fed.grid, fed.nodes(sampled))
     arrays, train_metrics = train_round(fed.strategy, view, rnd, fed.arrays, fed.timeout)
     if arrays is not None:
