@@ -156,3 +156,52 @@ def test_cli_exits_3_with_one_line_and_keeps_the_run_directory(
     assert status == cli.EXIT_STALLED == 3
     assert err.count("\n") == 1 and "min-clients" in err
     assert out.is_dir()  # resumable: --resume retries from the last good round
+
+
+def test_late_replies_through_flowers_in_memory_grid() -> None:
+    """What WatchedGrid relies on, on the grid the Simulation Engine gives the ServerApp: a
+    message nobody answered in time stays in Flower's link state, and its reply, when it
+    comes, is handed over by ``pull_messages``."""
+    import secrets
+
+    from flwr.common.constant import HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedsqueeze.server.liveness import Liveness, WatchedGrid
+
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = factory.state()
+    run = Run.create_empty(run_id=1)
+    run.primary_task_id, run.federation_id = 7, NOOP_FEDERATION_ID
+    state.run_ids[1] = RunRecord(run=run)
+    state.task_store[7] = Task(task_id=7, run_id=1)
+    nodes = []
+    for _ in range(2):
+        node = state.create_node(
+            NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32), HEARTBEAT_INTERVAL_INF
+        )
+        state.acknowledge_node_heartbeat(node, HEARTBEAT_INTERVAL_INF)
+        nodes.append(node)
+    inner = InMemoryGrid(factory, pull_interval=0.01)
+    inner.set_run(run)
+    grid = WatchedGrid(inner)
+    liveness = Liveness({}, grid, {0: nodes[0], 1: nodes[1]})
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
+    assert list(grid.send_and_receive(msgs, timeout=0.05)) == []  # nobody answered in time
+    assert liveness.available() == set()
+    # Node 0 answers late, as the engine's worker does when the ClientApp returns.
+    (delivered,) = state.get_message_ins(node_id=nodes[0], limit=1)
+    reply = Message(RecordDict(), reply_to=delivered)
+    reply.metadata.__dict__["_message_id"] = uuid4().hex
+    assert state.store_message_res(reply) is not None
+    liveness.before_round(2)
+    assert liveness.available() == {0} and liveness.unavailable == 1
