@@ -30,6 +30,7 @@ RUN = {
     "clients-per-round": 3,
     "num-rounds": 3,
     "local-epochs": 1,
+    "batch-size": 64,
     "lr": 0.1,
 }
 
