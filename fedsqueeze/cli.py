@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_STALLED = 3
+"""Too many rounds in a row had fewer than ``min-clients`` usable replies (run dir kept)."""
 
 
 class UsageError(Exception):
@@ -185,7 +187,16 @@ def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> d
     server_app = build_server_app(config, run_dir, on_round=on_round, result=result)
     client_app = build_client_app(config)
     backend = {
-        "client_resources": {"num_cpus": float(config["client-cpus"]), "num_gpus": 0.0},
+        # Ray actor options (Flower passes them through): an actor whose worker process dies
+        # (OOM kill, os._exit) is restarted instead of staying in the pool dead, and a message
+        # that meets it dead or restarting is run once more after the restart instead of
+        # failing at once (Flower would answer every such message with an error).
+        "client_resources": {
+            "num_cpus": float(config["client-cpus"]),
+            "num_gpus": 0.0,
+            "max_restarts": -1,
+            "max_task_retries": 1,
+        },
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     with progress:
@@ -238,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
     from fedsqueeze.models import ModelError
+    from fedsqueeze.server.liveness import FederationStalled
     from fedsqueeze.server.rundir import RunDirWriteError
 
     user_errors = (UsageError, ConfigError, DatasetError, ModelError, CodecError)
@@ -265,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The failed write left the previous file in place: the last checkpoint is intact.
         print(f"fedsqueeze: error: {err}; resume with --resume {run_dir}", file=sys.stderr)
         return EXIT_FAILURE
+    except FederationStalled as err:
+        print(f"fedsqueeze: run stopped: {err}", file=sys.stderr)
+        return EXIT_STALLED
 
 
 def _report(run_dir: Path) -> str:

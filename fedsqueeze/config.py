@@ -119,6 +119,13 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),
     "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
     "node-timeout": (600.0, float, _timeout, "seconds to wait for nodes / replies"),
+    "min-clients": (1, int, _positive_int, "fewest usable replies for a round to count"),
+    "max-failed-rounds": (
+        3,
+        int,
+        _non_negative_int,
+        "rounds below min-clients in a row that end the run (0 = never)",
+    ),
     "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
 }
 

@@ -36,6 +36,14 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     """Every cross-key check (single keys are checked by ``fedsqueeze.config``'s schema)."""
     check_secure_config(config)
     check_dp_config(config)
+    check_liveness_config(config)
+
+
+def check_liveness_config(config: Mapping[str, Any]) -> None:
+    """``min-clients`` must be reachable: no round samples more than ``clients-per-round``."""
+    need, k = int(config.get("min-clients", 1)), int(config.get("clients-per-round", 1))
+    if need > k:
+        raise ConfigError(f"min-clients = {need} exceeds clients-per-round = {k}")
 
 
 def randk_fraction(config: Mapping[str, Any]) -> float | int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from fedsqueeze.federation import dataset_for, new_model, partitions_for
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.grid import CountingGrid
 from fedsqueeze.server.hooks import RoundHook, hooks_in
+from fedsqueeze.server.liveness import Liveness, WatchedGrid
 from fedsqueeze.server.rundir import (
     CLIENTS,
     CONFIG,
@@ -47,6 +48,10 @@ from fedsqueeze.server.strategies import build_chain, build_strategy
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+STARTUP_TIMEOUT = 300.0
+"""Seconds the handshake waits at least: the first reply includes the engine's start (Ray,
+workers importing torch: 10-30 s here), which is not a client being slow."""
 
 CRASH_ENV = "FEDSQUEEZE_CRASH_AFTER_ROUND"
 """Fault injection for tests: SIGKILL the server process right after this round's checkpoint."""
@@ -99,12 +104,40 @@ def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     return mapping
 
 
+def draw(
+    rng: np.random.Generator,
+    num_clients: int,
+    k: int,
+    available: Collection[int] | None = None,
+    top_up: bool = True,
+) -> list[int]:
+    """``k`` of ``num_clients`` partitions, only from ``available`` (None: all).
+
+    The first draw is the same whatever is available, so a run where every client answers
+    samples exactly as before; sampled partitions that are unavailable are left out and, with
+    ``top_up``, replaced by further draws from the same generator among the available ones.
+    """
+    chosen = [int(p) for p in rng.choice(num_clients, size=k, replace=False)]
+    if available is None:
+        return sorted(chosen)
+    kept = [p for p in chosen if p in available]
+    spare = sorted(set(available) - set(chosen))
+    if top_up and len(kept) < k and spare:
+        extra = rng.choice(spare, size=min(k - len(kept), len(spare)), replace=False)
+        kept += [int(p) for p in extra]
+    return sorted(kept)
+
+
 def sample_partitions(
-    seed: int, server_round: int, num_clients: int, k: int, stream: Stream = Stream.CLIENT_SAMPLING
+    seed: int,
+    server_round: int,
+    num_clients: int,
+    k: int,
+    stream: Stream = Stream.CLIENT_SAMPLING,
+    available: Collection[int] | None = None,
 ) -> list[int]:
     """The partitions trained (or evaluated) in a round: reproducible from (seed, round)."""
-    rng = round_rng(seed, server_round, stream)
-    return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
+    return draw(round_rng(seed, server_round, stream), num_clients, k, available)
 
 
 class ClientSampler(RoundHook):
@@ -128,11 +161,22 @@ class ClientSampler(RoundHook):
         self.secret = str(config.get("dp", "none")) in ("central", "distributed")
         self.streams = SecretStreams() if self.secret else None
 
-    def sample(self, server_round: int, num_clients: int, k: int) -> list[int]:
+    def sample(
+        self, server_round: int, num_clients: int, k: int, available: Collection[int] | None = None
+    ) -> list[int]:
+        """``k`` partitions, leaving out those not ``available`` (busy or disconnected).
+
+        Without DP a left-out partition is replaced by another available one. Under DP it
+        is not: a replacement would raise the other clients' chance of being sampled above
+        the ``clients-per-round / num-clients`` the accountant charges for; leaving it out
+        only lowers it.
+        """
         if self.streams is None:
-            return sample_partitions(self.seed, server_round, num_clients, k)
+            return sample_partitions(
+                self.seed, server_round, num_clients, k, Stream.CLIENT_SAMPLING, available
+            )
         rng = self.streams.rng(server_round, Secret.CLIENT_SAMPLING)
-        return sorted(int(p) for p in rng.choice(num_clients, size=k, replace=False))
+        return draw(rng, num_clients, k, available, top_up=False)
 
     def state(self) -> dict[str, Any]:
         """The secret key under DP: this state belongs in the private checkpoint only."""
@@ -191,6 +235,7 @@ class Federation:
     strategy: Strategy
     hooks: list[RoundHook]
     sampler: ClientSampler
+    liveness: Liveness
     arrays: dict[str, np.ndarray]
     metrics: list[dict[str, Any]]
     start_round: int
@@ -210,7 +255,8 @@ def start_federation(
 ) -> Federation:
     """Connect to the nodes and build the strategy chain, fresh or from the checkpoint."""
     t_setup = time.monotonic()
-    partition_nodes = handshake(grid, int(config["num-clients"]), timeout)
+    grid = WatchedGrid(grid)
+    partition_nodes = handshake(grid, int(config["num-clients"]), max(timeout, STARTUP_TIMEOUT))
     ckpt = run_dir.load_checkpoint()
     inner = build_strategy(config)
     if ckpt is None:
@@ -226,7 +272,8 @@ def start_federation(
         log.info("resuming after round %d", ckpt.completed_round)
     strategy = build_chain(config, inner)
     sampler = ClientSampler(config)
-    hooks = hooks_in(strategy, [*extra_hooks, sampler])
+    liveness = Liveness(config, grid, partition_nodes)
+    hooks = hooks_in(strategy, [*extra_hooks, sampler, liveness])
     saved = ckpt.extra.get("hooks", {}) if ckpt is not None else {}
     for hook in hooks:
         if hook.hook_name in saved:
@@ -239,6 +286,7 @@ def start_federation(
         strategy,
         hooks,
         sampler,
+        liveness,
         arrays,
         list(metrics),
         start_round=1 if ckpt is None else ckpt.completed_round + 1,
@@ -253,7 +301,8 @@ def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
     """Train (and federated-evaluate) round ``rnd``; its metrics row."""
     cfg, t0 = fed.config, time.monotonic()
     num_clients, seed = int(cfg["num-clients"]), int(cfg["seed"])
-    sampled = fed.sampler.sample(rnd, num_clients, int(cfg["clients-per-round"]))
+    k, available = int(cfg["clients-per-round"]), fed.liveness.available()
+    sampled = fed.sampler.sample(rnd, num_clients, k, available)
     view = CountingGrid(fed.grid, fed.nodes(sampled))
     arrays, train_metrics = train_round(fed.strategy, view, rnd, fed.arrays, fed.timeout)
     if arrays is not None:
@@ -261,7 +310,9 @@ def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"round": rnd}
     if float(cfg["fraction-evaluate"]) > 0:
         n_eval = max(1, round(float(cfg["fraction-evaluate"]) * num_clients))
-        evaluated = sample_partitions(seed, rnd, num_clients, n_eval, Stream.EVAL_SAMPLING)
+        evaluated = sample_partitions(
+            seed, rnd, num_clients, n_eval, Stream.EVAL_SAMPLING, fed.liveness.available()
+        )
         eval_view = CountingGrid(fed.grid, fed.nodes(evaluated))
         eval_metrics = evaluate_round(fed.strategy, eval_view, rnd, fed.arrays, fed.timeout)
         view.add_counts(eval_view)
