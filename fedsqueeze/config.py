@@ -101,7 +101,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "dp-target-quantile": (0.5, float, _fraction, "adaptive clipping target quantile"),
     "dp-mechanism": ("skellam", str, _choice("skellam", "dgauss"), "distributed noise"),
     "dp-bits": (16, int, _positive_int, "field bit width for distributed DP"),
-    "prune": ("none", str, _choice("none", "magnitude"), "pruning: none | magnitude"),
+    "prune": ("none", str, _choice("none", "magnitude", "channel"), "none | magnitude | channel"),
     "prune-sparsity": (0.0, float, _fraction, "final fraction of prunable weights removed"),
     "prune-start-round": (1, int, _positive_int, "first round of the cubic pruning schedule"),
     "prune-end-round": (1, int, _positive_int, "round the final sparsity is reached"),

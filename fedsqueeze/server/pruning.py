@@ -1,5 +1,7 @@
 """Server side of pruning: a strategy wrapper (and round hook) that decides and sends the mask.
 
+Magnitude (unstructured) or channel (structured) pruning; both are a mask to this wrapper.
+
 ``PruningStrategy(inner, sparsity=0.9, start_round=1, end_round=10)`` wraps the rest of the
 chain (``CompressedStrategy(...)``, ``SecAggStrategy(...)`` inside it, ...). Each round it
 
@@ -52,6 +54,7 @@ from fedsqueeze.contracts.records import (
     from_record,
     to_record,
 )
+from fedsqueeze.models.channels import channel_masks
 from fedsqueeze.models.pruning import cubic_sparsity, magnitude_masks, sparsity_of
 from fedsqueeze.server.compose import refuse_below
 from fedsqueeze.server.hooks import RoundHook
@@ -76,7 +79,12 @@ class PruningStrategy(Strategy, RoundHook):
     scope
         ``"global"`` (one magnitude threshold for all layers) or ``"layer"``.
     include_biases
-        Also prune 1-D tensors (biases).
+        Also prune 1-D tensors (biases) (magnitude pruning).
+    method
+        ``"magnitude"`` (unstructured) or ``"channel"`` (whole output channels of every hidden
+        layer by L2 norm, :func:`fedsqueeze.models.channels.channel_masks`; the model then
+        shrinks physically, :func:`fedsqueeze.models.channels.shrink`, and is stored without
+        a mask).
     """
 
     hook_name = "pruning"
@@ -89,11 +97,15 @@ class PruningStrategy(Strategy, RoundHook):
         end_round: int = 1,
         scope: str = "global",
         include_biases: bool = False,
+        method: str = "magnitude",
     ) -> None:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if not 1 <= start_round <= end_round:
             raise ValueError(f"need 1 <= start_round <= end_round, got {start_round}, {end_round}")
+        if method not in ("magnitude", "channel"):
+            raise ValueError(f"method must be 'magnitude' or 'channel', got {method!r}")
+        self.method = method
         self.inner = inner
         refuse_below(
             self,
@@ -125,7 +137,10 @@ class PruningStrategy(Strategy, RoundHook):
             return  # frozen
         target = cubic_sparsity(server_round, self.sparsity, self.start_round, self.end_round)
         # once pruned, always pruned: the previous mask's pruned positions go first
-        masks = magnitude_masks(arrays, target, self.scope, self.include_biases, self.masks)
+        if self.method == "channel":
+            masks = channel_masks(arrays, target, self.masks)
+        else:
+            masks = magnitude_masks(arrays, target, self.scope, self.include_biases, self.masks)
         coded = encode_mask(masks)
         if coded != self.coded:
             self.masks, self.coded, self.digest = masks, coded, mask_digest(coded)
@@ -191,6 +206,11 @@ class PruningStrategy(Strategy, RoundHook):
         )
 
     # ---- round hook ----------------------------------------------------------------------
+    def _stored_bytes(self, kept: int) -> int:
+        """The model as stored: fp32 kept values plus the coded mask — or, channel-pruned,
+        the physically smaller dense model, which needs no mask."""
+        return 4 * kept + (0 if self.method == "channel" else len(self.coded))
+
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         if self.masks is None:
             row["sparsity"] = 0.0
@@ -202,8 +222,7 @@ class PruningStrategy(Strategy, RoundHook):
                 "sparsity": round(sparsity_of(self.masks, self.include_biases), 6),
                 "nonzero_params": kept,
                 "model_bytes_dense": 4 * dense,
-                # as stored: fp32 kept values plus the coded mask
-                "model_bytes_sparse": 4 * kept + len(self.coded),
+                "model_bytes_sparse": self._stored_bytes(kept),
                 "mask_bytes": len(self.coded),
             }
         )
@@ -223,7 +242,7 @@ class PruningStrategy(Strategy, RoundHook):
         return {
             "sparsity": sparsity_of(self.masks, self.include_biases),
             "nonzero_params": kept,
-            "model_bytes_sparse": 4 * kept + len(self.coded),
+            "model_bytes_sparse": self._stored_bytes(kept),
         }
 
 
@@ -238,4 +257,5 @@ def pruning_from_config(inner: Strategy, config: Any) -> Strategy:
         end_round=int(config["prune-end-round"]),
         scope=str(config["prune-scope"]),
         include_biases=bool(config["prune-biases"]),
+        method=str(config["prune"]),
     )
