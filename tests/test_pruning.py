@@ -427,3 +427,44 @@ def test_gradients_and_momentum_of_pruned_weights_are_masked() -> None:
             opt.step()
     for k, m in masks.items():
         assert (opt.state[params[k]]["momentum_buffer"].numpy()[~m] == 0).all(), k
+
+
+# ---- a pruned federation through fedsqueeze's round loop --------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["magnitude", "channel"])
+def test_a_pruned_federation_reaches_its_sparsity_and_saves_a_pruned_model(
+    tmp_path: Any, method: str
+) -> None:
+    from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.server.rounds import run_federation
+    from fedsqueeze.server.rundir import RunDir
+
+    cfg = resolve_config(
+        {
+            "num-clients": 2,
+            "clients-per-round": 2,
+            "num-rounds": 2,
+            "local-epochs": 1,
+            "batch-size": 64,
+            "prune": method,
+            "prune-sparsity": 0.8,
+            "prune-start-round": 1,
+            "prune-end-round": 2,
+        }
+    )
+    grid = InProcessGrid(build_client_app(cfg), 2)
+    summary = run_federation(grid, cfg, RunDir(tmp_path), node_timeout=5)
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["clients"] for r in rows] == [2, 2]
+    assert rows[0]["sparsity"] == 0.0
+    # magnitude: 80% of all prunable weights; channel: 80% of each hidden layer's neurons,
+    # which removes more weights than that (rows and the next layer's columns)
+    assert rows[1]["sparsity"] >= 0.79
+    assert rows[1]["uplink_bytes"] < rows[0]["uplink_bytes"] / 3
+    assert summary["model_bytes_sparse"] < rows[1]["model_bytes_dense"] / 3
+    model = torch.load(tmp_path / "model.pt")
+    zeros = sum(int((v == 0).sum()) for k, v in model.items() if v.ndim >= 2)
+    total = sum(v.numel() for v in model.values() if v.ndim >= 2)
+    assert zeros / total >= 0.79

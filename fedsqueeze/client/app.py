@@ -51,7 +51,8 @@ from fedsqueeze.federation import client_eval_data, client_train_data, new_model
 
 MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod)
 """fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
-sees the message; secure aggregation and compression each act on their own request."""
+sees the message; secure aggregation and compression each act on their own request; pruning
+is innermost, so only the handler sees full tensors (the others see kept values only)."""
 
 
 def node_partition(context: Context) -> tuple[int, int]:
