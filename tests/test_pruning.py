@@ -49,6 +49,7 @@ from fedsqueeze.server.rounds import train_round
 # ---- schedule ------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(
     final=st.floats(0.0, 0.99),
     start=st.integers(1, 20),
@@ -82,6 +83,7 @@ def _arrays(seed: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarr
 SHAPES = {"fc1.weight": (16, 12), "fc1.bias": (16,), "fc2.weight": (4, 16), "fc2.bias": (4,)}
 
 
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     sparsity=st.floats(0.0, 0.95),
@@ -109,6 +111,7 @@ def test_magnitude_masks_drop_the_smallest_weights_and_keep_biases(
         assert masks[n].any()  # no layer is cut off
 
 
+@settings(deadline=None)
 @given(seed=st.integers(0, 2**16), s1=st.floats(0.0, 0.9), s2=st.floats(0.0, 0.9))
 def test_a_pruned_position_is_never_let_back_in(seed: int, s1: float, s2: float) -> None:
     lo, hi = sorted((s1, s2))
@@ -135,6 +138,7 @@ def _masks(draw: Any) -> dict[str, np.ndarray]:
     return out
 
 
+@settings(deadline=None)
 @given(masks=_masks())
 def test_mask_round_trips(masks: dict[str, np.ndarray]) -> None:
     decoded = decode_mask(encode_mask(masks))
@@ -143,6 +147,7 @@ def test_mask_round_trips(masks: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(decoded[k], masks[k])
 
 
+@settings(deadline=None)
 @given(masks=_masks(), data=st.data())
 def test_a_damaged_mask_is_a_typed_error(masks: dict[str, np.ndarray], data: Any) -> None:
     payload = bytearray(encode_mask(masks))
@@ -155,6 +160,7 @@ def test_a_damaged_mask_is_a_typed_error(masks: dict[str, np.ndarray], data: Any
         decode_mask(bytes(payload))
 
 
+@settings(deadline=None)
 @given(masks=_masks(), seed=st.integers(0, 2**16))
 def test_gather_scatter_round_trip_and_zero_pruned_positions(
     masks: dict[str, np.ndarray], seed: int
@@ -468,3 +474,17 @@ def test_a_pruned_federation_reaches_its_sparsity_and_saves_a_pruned_model(
     zeros = sum(int((v == 0).sum()) for k, v in model.items() if v.ndim >= 2)
     total = sum(v.numel() for v in model.values() if v.ndim >= 2)
     assert zeros / total >= 0.79
+
+
+def test_a_resumed_run_continues_with_the_same_mask() -> None:
+    strategy = PruningStrategy(
+        CompressedStrategy(_fedavg()), sparsity=0.5, start_round=1, end_round=2
+    )
+    _rounds(strategy, _plain_app(), rounds=2)
+    resumed = PruningStrategy(
+        CompressedStrategy(_fedavg()), sparsity=0.5, start_round=1, end_round=2
+    )
+    resumed.restore(strategy.state())
+    assert resumed.digest == strategy.digest and resumed.masks is not None
+    for k, m in strategy.masks.items():  # type: ignore[union-attr]
+        np.testing.assert_array_equal(resumed.masks[k], m)

@@ -121,7 +121,8 @@ class PruningStrategy(Strategy, RoundHook):
 
     def summary(self) -> None:
         log.info(
-            "PruningStrategy(sparsity=%s, rounds %d..%d, scope=%s)",
+            "PruningStrategy(%s, sparsity=%s, rounds %d..%d, scope=%s)",
+            self.method,
             self.sparsity,
             self.start_round,
             self.end_round,

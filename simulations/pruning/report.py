@@ -44,9 +44,12 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """``report.py SUITE``: every ``results*.json`` of the suite, in config order."""
     suite = argv[0] if argv else "pruning"
-    results = json.loads((HERE / "results" / suite / "results.json").read_text())
-    print(table(results))
+    by_name = {}
+    for path in sorted((HERE / "results" / suite).glob("results*.json")):
+        by_name.update({r["name"]: r for r in json.loads(path.read_text())})
+    print(table([by_name[k] for k in sorted(by_name)]))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Pruned federations against the dense one, side by side: accuracy, sparsity, model and bytes.
 
-    python simulations/pruning/run.py [SUITE_DIR ...] [--rounds N]
+    python simulations/pruning/run.py [SUITE ...] [--only NAME ...] [--set key=value ...]
 
 Runs every ``*.toml`` of the suite directories (default: ``simulations/pruning``) through
 fedsqueeze's round loop (``run_federation``: the same strategy chain, client mods and
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the in-process grid of the test suite
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run_config(path: Path, rounds: int | None) -> dict:
+def run_config(path: Path, overrides: dict[str, str]) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
     from inprocess import InProcessGrid
 
@@ -38,8 +38,7 @@ def run_config(path: Path, rounds: int | None) -> dict:
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
     raw = load_toml(path)
     label = str(raw.pop("label", path.stem))
-    if rounds:
-        raw["num-rounds"] = rounds
+    raw.update(overrides)
     cfg = resolve_config(raw)
     out = Path(tempfile.mkdtemp(prefix=f"prune-{path.stem}-"))
     try:
@@ -58,13 +57,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suites", nargs="*", default=["pruning"])
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="key=value overriding every config")
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument(
+        "--results", default="results.json", help="file name (two runners in parallel: two files)"
+    )
     args = parser.parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    import torch
+
+    # One thread, as the Simulation Engine gives each client one CPU: on a shared machine
+    # torch's intra-op threads otherwise spin against each other (rounds several times slower here).
+    torch.set_num_threads(1)
     for suite in args.suites:
         configs = sorted((ROOT / "simulations" / suite).glob("*.toml"))
-        results_path = ROOT / "simulations" / "results" / suite / "results.json"
+        results_path = ROOT / "simulations" / "results" / suite / args.results
         results_path.parent.mkdir(parents=True, exist_ok=True)
         done = json.loads(results_path.read_text()) if results_path.exists() else []
         by_name = {r["name"]: r for r in done}
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [p for name in args.only for p in configs if p.stem == name] or configs
         for path in todo:
             print(f"== {suite}/{path.stem}", flush=True)
-            by_name[path.stem] = run_config(path, args.rounds)
+            by_name[path.stem] = run_config(path, dict(kv.split("=", 1) for kv in args.set))
             s = by_name[path.stem]["summary"]
             print(f"   final acc {s['final_accuracy']:.4f}", flush=True)
             results = [by_name[p.stem] for p in configs if p.stem in by_name]
