@@ -1,6 +1,6 @@
-"""Table of a pruning suite run by ``simulations/run.py`` (reads its ``results.json``).
+"""Table of a pruning suite run by ``simulations/pruning/run.py`` (its ``results*.json``).
 
-    python simulations/run.py pruning && python simulations/pruning/report.py pruning
+    python simulations/pruning/run.py pruning && python simulations/pruning/report.py pruning
 
 Per config: final accuracy, sparsity of the prunable weights, the model's size (dense fp32,
 and as stored: fp32 kept values + the coded mask), the bytes per round of the final round
