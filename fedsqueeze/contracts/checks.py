@@ -37,6 +37,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_secure_config(config)
     check_dp_config(config)
     check_liveness_config(config)
+    check_prune_config(config)
 
 
 def check_liveness_config(config: Mapping[str, Any]) -> None:
@@ -193,4 +194,25 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             "dp = 'local' cannot use strategy = 'fedprox': DP-SGD's per-sample clipping would "
             "silently drop the proximal term"
+        )
+
+
+def check_prune_config(config: Mapping[str, Any]) -> None:
+    """The pruning keys: a schedule that ends after it starts, a stateless server strategy."""
+    if str(config.get("prune", "none")) == "none":
+        return
+    start, end = int(config["prune-start-round"]), int(config["prune-end-round"])
+    if end < start:
+        raise ConfigError(f"prune-end-round = {end} is before prune-start-round = {start}")
+    if str(config["strategy"]) not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"prune needs strategy = 'fedavg' or 'fedprox', not {config['strategy']!r}: its "
+            "server state has the shape of the kept weights, which changes while pruning"
+        )
+    feedback = parse_codec(str(config.get("codec", "none"))).feedback
+    if feedback is not None and end > 1:
+        raise ConfigError(
+            f"codec stage {feedback.spec!r} keeps per-coordinate state, and the kept "
+            "coordinates change while pruning: use prune-start-round = prune-end-round = 1 "
+            "(one-shot pruning), or a codec without error feedback"
         )

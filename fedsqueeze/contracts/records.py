@@ -88,6 +88,15 @@ VIEW_KEY = "fedsqueeze.view"
 """Client ``Context.state`` ArrayRecord: the global model as this client last reconstructed it."""
 VIEW_META_KEY = "fedsqueeze.view-meta"
 """Client ``Context.state`` ConfigRecord: ``version`` of the stored view."""
+PRUNE_KEY = "fedsqueeze.prune"
+"""ConfigRecord in a train or evaluate message of a pruned federation: ``digest`` of the
+mask and, unless the client acknowledged holding it, ``mask`` (bytes,
+:func:`fedsqueeze.compression.masked.encode_mask`); the message's weights are then the kept
+values only (:func:`~fedsqueeze.compression.masked.gather`), and so is a train reply's."""
+PRUNE_ACK_KEY = "fedsqueeze.prune-ack"
+"""ConfigRecord in a reply: ``digest`` of the mask the client now holds."""
+PRUNE_STATE_KEY = "fedsqueeze.prune-state"
+"""Client ``Context.state`` ConfigRecord: ``digest`` and ``mask`` of the mask last received."""
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedsqueeze.models.pruning import on_model_built
+
 __all__ = ["MODEL_NAMES", "ModelError", "build_model", "count_parameters"]
 
 
@@ -186,7 +188,7 @@ def build_model(
             torch.manual_seed(seed)
             model = factory(shape, num_classes)
     # Independent of torch.get_default_dtype(): the federation exchanges float32.
-    return model.to(torch.float32)
+    return on_model_built(model.to(torch.float32))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -22,6 +22,7 @@ from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
 
@@ -118,7 +119,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[LocalDP](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))``."""
+    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))``."""
     strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
     secagg = bool(config["secagg"])
     if secagg:
@@ -129,6 +130,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         downlink_codec=str(config["downlink-codec"]),
         seed=int(config["seed"]),
     )
+    strategy = pruning_from_config(strategy, config)
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
