@@ -19,10 +19,11 @@ DP the ε/δ its accountant reached (the server reports the largest) and ``num-e
 the exact count is not protected by sample-level DP-SGD (one example more changes it by
 one), so under local DP FedAvg averages unweighted, as DP-FedAvg (McMahan et al. 2018) does,
 rather than spending budget on a noised count. (Under SecAgg without DP the weight travels
-inside the mask; the secure mod strips the weight key from the forwarded metrics.) Without DP and under central DP (trusted server) the reply also
-carries ``train-loss``. Under local DP, DP-SGD's noise and Poisson batches come from a
-fresh generator seeded from OS entropy every round (:func:`fedsqueeze.client.dp.secret_generator`),
-never from the run seed.
+inside the mask; the secure mod strips the weight key from the forwarded metrics.) Without
+DP and under central DP (trusted server) the reply also carries ``train-loss``. Under local
+DP, DP-SGD's noise and Poisson batches come from a fresh generator seeded from OS entropy
+every round (:func:`fedsqueeze.client.dp.secret_generator`), never from the run seed, and a
+round below the device's own floor (:mod:`fedsqueeze.privacy.floor`) is refused.
 
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.

@@ -72,7 +72,9 @@ class PrivacyFloor:
         InvalidPrivacyParameter
             A key holds something other than a positive number.
         """
-        return cls(_node_float(node_config, MIN_NOISE_KEY), _node_float(node_config, MAX_EPSILON_KEY))
+        return cls(
+            _node_float(node_config, MIN_NOISE_KEY), _node_float(node_config, MAX_EPSILON_KEY)
+        )
 
     def check_distributed(self, params: DistributedDPParams, min_contributors: int) -> None:
         """Refuse a distributed-DP encoding whose sum, over as few as ``min_contributors``
