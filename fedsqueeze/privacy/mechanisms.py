@@ -149,6 +149,10 @@ def discrete_gaussian_mechanism(
     root_d = math.sqrt(values.size)
     step = delta / (int(resolution) * root_d)
     sigma = z * (delta / step + root_d)
+    if 64.0 * sigma > 2.0**61:
+        raise InvalidPrivacyParameter(
+            f"noise multiplier {z:g} is too large for the int64 noise grid at d = {values.size}"
+        )
     ints = np.rint(values / step)
     if np.any(np.abs(ints) > 2.0**62 - 64.0 * sigma):
         raise InvalidPrivacyParameter("the input is too large for the noise grid (int64)")
