@@ -12,6 +12,7 @@ from opacus.accountants import RDPAccountant
 from fedsqueeze.cli import simulate
 from fedsqueeze.config import resolve_config
 from fedsqueeze.federation import partitions_for
+from fedsqueeze.privacy.mechanisms import GRID_RESOLUTION
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -31,6 +32,10 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+GRID = 1 + 1 / GRID_RESOLUTION
+"""Central DP's grid mechanism adds this factor to z * clip (the accounted z is unchanged)."""
+
+
 def test_central_dp_run_reports_growing_epsilon(tmp_path: Path) -> None:
     cfg = resolve_config(SMALL, {"dp": "central", "dp-noise-multiplier": 0.8, "dp-clip": 2.0})
     summary = simulate(cfg, tmp_path / "run", quiet=True)
@@ -41,7 +46,7 @@ def test_central_dp_run_reports_growing_epsilon(tmp_path: Path) -> None:
     for _ in range(3):
         reference.step(noise_multiplier=0.8, sample_rate=3 / 4)
     assert eps[-1] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert all(r["dp_clip"] == 2.0 and r["dp_noise_std"] == pytest.approx(1.6) for r in rows)
+    assert all(r["dp_clip"] == 2.0 and r["dp_noise_std"] == pytest.approx(1.6 * GRID) for r in rows)
     assert summary["epsilon"] == eps[-1] and summary["delta"] == 1e-5
     assert summary["dp_mode"] == "central" and summary["dp_rounds_accounted"] == 3
     # The global model moved and stayed finite (no accuracy bar: z = 0.8 on 3 clients is loud).

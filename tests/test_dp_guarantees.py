@@ -36,6 +36,7 @@ from fedsqueeze.contracts.summable import ClippedSum
 from fedsqueeze.federation import client_train_data, new_model
 from fedsqueeze.models.weights import load_numpy_state, state_to_numpy
 from fedsqueeze.privacy import gaussian_noise, noise_for_budget
+from fedsqueeze.privacy.mechanisms import GRID_RESOLUTION
 from fedsqueeze.server.dp import CentralDP, DistributedDP
 from fedsqueeze.server.hooks import strategy_chain
 from fedsqueeze.server.rounds import ClientSampler, run_federation, sample_partitions
@@ -155,7 +156,8 @@ def test_realised_secure_contribution_never_exceeds_the_calibrated_sensitivity()
     ]
     assert max(norms) > privacy.clip  # rounding does lengthen contributions...
     assert max(norms) <= calibrated * (1 + 1e-12)  # ...but never past what the noise covers
-    assert calibrated == pytest.approx(enc.l2_sensitivity)
+    # The grid mechanism's std is (1 + 1/GRID_RESOLUTION) times z over that bound.
+    assert calibrated == pytest.approx(enc.l2_sensitivity * (1 + 1 / GRID_RESOLUTION))
     assert privacy.accountant.history == [(1.0, 0.1, 1)]  # accounted at z over that bound
 
 

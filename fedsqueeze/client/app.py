@@ -15,12 +15,15 @@ Handlers:
 What a train reply's metrics hold (:func:`train_metrics`): under ``dp = "distributed"``
 and ``dp = "local"`` the server is who DP protects against, so nothing exact about the
 client's data leaves the device beyond what the mode needs — no training loss; under local
-DP the ε/δ its accountant reached (the server reports the largest) and, as FedAvg's weight,
-``num-examples`` (inside the mask under SecAgg; the secure mod strips the weight key from
-the forwarded metrics). Without DP and under central DP (trusted server) the reply also
-carries ``train-loss``. Under local DP, DP-SGD's noise and Poisson batches come from a
-fresh generator seeded from OS entropy every round (:func:`fedsqueeze.client.dp.secret_generator`),
-never from the run seed.
+DP the ε/δ its accountant reached (the server reports the largest) and ``num-examples = 1``:
+the exact count is not protected by sample-level DP-SGD (one example more changes it by
+one), so under local DP FedAvg averages unweighted, as DP-FedAvg (McMahan et al. 2018) does,
+rather than spending budget on a noised count. (Under SecAgg without DP the weight travels
+inside the mask; the secure mod strips the weight key from the forwarded metrics.) Without
+DP and under central DP (trusted server) the reply also carries ``train-loss``. Under local
+DP, DP-SGD's noise and Poisson batches come from a fresh generator seeded from OS entropy
+every round (:func:`fedsqueeze.client.dp.secret_generator`), never from the run seed, and a
+round below the device's own floor (:mod:`fedsqueeze.privacy.floor`) is refused.
 
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
@@ -72,6 +75,9 @@ def train_metrics(
     local DP (see the module docstring)."""
     out: dict[str, int | float] = {"num-examples": int(num_examples)}
     if str(cfg["dp"]) == "local":
+        # DP-SGD protects one example; the exact count changes by one with it (ε = ∞ for
+        # that statistic). Weight 1 makes FedAvg the unweighted mean, as DP-FedAvg does.
+        out["num-examples"] = 1
         out.update({k: float(dp_metrics[k]) for k in ("epsilon", "delta") if k in dp_metrics})
     elif str(cfg["dp"]) != "distributed":
         out["train-loss"] = float(loss)
@@ -106,9 +112,12 @@ def build_client_app(
         if cfg["dp"] == "local":
             # DP-SGD; the client's accountant history is kept in context.state across rounds.
             from fedsqueeze.client.dp import train_local_dp
+            from fedsqueeze.privacy.floor import PrivacyFloor
 
-            # DP-SGD's noise and batches: a fresh secret generator (never the run seed).
-            loss, dp_metrics = train_local_dp(model, x, y, cfg, context.state)
+            # DP-SGD's noise and batches: a fresh secret generator (never the run seed); the
+            # device's own floor (node config) refuses a round with less noise than it accepts.
+            floor = PrivacyFloor.from_node_config(context.node_config)
+            loss, dp_metrics = train_local_dp(model, x, y, cfg, context.state, floor=floor)
         else:
             loss = train_local(
                 model,

@@ -45,6 +45,7 @@ from fedsqueeze.privacy import (
     default_delta,
     noise_for_budget,
 )
+from fedsqueeze.privacy.floor import PrivacyFloor
 
 __all__ = ["STATE_KEY", "LocalDPPlan", "plan_local_dp", "secret_generator", "train_local_dp"]
 
@@ -122,6 +123,7 @@ def train_local_dp(
     cfg: Mapping[str, Any],
     state: RecordDict,
     generator: torch.Generator | None = None,
+    floor: PrivacyFloor | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Train ``model`` in place with DP-SGD; return the mean loss and the reply's DP metrics.
 
@@ -131,10 +133,15 @@ def train_local_dp(
     tests, and makes the training replayable by whoever knows the seed. The metrics are
     ``epsilon`` (cumulative, at ``delta``), ``delta``, ``dp-noise-multiplier`` and
     ``dp-steps`` (optimizer steps this round); the ClientApp sends only ε and δ.
+    ``floor`` is the device's own (node config, :class:`~fedsqueeze.privacy.floor.PrivacyFloor`):
+    the run config's noise, batch size and epochs come from the server, so a round below the
+    floor is refused before any training.
     After the call ``model`` is the plain module again (Opacus's hooks removed).
 
     Raises
     ------
+    BelowPrivacyFloor
+        If the round's noise multiplier or resulting ε is below the device's ``floor``.
     BudgetExceeded
         If ``dp-epsilon`` is set and this round would push the client's ε past it.
     """
@@ -144,11 +151,13 @@ def train_local_dp(
     history, stored_noise = _load_state(state)
     plan = plan_local_dp(cfg, len(x), stored_noise)
     budget = float(cfg["dp-epsilon"])
-    if budget > 0:
+    if budget > 0 or floor is not None:
         trial = PrivacyAccountant.from_list(history, mechanism)  # type: ignore[arg-type]
         trial.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         after = trial.epsilon(plan.delta)
-        if after > budget:
+        if floor is not None:
+            floor.check_local(plan.noise_multiplier, after)
+        if budget > 0 and after > budget:
             raise BudgetExceeded(after, budget)
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))

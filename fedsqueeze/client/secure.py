@@ -77,6 +77,7 @@ from fedsqueeze.contracts.secure_wire import (
 from fedsqueeze.contracts.summable import (
     EncodingError,
     SummableEncoding,
+    check_privacy_floor,
     encode_with_feedback,
     encoding_from_fields,
 )
@@ -300,6 +301,7 @@ def _setup_stage(
     client = SecAggClient(int(context.node_id), from_fields(record), policy=policy)  # validates
     context.state[REPLAY_KEY] = ConfigRecord({"last-setup": server_round})
     encoding = encoding_from_fields(from_fields(record, ENCODING_PREFIX))
+    check_privacy_floor(encoding, context.node_config, client.config.threshold)
     start = from_record(single_arrays(msg.content, "the train message")[1])
     reply = call_next(msg, context)
     if reply.has_error():

@@ -44,6 +44,8 @@ from fedsqueeze.privacy.distributed import (
     decode_sum,
     rounded_l2_sensitivity,
 )
+from fedsqueeze.privacy.errors import PrivacyError
+from fedsqueeze.privacy.floor import PrivacyFloor
 from fedsqueeze.secagg.field import MAX_BITS, required_bits
 
 DEFAULT_BITS = 16
@@ -395,6 +397,30 @@ def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
             raise
         raise EncodingError(f"bad encoding description: {err}") from None
     return inner if randk is None else RandomK(inner, *randk)
+
+
+def check_privacy_floor(
+    encoding: SummableEncoding, node_config: Mapping[str, Any], min_contributors: int
+) -> None:
+    """Refuse an encoding that noises less than this device's floor (distributed DP).
+
+    ``node_config`` is the client's own (its :class:`~fedsqueeze.privacy.floor.PrivacyFloor`
+    keys); ``min_contributors`` the fewest clients whose noise shares the secure sum can
+    hold (the SecAgg+ threshold). Encodings without client-side noise pass: under central
+    DP the server is trusted with the noise. The SecAgg mod calls this before training.
+
+    Raises
+    ------
+    EncodingError
+        Below the floor, or the floor in the node config is malformed.
+    """
+    inner = encoding.inner if isinstance(encoding, RandomK) else encoding
+    if not isinstance(inner, DistributedDPSum):
+        return
+    try:
+        PrivacyFloor.from_node_config(node_config).check_distributed(inner.params, min_contributors)
+    except PrivacyError as err:
+        raise EncodingError(str(err)) from None
 
 
 def encode_with_feedback(

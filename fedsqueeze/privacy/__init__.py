@@ -39,6 +39,7 @@ from .errors import (
 from .mechanisms import (
     RandomizedHadamard,
     discrete_gaussian,
+    discrete_gaussian_mechanism,
     discrete_gaussian_variance,
     gaussian_noise,
     skellam_noise,
@@ -64,6 +65,7 @@ __all__ = [
     "decode_sum",
     "default_delta",
     "discrete_gaussian",
+    "discrete_gaussian_mechanism",
     "discrete_gaussian_variance",
     "effective_noise_multiplier",
     "fedavg_sample_rate",

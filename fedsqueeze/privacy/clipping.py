@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidPrivacyParameter, NonFiniteUpdateError
+from .mechanisms import discrete_gaussian_mechanism
 
 __all__ = [
     "AdaptiveClipper",
@@ -225,7 +226,10 @@ class AdaptiveClipper:
             )
         if num_reports < 0:
             raise InvalidPrivacyParameter(f"num_reports must be >= 0, got {num_reports}")
-        centred = count - 0.5 * num_reports + rng.normal(0.0, self.count_noise_std)
+        # The count has sensitivity 1; its noise comes from the grid mechanism, not a float
+        # Gaussian (Mironov 2012), at (1 + 1/1024) times the accounted std.
+        noised, _ = discrete_gaussian_mechanism(np.array([count]), self.count_noise_std, 1.0, rng)
+        centred = float(noised[0]) - 0.5 * num_reports
         fraction = centred / self.expected_clients + 0.5
         self.last_unclipped_fraction = float(fraction)
         self.clip = self.clip * math.exp(-self.learning_rate * (fraction - self.target_quantile))

@@ -96,8 +96,8 @@ from fedsqueeze.privacy import (
     PrivacyAccountant,
     clip_l2,
     default_delta,
+    discrete_gaussian_mechanism,
     fedavg_sample_rate,
-    gaussian_noise,
     noise_for_budget,
 )
 from fedsqueeze.privacy.distributed import DEFAULT_BETA
@@ -440,13 +440,28 @@ class CentralDP(DPStrategy):
         return enc
 
     def _noised_mean(
-        self, total: Mapping[str, np.ndarray], std: float, rng: np.random.Generator
-    ) -> Arrays:
-        return {
-            k: (np.asarray(v, np.float64) + gaussian_noise(np.shape(v), std, rng))
-            / self.clients_per_round
-            for k, v in total.items()
-        }
+        self,
+        total: Mapping[str, np.ndarray],
+        std: float,
+        sensitivity: float,
+        rng: np.random.Generator,
+    ) -> tuple[Arrays, float]:
+        """The noised mean and the noise std it got (z = ``std / sensitivity``).
+
+        The noise is the discrete Gaussian on a fine grid over the whole flattened update
+        (:func:`~fedsqueeze.privacy.discrete_gaussian_mechanism`), not a float Gaussian:
+        safe against floating-point attacks, accounted with the same z.
+        """
+        keys = list(total)
+        flat = np.concatenate([np.asarray(total[k], np.float64).ravel() for k in keys])
+        noised, actual = discrete_gaussian_mechanism(flat, std / sensitivity, sensitivity, rng)
+        out, start = {}, 0
+        for k in keys:
+            size = int(np.size(total[k]))
+            out[k] = noised[start : start + size].reshape(np.shape(total[k]))
+            out[k] = out[k] / self.clients_per_round
+            start += size
+        return out, actual
 
     def aggregate_secure_sum(
         self,
@@ -458,8 +473,10 @@ class CentralDP(DPStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Calibrated to the rounded contribution's bound, not to clip (finding: rounding
         # lengthens a contribution by up to sqrt(d)/scale).
-        std = self.noise_multiplier * self._sensitivity
-        mean = self._noised_mean(total, std, self._rng(server_round))
+        mean, std = self._noised_mean(
+            total, self.noise_multiplier * self._sensitivity, self._sensitivity,
+            self._rng(server_round),
+        )  # fmt: skip
         # Client metrics (their exact train losses) are not released: only the noised model.
         arrays, out = merge_delta(
             self.inner, server_round, self._global, mean, template, self.names, {}
@@ -489,7 +506,7 @@ class CentralDP(DPStrategy):
                 total[k] += clipped[k]
         std = self.clipper.update_noise_std() if self.clipper else self.noise_multiplier * clip
         rng = self._rng(server_round)  # one stream: the count noise continues it
-        mean = self._noised_mean(total, std, rng)
+        mean, std = self._noised_mean(total, std, clip, rng)
         if self.clipper is not None:
             self.clipper.update(unclipped, len(usable), rng)
         # Neither the clients' exact losses nor the exact unclipped count are released: only

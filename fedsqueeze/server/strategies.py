@@ -100,7 +100,7 @@ def _dp_wrapper(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
     codec = parse_codec(str(config["codec"]))
-    weighted = str(config["dp"]) in ("none", "local")
+    weighted = str(config["dp"]) == "none"  # under DP the mean is unweighted
     return SecAggStrategy(
         inner,
         clip=float(config["secagg-clip"]),
