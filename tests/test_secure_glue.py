@@ -535,9 +535,9 @@ def test_central_dp_under_secagg_adds_noise_and_accounts() -> None:
 
 
 def test_central_dp_under_secagg_non_finite_aggregate_is_still_accounted() -> None:
-    # Noise this large overflows float32: the model is kept, but the server saw the sum.
+    # Noise of std 1e40 overflows float32: the model is kept, but the server saw the sum.
     with np.errstate(over="ignore"):
-        run = _run({"dp": "central", "dp-clip": 1.0, "dp-noise-multiplier": 1e40})
+        run = _run({"dp": "central", "dp-clip": 1e40, "dp-noise-multiplier": 1.0})
     (r,) = run.rounds
     assert r.arrays is None and r.row["clients"] == 5
     assert r.row["dp_released"] is True

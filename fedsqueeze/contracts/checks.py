@@ -16,8 +16,9 @@ from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
 from fedsqueeze.secagg import SecAggConfig, SecAggConfigError
 from fedsqueeze.secagg.config import DEFAULT_DROPOUT, protocol_params
 
-MAX_NOISE_MULTIPLIER = 1e100
-"""Largest ``dp-noise-multiplier``: Opacus' RDP accountant squares it (overflow near 1e154)."""
+MAX_NOISE_MULTIPLIER = 1e6
+"""Largest ``dp-noise-multiplier``: at 1e6 epsilon is already ~0; far above it Opacus' RDP
+accountant overflows (near 1e154) and the central noise grid leaves int64 (near 3e13/sqrt(d))."""
 
 MAX_EPSILON = 1000.0
 """Largest ``dp-epsilon`` budget: beyond it DP means nothing, and the noise calibration's
@@ -174,7 +175,7 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
     if float(config["dp-noise-multiplier"]) > MAX_NOISE_MULTIPLIER:
         raise ConfigError(
             f"dp-noise-multiplier = {config['dp-noise-multiplier']:g}: must be <= "
-            f"{MAX_NOISE_MULTIPLIER:g} (the privacy accountant overflows above it)"
+            f"{MAX_NOISE_MULTIPLIER:g} (epsilon is ~0 there; the accountant and the noise grid overflow above it)"
         )
     if float(config["dp-epsilon"]) > MAX_EPSILON:
         raise ConfigError(
