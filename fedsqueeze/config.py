@@ -105,6 +105,14 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
     "node-timeout": (600.0, float, _positive_float, "seconds to wait for nodes / replies"),
     "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
+    "distill": ("none", str, _choice("none", "student", "feddf"), "server-side distillation"),
+    "student-model": ("", str, None, "registry model distilled from the global (student)"),
+    "distill-data": ("", str, None, "npz:PATH with unlabeled x ('' = built-in public slice)"),
+    "distill-every": (1, int, _positive_int, "distill the student every N rounds (and last)"),
+    "distill-steps": (200, int, _positive_int, "distillation steps (Adam minibatches)"),
+    "distill-temperature": (3.0, float, _positive_float, "softmax temperature T"),
+    "distill-lr": (0.001, float, _positive_float, "distillation learning rate (Adam)"),
+    "distill-batch-size": (128, int, _positive_int, "distillation minibatch size"),
 }
 
 DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}
@@ -191,6 +199,11 @@ def _check_names(config: Mapping[str, Value]) -> None:
     if config["model"] not in MODEL_NAMES:
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
+        )
+    student = str(config["student-model"])
+    if student and student not in MODEL_NAMES:
+        raise ConfigError(
+            f"student-model = {student!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
     from fedsqueeze.compression import CodecError, parse_codec
 

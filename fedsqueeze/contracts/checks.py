@@ -7,6 +7,7 @@ naming the key that is wrong, before anything starts.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fedsqueeze.compression import parse_codec
@@ -29,6 +30,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     """Every cross-key check (single keys are checked by ``fedsqueeze.config``'s schema)."""
     check_secure_config(config)
     check_dp_config(config)
+    check_distill_config(config)
 
 
 def randk_fraction(config: Mapping[str, Any]) -> float | int:
@@ -168,4 +170,40 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             "dp = 'local' cannot use strategy = 'fedprox': DP-SGD's per-sample clipping would "
             "silently drop the proximal term"
+        )
+
+
+BUILTIN_TRANSFER_DATASETS = ("mnist1d",)
+"""Datasets with a built-in public transfer slice for distillation (``fedsqueeze.distill``)."""
+
+
+def check_distill_config(config: Mapping[str, Any]) -> None:
+    """Refuse distillation settings that cannot run, naming the key.
+
+    FedDF distills from the round's individual client models, which the server never sees
+    under secure aggregation (only the masked sum) and must not use under central DP (its
+    guarantee covers only the clipped, noised aggregate): refused there. Teacher → student
+    distillation reads only the released aggregate (post-processing), so it runs with any
+    of them.
+    """
+    mode = str(config.get("distill", "none"))
+    if mode == "none":
+        return
+    if mode == "feddf" and (bool(config.get("secagg")) or str(config.get("dp")) == "central"):
+        raise ConfigError(
+            'distill = "feddf" needs the individual client models, which secure aggregation '
+            'hides and central DP must not use; use distill = "student" (post-processing)'
+        )
+    if mode == "student" and not str(config.get("student-model", "")):
+        raise ConfigError('distill = "student" needs student-model = NAME (a registry model)')
+    data = str(config.get("distill-data", ""))
+    if data:
+        if not data.startswith("npz:") or len(data) <= 4:
+            raise ConfigError(f"distill-data = {data!r}: expected npz:PATH (or empty)")
+        if not Path(data[4:]).expanduser().is_file():
+            raise ConfigError(f"distill-data = {data!r}: file not found")
+    elif str(config.get("dataset")) not in BUILTIN_TRANSFER_DATASETS:
+        raise ConfigError(
+            f"dataset = {config.get('dataset')!r} has no built-in public transfer slice "
+            f'(only {", ".join(BUILTIN_TRANSFER_DATASETS)}): set distill-data = "npz:PATH"'
         )
