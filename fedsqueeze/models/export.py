@@ -166,9 +166,9 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     cfg_path, model_path = run_dir / "config.toml", run_dir / "model.pt"
     if not cfg_path.is_file() or not model_path.is_file():
         raise ExportError(f"{run_dir}: not a run directory (no config.toml / model.pt)")
-    base = load_toml(cfg_path)
-    base.pop("out-dir", None)
     try:
+        base = load_toml(cfg_path)
+        base.pop("out-dir", None)
         config = resolve_config(base)
     except ConfigError as err:
         raise ExportError(f"{cfg_path}: {err}") from None
@@ -213,7 +213,11 @@ def _calibration(config: Mapping[str, Any], limit: int) -> tuple[np.ndarray, str
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path | None = None, int8: bool = False, calib: int = 512
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    int8: bool = False,
+    calib: int = 512,
+    latency_iters: int = 200,
 ) -> dict[str, Any]:
     """Export ``run_dir``'s model to ONNX (and int8 with ``int8``); write ``export.json``.
 
@@ -269,7 +273,9 @@ def export_run(
             "accuracy_onnxruntime": float((logits.argmax(1) == ds.y_test).mean()),
             "agreement_with_torch": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
             "max_abs_diff_logits": float(np.abs(logits - torch_logits).max()),
-            "latency_ms": {f"batch{b}": latency_ms(path, sample, b) for b in (1, 32)},
+            "latency_ms": {
+                f"batch{b}": latency_ms(path, sample, b, iters=latency_iters) for b in (1, 32)
+            },
         }
         entry["ratio_to_fp32_model"] = fp32_bytes / entry["download_bytes"]
         report["artifacts"][kind] = entry
