@@ -159,9 +159,9 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     """The model to export from ``run_dir`` (the student if the run has one), its run config,
     and which model it is (``"global"`` or ``"student"``)."""
     from fedsqueeze.config import ConfigError, load_toml, resolve_config
+    from fedsqueeze.distill.students import build_student
     from fedsqueeze.federation import dataset_for
     from fedsqueeze.models.weights import load_numpy_state
-    from fedsqueeze.models.zoo import build_model
 
     cfg_path, model_path = run_dir / "config.toml", run_dir / "model.pt"
     if not cfg_path.is_file() or not model_path.is_file():
@@ -180,7 +180,7 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     else:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
         arrays = {k: v.numpy() for k, v in state.items()}
-    model = build_model(name, ds.input_shape, ds.num_classes)
+    model = build_student(name, ds.input_shape, ds.num_classes)
     load_numpy_state(model, arrays)
     return model.eval(), config, which
 
