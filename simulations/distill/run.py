@@ -45,7 +45,7 @@ RUNS: dict[str, dict[str, Any]] = {
         "secagg": True,
         "secagg-clip": 5.0,
     },
-    "feddf": {"distill": "feddf"},
+    "feddf": {"distill": "feddf", "distill-steps": 100},
 }
 
 
@@ -59,18 +59,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out")
     parser.add_argument("--out", default=str(HERE.parent / "results" / "distill"))
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.table:
+        print(tables(_collect(out), args.seeds))
+        return
 
     from fedsqueeze.cli import _configure_environment, simulate
     from fedsqueeze.config import resolve_config
     from fedsqueeze.models.export import export_run
 
     _configure_environment(verbose=False)
-    out = Path(args.out)
-    results: dict[str, Any] = {}
     for seed in args.seeds:
-        for name, extra in RUNS.items():
+        for name in args.only:
+            extra = RUNS[name]
             cfg = resolve_config(BASE, extra, {"num-rounds": args.rounds, "seed": seed})
             run_dir = out / f"{name}-s{seed}"
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -79,10 +84,17 @@ def main() -> None:
             entry: dict[str, Any] = {"summary": summary, "rounds": rows}
             if name in ("student", "feddf"):
                 entry["export"] = export_run(run_dir, int8=True)
-            results[f"{name}-s{seed}"] = entry
-            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
-    print(tables(results, args.seeds))
+    print(tables(_collect(out), args.seeds))
+
+
+RESULT = "distill-result.json"
+
+
+def _collect(out: Path) -> dict[str, Any]:
+    """Every finished run under ``out`` (runs may be launched by separate processes)."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob(f"*/{RESULT}"))}
 
 
 def tables(results: dict[str, Any], seeds: list[int]) -> str:
