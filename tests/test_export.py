@@ -58,7 +58,13 @@ def _run_dir(tmp_path: Path, student: bool = False) -> tuple[Path, torch.nn.Modu
         return run.path, teacher
     small = _trained("logreg", cfg)
     hooks = {"distill": {"student": state_to_numpy(small), "student_model": "logreg"}}
-    run.save_checkpoint(Checkpoint(1, state_to_numpy(teacher), b"", [], {"hooks": hooks}))
+    ckpt = Checkpoint(
+        completed_round=1,
+        arrays=state_to_numpy(teacher),
+        strategy_state=b"",
+        extra={"hooks": hooks},
+    )
+    run.save_checkpoint(ckpt)
     return run.path, small
 
 
