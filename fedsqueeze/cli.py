@@ -2,7 +2,9 @@
 
 ``fedsqueeze simulate [CONFIG.toml] [--set key=value ...] [--out DIR] [--resume [DIR]]``
 runs a federation in Flower's Simulation Engine and writes the run directory;
-``fedsqueeze report DIR`` prints a finished run's result table.
+``fedsqueeze report DIR`` prints a finished run's result table; ``fedsqueeze export DIR
+[--int8] [--out FILE]`` writes its ONNX artifact and ``export.json``; ``fedsqueeze predict
+ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only.
 
 Errors a user can cause print one line and exit with status 2, before any run
 directory is created.
@@ -61,7 +63,40 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     rep = sub.add_parser("report", help="print the result table of a run directory")
     rep.add_argument("run_dir")
+    exp = sub.add_parser("export", help="export a run's model (or student) to ONNX")
+    exp.add_argument("run_dir")
+    exp.add_argument("--int8", action="store_true", help="int8 static quantization (QDQ)")
+    exp.add_argument("--out", help="artifact path (default RUN_DIR/model[.int8].onnx)")
+    sub.add_parser("predict", help="run an exported artifact (onnxruntime + numpy only)")
     return parser
+
+
+def export(args: argparse.Namespace) -> int:
+    """``fedsqueeze export``: write the artifact and export.json, print a short summary."""
+    from fedsqueeze.models.export import ExportError, export_run
+
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"{args.run_dir}: no such run directory")
+    try:
+        report = export_run(args.run_dir, out=args.out, int8=args.int8)
+    except ExportError as err:
+        raise UsageError(str(err)) from None
+    for kind, art in report["artifacts"].items():
+        lat = art["latency_ms"]
+        print(
+            f"{kind}: {art['path']}  {art['file_bytes']} B (download {art['download_bytes']} B)  "
+            f"acc {art['accuracy_onnxruntime']:.4f} (torch {report['accuracy_torch']:.4f})  "
+            f"p50 {lat['batch1']['p50']:.3f} ms @1, {lat['batch32']['p50']:.3f} ms @32"
+        )
+    print(f"report: {Path(report['artifact']).parent / 'export.json'}")
+    return 0
+
+
+def predict(argv: Sequence[str]) -> int:
+    """``fedsqueeze predict``: dispatched before anything imports torch (device installs)."""
+    from fedsqueeze.edge import main as edge_main
+
+    return edge_main(argv)
 
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
@@ -245,6 +280,9 @@ def format_table(summary: Mapping[str, Any], run_dir: str | Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsqueeze`` command."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["predict"]:
+        return predict(words[1:])
     from fedsqueeze.compression import CodecError
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
@@ -257,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir: Path | None = None
     try:
         args = _parser().parse_args(argv)
+        if args.command == "export":
+            return export(args)
         if args.command == "report":
             print(_report(Path(args.run_dir)))
             return 0

@@ -133,6 +133,14 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
         "rounds below min-clients in a row that end the run (0 = never)",
     ),
     "out-dir": ("", str, None, "run directory ('' = runs/<name>-<timestamp>)"),
+    "distill": ("none", str, _choice("none", "student", "feddf"), "server-side distillation"),
+    "student-model": ("", str, None, "registry model distilled from the global (student)"),
+    "distill-data": ("", str, None, "npz:PATH with unlabeled x ('' = built-in public slice)"),
+    "distill-every": (1, int, _positive_int, "distill the student every N rounds (and last)"),
+    "distill-steps": (200, int, _positive_int, "distillation steps (Adam minibatches)"),
+    "distill-temperature": (3.0, float, _positive_float, "softmax temperature T"),
+    "distill-lr": (0.001, float, _positive_float, "distillation learning rate (Adam)"),
+    "distill-batch-size": (128, int, _positive_int, "distillation minibatch size"),
 }
 
 DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}
@@ -220,6 +228,14 @@ def _check_names(config: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
+    student = str(config["student-model"])
+    if student:
+        from fedsqueeze.distill.students import STUDENT_NAMES
+
+        if student not in STUDENT_NAMES:
+            raise ConfigError(
+                f"student-model = {student!r}: unknown model; valid: {', '.join(STUDENT_NAMES)}"
+            )
     from fedsqueeze.compression import CodecError, parse_codec
 
     for key in ("codec", "downlink-codec"):

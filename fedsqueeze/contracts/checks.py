@@ -7,6 +7,7 @@ naming the key that is wrong, before anything starts.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fedsqueeze.compression import parse_codec
@@ -39,6 +40,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_dp_config(config)
     check_liveness_config(config)
     check_prune_config(config)
+    check_distill_config(config)
 
 
 def check_liveness_config(config: Mapping[str, Any]) -> None:
@@ -175,7 +177,8 @@ def check_dp_config(config: Mapping[str, Any]) -> None:
     if float(config["dp-noise-multiplier"]) > MAX_NOISE_MULTIPLIER:
         raise ConfigError(
             f"dp-noise-multiplier = {config['dp-noise-multiplier']:g}: must be <= "
-            f"{MAX_NOISE_MULTIPLIER:g} (epsilon is ~0 there; the accountant and the noise grid overflow above it)"
+            f"{MAX_NOISE_MULTIPLIER:g} (epsilon is ~0 there; the accountant and the noise "
+            "grid overflow above it)"
         )
     if float(config["dp-epsilon"]) > MAX_EPSILON:
         raise ConfigError(
@@ -216,4 +219,40 @@ def check_prune_config(config: Mapping[str, Any]) -> None:
             f"codec stage {feedback.spec!r} keeps per-coordinate state, and the kept "
             "coordinates change while pruning: use prune-start-round = prune-end-round = 1 "
             "(one-shot pruning), or a codec without error feedback"
+        )
+
+
+BUILTIN_TRANSFER_DATASETS = ("mnist1d",)
+"""Datasets with a built-in public transfer slice for distillation (``fedsqueeze.distill``)."""
+
+
+def check_distill_config(config: Mapping[str, Any]) -> None:
+    """Refuse distillation settings that cannot run, naming the key.
+
+    FedDF distills from the round's individual client models, which the server never sees
+    under secure aggregation (only the masked sum) and must not use under central DP (its
+    guarantee covers only the clipped, noised aggregate): refused there. Teacher → student
+    distillation reads only the released aggregate (post-processing), so it runs with any
+    of them.
+    """
+    mode = str(config.get("distill", "none"))
+    if mode == "none":
+        return
+    if mode == "feddf" and (bool(config.get("secagg")) or str(config.get("dp")) == "central"):
+        raise ConfigError(
+            'distill = "feddf" needs the individual client models, which secure aggregation '
+            'hides and central DP must not use; use distill = "student" (post-processing)'
+        )
+    if mode == "student" and not str(config.get("student-model", "")):
+        raise ConfigError('distill = "student" needs student-model = NAME (a registry model)')
+    data = str(config.get("distill-data", ""))
+    if data:
+        if not data.startswith("npz:") or len(data) <= 4:
+            raise ConfigError(f"distill-data = {data!r}: expected npz:PATH (or empty)")
+        if not Path(data[4:]).expanduser().is_file():
+            raise ConfigError(f"distill-data = {data!r}: file not found")
+    elif str(config.get("dataset")) not in BUILTIN_TRANSFER_DATASETS:
+        raise ConfigError(
+            f"dataset = {config.get('dataset')!r} has no built-in public transfer slice "
+            f'(only {", ".join(BUILTIN_TRANSFER_DATASETS)}): set distill-data = "npz:PATH"'
         )

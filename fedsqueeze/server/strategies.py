@@ -21,6 +21,7 @@ from fedsqueeze.compression.stages import ErrorFeedback
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import partitions_for
 from fedsqueeze.privacy import default_delta
+from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
 from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
@@ -124,6 +125,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
     secagg = bool(config["secagg"])
     if secagg:
         strategy = _secure(strategy, config)
+    strategy = with_distill(strategy, config)  # inside: sees decoded replies / the release
     strategy = CompressedStrategy(
         strategy,
         codec="none" if secagg else str(config["codec"]),

@@ -1,0 +1,290 @@
+"""Edge export: a run's final model (or its distilled student) as an ONNX artifact.
+
+``export_run`` rebuilds the model from a run directory, exports it with ``torch.onnx``
+(the dynamo exporter, one self-contained file: ``external_data=False``), optionally
+quantizes it to int8 with onnxruntime's static QDQ quantization calibrated on server-side
+data, checks the artifact under onnxruntime against the torch model, and writes
+``export.json`` beside it.
+
+Calibration data, in order of preference: the run's public distillation transfer data
+(``distill-data`` or the dataset's built-in slice, which no client holds); otherwise the
+first ``calib`` samples of the test split (the report says which — those samples only set
+activation ranges, but the reported int8 accuracy then includes them).
+
+Seam for quantization-aware training: a run trained with QAT already holds int8 scales;
+:func:`quantize` is where its exporter plugs in instead of post-training calibration
+(``export.json`` records ``int8_method``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ExportError", "export_onnx", "export_run", "latency_ms", "quantize", "run_onnx"]
+
+INPUT_NAME = "x"
+OUTPUT_NAME = "logits"
+
+
+class ExportError(ValueError):
+    """A run directory that cannot be exported (one line, names the file)."""
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+    """Write ``model`` as a single-file ONNX graph with a dynamic batch axis."""
+    model = model.eval()
+    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        dynamo=True,
+        verbose=False,
+    )
+    return path
+
+
+def _session(path: Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of the artifact at ``path`` for ``x`` under onnxruntime (one thread)."""
+    sess = _session(path)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    outs = [
+        sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch_size]})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+def quantize(fp32: Path, out: Path, calib: np.ndarray) -> Path:
+    """Static int8 QDQ quantization (per-channel weights) calibrated on ``calib``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            data = np.ascontiguousarray(calib, dtype=np.float32)
+            self._it = iter([{INPUT_NAME: data[i : i + 32]} for i in range(0, len(data), 32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    pre = out.with_name(out.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(out),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+    finally:
+        pre.unlink(missing_ok=True)
+    return out
+
+
+def latency_ms(
+    path: Path, x: np.ndarray, batch: int, iters: int = 200, warmup: int = 20
+) -> dict[str, float]:
+    """p50/p95 latency (ms) of one onnxruntime run at ``batch``, one thread, after warm-up."""
+    sess = _session(path)
+    reps = int(np.ceil(batch / max(len(x), 1)))
+    feed = {INPUT_NAME: np.ascontiguousarray(np.tile(x, (reps,) + (1,) * (x.ndim - 1))[:batch])}
+    for _ in range(warmup):
+        sess.run([OUTPUT_NAME], feed)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run([OUTPUT_NAME], feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+
+
+def artifact_bytes(path: Path) -> int:
+    """Bytes of the artifact and of any external-data file beside it."""
+    extra = path.with_name(path.name + ".data")
+    return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+
+
+def download_bytes(path: Path) -> int:
+    """zstd-compressed size of the artifact: what a device fetches."""
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=19).compress(path.read_bytes()))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
+    """The model to export from ``run_dir`` (the student if the run has one), its run config,
+    and which model it is (``"global"`` or ``"student"``)."""
+    from fedsqueeze.config import ConfigError, load_toml, resolve_config
+    from fedsqueeze.distill.students import build_student
+    from fedsqueeze.federation import dataset_for
+    from fedsqueeze.models.weights import load_numpy_state
+
+    cfg_path, model_path = run_dir / "config.toml", run_dir / "model.pt"
+    if not cfg_path.is_file() or not model_path.is_file():
+        raise ExportError(f"{run_dir}: not a run directory (no config.toml / model.pt)")
+    try:
+        base = load_toml(cfg_path)
+        base.pop("out-dir", None)
+        config = resolve_config(base)
+    except ConfigError as err:
+        raise ExportError(f"{cfg_path}: {err}") from None
+    ds = dataset_for(config)
+    student = _student_arrays(run_dir) if config["distill"] == "student" else None
+    name, which = str(config["model"]), "global"
+    if student is not None:
+        arrays, name, which = student, str(config["student-model"]), "student"
+    else:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        arrays = {k: v.numpy() for k, v in state.items()}
+    model = build_student(name, ds.input_shape, ds.num_classes)
+    load_numpy_state(model, arrays)
+    return model.eval(), config, which
+
+
+def _student_arrays(run_dir: Path) -> dict[str, np.ndarray] | None:
+    """The student's weights from the server's checkpoint (hook state ``distill``)."""
+    from fedsqueeze.server.distill import STUDENT_STATE
+    from fedsqueeze.server.rundir import RunDir
+
+    ckpt = RunDir(run_dir).load_checkpoint()
+    if ckpt is None:
+        raise ExportError(
+            f"{run_dir}: a student run needs its checkpoint.pkl to export the student"
+        )
+    state = ckpt.extra.get("hooks", {}).get("distill", {})
+    arrays = state.get(STUDENT_STATE)
+    return dict(arrays) if arrays is not None else None
+
+
+def _calibration(config: Mapping[str, Any], limit: int) -> tuple[np.ndarray, str]:
+    from fedsqueeze.distill import DistillError, load_transfer_data
+    from fedsqueeze.federation import dataset_for
+
+    ds = dataset_for(config)
+    try:
+        x = load_transfer_data(str(config["distill-data"]), str(config["dataset"]), ds.input_shape)
+        return x[:limit], "public transfer data"
+    except DistillError:
+        return ds.x_test[:limit], f"first {min(limit, len(ds.x_test))} test samples"
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    int8: bool = False,
+    calib: int = 512,
+    latency_iters: int = 200,
+) -> dict[str, Any]:
+    """Export ``run_dir``'s model to ONNX (and int8 with ``int8``); write ``export.json``.
+
+    Returns the report (also written as ``export.json`` beside the artifact).
+    """
+    from fedsqueeze.federation import dataset_for
+    from fedsqueeze.models.weights import evaluate
+    from fedsqueeze.models.zoo import count_parameters
+
+    run_dir = Path(run_dir)
+    model, config, which = load_run_model(run_dir)
+    ds = dataset_for(config)
+    if out is None:
+        fp32_path = run_dir / "model.onnx"
+        target = run_dir / "model.int8.onnx" if int8 else fp32_path
+    else:
+        target = Path(out)
+        fp32_path = target.with_name(target.stem + ".fp32.onnx") if int8 else target
+    export_onnx(model, ds.input_shape, fp32_path)
+
+    torch_logits = model(torch.from_numpy(ds.x_test)).detach().numpy()
+    torch_acc = evaluate(model, ds.x_test, ds.y_test)[1]
+    params = count_parameters(model)
+    nonzeros = int(sum(int((p != 0).sum()) for p in model.parameters()))
+    fp32_bytes = 4 * params
+    report: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "model": which,
+        "model_name": str(config["student-model"] if which == "student" else config["model"]),
+        "parameters": params,
+        "nonzeros": nonzeros,
+        "fp32_model_bytes": fp32_bytes,
+        "accuracy_torch": torch_acc,
+        "onnxruntime_version": _ort_version(),
+        "cpu": _cpu_model(),
+        "threads": 1,
+        "artifacts": {},
+    }
+    variants = [("fp32", fp32_path)]
+    if int8:
+        cal, source = _calibration(config, calib)
+        quantize(fp32_path, target, cal)
+        variants.append(("int8", target))
+        report["int8_method"] = "onnxruntime static QDQ, per-channel weights"
+        report["calibration"] = f"{len(cal)} samples: {source}"
+    sample = ds.x_test[:64]
+    for kind, path in variants:
+        logits = run_onnx(path, ds.x_test)
+        entry: dict[str, Any] = {
+            "path": str(path),
+            "file_bytes": artifact_bytes(path),
+            "download_bytes": download_bytes(path),
+            "accuracy_onnxruntime": float((logits.argmax(1) == ds.y_test).mean()),
+            "agreement_with_torch": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
+            "max_abs_diff_logits": float(np.abs(logits - torch_logits).max()),
+            "latency_ms": {
+                f"batch{b}": latency_ms(path, sample, b, iters=latency_iters) for b in (1, 32)
+            },
+        }
+        entry["ratio_to_fp32_model"] = fp32_bytes / entry["download_bytes"]
+        report["artifacts"][kind] = entry
+    report["artifact"] = str(target)
+    (target.parent / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)

@@ -1,0 +1,216 @@
+"""Server-side distillation as a strategy wrapper that is also a round hook.
+
+``DistillStrategy`` sits directly inside ``CompressedStrategy`` (see
+:func:`with_distill`), so it sees exactly what that wrapper hands on: decoded client
+models ("global + delta") without secure aggregation, and what ``SecAggStrategy`` and the
+DP wrappers release (the noised aggregate) with it. It never sees anything else:
+
+- ``distill = "student"``: after aggregation (every ``distill-every`` rounds and at the
+  last round) the released global model is the teacher of a compact ``student-model``,
+  trained on the public transfer data. Post-processing of the aggregate: valid with
+  secure aggregation and every DP mode.
+- ``distill = "feddf"``: FedDF (Lin et al., NeurIPS 2020) — the aggregate is fine-tuned to
+  match the mean tempered softmax of the round's decoded client models. Needs the
+  individual models: refused under secure aggregation and central DP
+  (:func:`fedsqueeze.contracts.checks.check_distill_config`).
+
+Per round it adds ``distill_s`` (server time of the step), ``teacher_accuracy``,
+``student_accuracy`` (student mode) or ``pre_distill_accuracy`` (FedDF: the aggregate's
+accuracy before fine-tuning; ``accuracy`` is after it) to ``metrics.jsonl``. The student's
+weights are hook state (checkpoint) and ``export`` exports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsqueeze.contracts.records import RecordNames, from_record, to_record
+from fedsqueeze.distill import distill, ensemble_probs, load_transfer_data, teacher_probs
+from fedsqueeze.distill.students import build_student
+from fedsqueeze.federation import dataset_for
+from fedsqueeze.models import count_parameters
+from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
+from fedsqueeze.server.hooks import RoundHook
+
+log = logging.getLogger(__name__)
+
+STUDENT_STATE = "student"
+"""Key of the student's weights in this hook's checkpoint state (read by ``export``)."""
+
+
+class DistillStrategy(Strategy, RoundHook):
+    """Wrap ``inner``; distill after its aggregation as ``config["distill"]`` says."""
+
+    hook_name = "distill"
+
+    def __init__(self, inner: Strategy, config: Mapping[str, Any]) -> None:
+        self.inner = inner
+        self.mode = str(config["distill"])
+        self.every = int(config["distill-every"])
+        self.num_rounds = int(config["num-rounds"])
+        self.steps = int(config["distill-steps"])
+        self.temperature = float(config["distill-temperature"])
+        self.lr = float(config["distill-lr"])
+        self.batch_size = int(config["distill-batch-size"])
+        self.seed = int(config["seed"])
+        ds = dataset_for(config)
+        self._test = (ds.x_test, ds.y_test)
+        self.transfer = load_transfer_data(
+            str(config["distill-data"]), str(config["dataset"]), ds.input_shape
+        )
+        self._build = lambda name, seed=None: build_student(
+            name, ds.input_shape, ds.num_classes, seed=seed
+        )
+        self.teacher_name = str(config["model"])
+        self.student_name = str(config["student-model"]) if self.mode == "student" else ""
+        self.student = (
+            state_to_numpy(self._build(self.student_name, self.seed + 1))
+            if self.student_name
+            else None
+        )
+        self.names = RecordNames.of(inner)
+        self._global: dict[str, np.ndarray] = {}
+        self._row: dict[str, Any] = {}
+
+    # ---- delegation -----------------------------------------------------------------------
+    def summary(self) -> None:
+        log.info("DistillStrategy(%s)", self.mode)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = from_record(arrays)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    # ---- the distillation step ------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        clients = self._client_models(replies) if self.mode == "feddf" else []
+        agg, metrics = self.inner.aggregate_train(server_round, replies)
+        self._row = {}
+        teacher = from_record(agg) if agg is not None else self._global
+        if self.mode == "feddf" and agg is not None and clients:
+            agg = to_record(self._feddf(server_round, teacher, clients))
+        elif self.mode == "student" and (
+            server_round % self.every == 0 or server_round == self.num_rounds
+        ):
+            self._distill_student(server_round, teacher)
+        return agg, metrics
+
+    def _client_models(self, replies: list[Message]) -> list[tuple[dict[str, np.ndarray], float]]:
+        """The round's decoded client models and their weights (``num-examples``)."""
+        out = []
+        for msg in replies:
+            if msg.has_error() or self.names.arrays not in msg.content.array_records:
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            weight = float(metrics.get(self.names.weight, 1.0))  # type: ignore[arg-type]
+            out.append((from_record(msg.content.array_records[self.names.arrays]), weight))
+        return out
+
+    def _feddf(
+        self,
+        server_round: int,
+        aggregate: dict[str, np.ndarray],
+        clients: list[tuple[dict[str, np.ndarray], float]],
+    ) -> dict[str, np.ndarray]:
+        t0 = time.process_time()
+        models = []
+        for arrays, _ in clients:
+            m = self._build(self.teacher_name)
+            load_numpy_state(m, arrays)
+            models.append(m)
+        target = ensemble_probs(models, self.transfer, self.temperature, [w for _, w in clients])
+        model = self._build(self.teacher_name)
+        load_numpy_state(model, aggregate)
+        self._row["pre_distill_accuracy"] = evaluate(model, *self._test)[1]
+        self._row["ensemble_accuracy"] = _ensemble_accuracy(models, self._test)
+        distill(model, self.transfer, target, **self._step_args(server_round))
+        self._row["distill_s"] = round(time.process_time() - t0, 4)
+        out = state_to_numpy(model)
+        if not all(np.isfinite(a).all() for a in out.values()):
+            log.warning("round %d: FedDF gave non-finite weights; aggregate kept", server_round)
+            return aggregate
+        return out
+
+    def _distill_student(self, server_round: int, teacher_arrays: dict[str, np.ndarray]) -> None:
+        assert self.student is not None
+        t0 = time.process_time()
+        teacher = self._build(self.teacher_name)
+        load_numpy_state(teacher, teacher_arrays)
+        target = teacher_probs(teacher, self.transfer, self.temperature)
+        student = self._build(self.student_name)
+        load_numpy_state(student, self.student)
+        distill(student, self.transfer, target, **self._step_args(server_round))
+        self._row["distill_s"] = round(time.process_time() - t0, 4)
+        self._row["teacher_accuracy"] = evaluate(teacher, *self._test)[1]
+        self._row["student_accuracy"] = evaluate(student, *self._test)[1]
+        self.student = state_to_numpy(student)
+
+    def _step_args(self, server_round: int) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "temperature": self.temperature,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed * 100_003 + server_round,
+        }
+
+    # ---- round hook -----------------------------------------------------------------------
+    def after_round(self, server_round: int, row: dict[str, Any]) -> None:
+        row.update(self._row)
+
+    def state(self) -> dict[str, Any]:
+        return {STUDENT_STATE: self.student, "student_model": self.student_name}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state.get(STUDENT_STATE) is not None:
+            self.student = state[STUDENT_STATE]
+
+    def summary_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"distill": self.mode}
+        if self.student is not None:
+            student = self._build(self.student_name)
+            load_numpy_state(student, self.student)
+            teacher = self._build(self.teacher_name)
+            out["student_model"] = self.student_name
+            out["student_parameters"] = count_parameters(student)
+            out["teacher_parameters"] = count_parameters(teacher)
+            out["student_final_accuracy"] = evaluate(student, *self._test)[1]
+        return out
+
+
+def _ensemble_accuracy(models: list[Any], test: tuple[np.ndarray, np.ndarray]) -> float:
+    import torch
+
+    x, y = test
+    with torch.no_grad():
+        probs = sum(torch.softmax(m(torch.from_numpy(x)), dim=1) for m in models)
+    assert isinstance(probs, torch.Tensor)
+    return float((probs.argmax(dim=1).numpy() == y).mean())
+
+
+def with_distill(strategy: Strategy, config: Mapping[str, Any]) -> Strategy:
+    """``strategy`` wrapped in :class:`DistillStrategy` when ``config["distill"]`` asks."""
+    return strategy if str(config["distill"]) == "none" else DistillStrategy(strategy, config)

@@ -1,0 +1,202 @@
+"""Server-side distillation: the core step, the transfer data, the config checks and a
+student run through the real ClientApp and strategy chain (in process, with and without
+secure aggregation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from inprocess import InProcessGrid
+
+from fedsqueeze.cli import EXIT_USAGE, main
+from fedsqueeze.client.app import build_client_app
+from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.distill import (
+    DistillError,
+    distill,
+    ensemble_probs,
+    load_transfer_data,
+    teacher_probs,
+)
+from fedsqueeze.federation import dataset_for
+from fedsqueeze.models import build_model
+from fedsqueeze.server.distill import DistillStrategy
+from fedsqueeze.server.hooks import strategy_chain
+from fedsqueeze.server.rounds import run_federation
+from fedsqueeze.server.rundir import RunDir
+from fedsqueeze.server.strategies import build_chain
+
+
+def _agreement(a: torch.nn.Module, b: torch.nn.Module, x: np.ndarray) -> float:
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        return float((a(xt).argmax(1) == b(xt).argmax(1)).float().mean())
+
+
+def test_distill_makes_the_student_agree_with_its_teacher() -> None:
+    x = np.random.default_rng(0).normal(size=(512, 1, 12)).astype(np.float32)
+    teacher = build_model("logreg", (1, 12), 4, seed=1)  # one the student can represent
+    student = build_model("logreg", (1, 12), 4, seed=2)
+    before = _agreement(teacher, student, x)
+    out = distill(
+        student,
+        x,
+        teacher_probs(teacher, x, 2.0),
+        steps=150,
+        temperature=2.0,
+        lr=0.01,
+        batch_size=64,
+        seed=0,
+    )
+    assert out["loss_last"] < out["loss_first"]
+    assert _agreement(teacher, student, x) > max(before, 0.9)
+
+
+def test_ensemble_target_is_the_weighted_mean_of_tempered_softmaxes() -> None:
+    x = np.random.default_rng(1).normal(size=(20, 1, 6)).astype(np.float32)
+    models = [build_model("logreg", (1, 6), 3, seed=s) for s in (1, 2)]
+    got = ensemble_probs(models, x, 3.0, weights=[1.0, 3.0])
+    want = 0.25 * teacher_probs(models[0], x, 3.0) + 0.75 * teacher_probs(models[1], x, 3.0)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.sum(1), torch.ones(20))
+
+
+def test_builtin_mnist1d_slice_is_disjoint_from_train_and_test() -> None:
+    ds = dataset_for(resolve_config({"dataset": "mnist1d"}))
+    x = load_transfer_data("", "mnist1d", ds.input_shape)
+    assert x.shape[1:] == ds.input_shape and len(x) >= 1000
+    seen = {row.tobytes() for row in np.round(np.concatenate([ds.x_train, ds.x_test]), 3)}
+    assert not any(row.tobytes() in seen for row in np.round(x, 3))
+
+
+def test_transfer_npz_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    np.savez(path, x=np.zeros((5, 7), np.float32))
+    with pytest.raises(DistillError, match="expected"):
+        load_transfer_data(f"npz:{path}", "digits", (1, 8, 8))
+    with pytest.raises(DistillError, match="no built-in"):
+        load_transfer_data("", "digits", (1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"distill": "feddf", "secagg": True}, "secure aggregation"),
+        ({"distill": "feddf", "dp": "central", "dp-noise-multiplier": 1.0}, "central DP"),
+        ({"distill": "student"}, "student-model"),
+        ({"distill": "student", "student-model": "resnet"}, "unknown model"),
+        ({"distill": "student", "student-model": "logreg", "dataset": "digits"}, "npz:PATH"),
+        ({"distill": "feddf", "distill-data": "npz:/nonexistent.npz"}, "not found"),
+        ({"distill": "teacher"}, "must be one of"),
+    ],
+)
+def test_bad_distill_settings_are_refused_before_anything_starts(
+    overrides: dict[str, Any], match: str
+) -> None:
+    base = {"dataset": "mnist1d", "clients-per-round": 4, "num-clients": 4}
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(base, overrides)
+
+
+def test_feddf_under_secagg_is_one_line_exit_2(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "run"
+    sets = [
+        "dataset=mnist1d",
+        "distill=feddf",
+        "secagg=true",
+        "num-clients=4",
+        "clients-per-round=4",
+    ]
+    code = main(["simulate", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and len(err.strip().splitlines()) == 1 and "feddf" in err
+    assert not out.exists()
+
+
+# --- whole rounds through the real ClientApp ------------------------------------------------
+
+
+def _transfer(tmp_path: Path) -> str:
+    ds = dataset_for(resolve_config({"dataset": "digits"}))
+    rng = np.random.default_rng(0)
+    # A stand-in for public unlabeled data: noisy copies of test inputs (fixture only).
+    x = ds.x_test + rng.normal(scale=0.3, size=ds.x_test.shape).astype(np.float32)
+    np.savez(tmp_path / "transfer.npz", x=x)
+    return f"npz:{tmp_path / 'transfer.npz'}"
+
+
+def _run(tmp_path: Path, name: str, **overrides: Any) -> tuple[dict[str, Any], RunDir]:
+    cfg = resolve_config(
+        {
+            "dataset": "digits",
+            "model": "mlp",
+            "num-clients": 3,
+            "clients-per-round": 3,
+            "num-rounds": 2,
+            "local-epochs": 1,
+            "distill-data": _transfer(tmp_path),
+            "distill-steps": 60,
+            "distill-lr": 0.01,
+        },
+        {k.replace("_", "-"): v for k, v in overrides.items()},
+    )
+    run_dir = RunDir(tmp_path / name)
+    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
+    return run_federation(grid, cfg, run_dir, node_timeout=5), run_dir
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_student_run_reports_teacher_and_student_every_round(tmp_path: Path, secagg: bool) -> None:
+    extra = {"secagg": True, "secagg-clip": 5.0} if secagg else {}
+    summary, run_dir = _run(
+        tmp_path, "student", distill="student", student_model="logreg", **_keys(extra)
+    )
+    rows = run_dir.read_metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["teacher_accuracy"] == row["accuracy"]
+        assert 0 <= row["student_accuracy"] <= 1 and row["distill_s"] > 0
+    # The student learned from the teacher: far better than chance on 10 classes.
+    assert summary["student_final_accuracy"] > 0.5
+    assert summary["student_parameters"] * 5 <= summary["teacher_parameters"]
+    ckpt = run_dir.load_checkpoint()
+    assert ckpt is not None and ckpt.extra["hooks"]["distill"]["student"] is not None
+
+
+def _keys(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def test_distill_wrapper_sits_inside_the_decoder_and_outside_dp(tmp_path: Path) -> None:
+    cfg = resolve_config(
+        {
+            "dataset": "digits",
+            "distill-data": _transfer(tmp_path),
+            "distill": "student",
+            "student-model": "logreg",
+            "secagg": True,
+            "dp": "central",
+            "dp-noise-multiplier": 1.0,
+            "num-clients": 4,
+            "clients-per-round": 4,
+        }
+    )
+    names = [type(s).__name__ for s in strategy_chain(build_chain(cfg))]
+    assert names.index("CompressedStrategy") < names.index("DistillStrategy")
+    assert names.index("DistillStrategy") < names.index("SecAggStrategy")
+    assert names.index("SecAggStrategy") < names.index("CentralDP")
+    assert isinstance(strategy_chain(build_chain(cfg))[1], DistillStrategy)
+
+
+def test_feddf_fine_tunes_the_aggregate_towards_the_client_ensemble(tmp_path: Path) -> None:
+    _, run_dir = _run(
+        tmp_path, "feddf", distill="feddf", partition="dirichlet", dirichlet_alpha=0.1
+    )
+    for row in run_dir.read_metrics():
+        assert {"pre_distill_accuracy", "ensemble_accuracy", "distill_s"} <= row.keys()
+        # the released model is the fine-tuned one, not the plain average
+        assert row["accuracy"] != row["pre_distill_accuracy"]
