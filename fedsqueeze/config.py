@@ -83,7 +83,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "server-lr": (0.01, float, _positive_float, "server learning rate (fedadam/fedyogi/...)"),
     "server-momentum": (0.9, float, _fraction, "server momentum (fedavgm)"),
     "max-update-norm": (
-        0.0,
+        10.0,
         float,
         _non_negative_float,
         "L2 bound on one client's update, larger ones are scaled down (0 = no bound)",

@@ -73,9 +73,6 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 
 
-RejectedUpdate = ReplyError
-"""A client's train reply cannot be used this round (the name earlier versions exported)."""
-
 
 def merge_delta(
     inner: Strategy,
