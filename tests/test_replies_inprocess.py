@@ -6,7 +6,6 @@ federated evaluation).
 
 from __future__ import annotations
 
-import io
 import math
 import tracemalloc
 from collections.abc import Callable

@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 
 
-
 def merge_delta(
     inner: Strategy,
     server_round: int,
@@ -185,6 +184,9 @@ class CompressedStrategy(Strategy, RoundHook):
                 "masked updates are summed, not decoded; give SecAggStrategy randk=... or "
                 "feedback=... instead (CompressedStrategy may wrap it for the downlink only)"
             )
+        self.private = any(getattr(s, "hook_name", "") == "privacy" for s in below(self))
+        """User-level DP inside: which clients were sampled, rejected or clipped is secret, so
+        ``metrics.jsonl`` gets counts only (the reasons stay in the server's log)."""
         self.stats = RoundStats()
         self._global: Arrays = {}
         self._sent: dict[int, _Sent] = {}
@@ -414,12 +416,12 @@ class CompressedStrategy(Strategy, RoundHook):
     # ---- round hook ---------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         s = self.stats
-        if s.reasons:
+        if s.reasons and not self.private:
             row["rejected_reasons"] = {str(node): why for node, why in s.reasons.items()}
         if self.passthrough:
             return
         row.update(
             {"clients": s.accepted, "rejected_updates": s.rejected, "dropped_clients": s.failed}
         )
-        if self.max_update_norm > 0:
+        if self.max_update_norm > 0 and not self.private:
             row["clipped_updates"] = s.clipped
