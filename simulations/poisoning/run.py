@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="ATTACK:NORM", help="e.g. norm:0"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     base = {"dataset": "digits", "model": "mlp", "num-clients": 10, "clients-per-round": 10}
@@ -90,6 +93,8 @@ def main() -> None:
     base.update(dict(kv.split("=", 1) for kv in args.set))
     bound = resolve_config(base)["max-update-norm"]
     rows = [("none", bound), ("norm", bound), ("norm", 0.0), ("weight", bound)]
+    if args.only:
+        rows = [(a, float(n)) for a, n in (row.split(":") for row in args.only)]
     print(
         f"digits / mlp, 10 clients, {args.rounds} rounds, seeds 0..{args.seeds - 1}; "
         f"default max-update-norm = {DEFAULTS['max-update-norm']}"
