@@ -70,6 +70,7 @@ def _dataset(v: Any) -> str | None:
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 # key -> (default, type, validator or None, help)
 SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] = {
@@ -92,10 +93,17 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "weight-decay": (0.0, float, _non_negative_float, "client SGD weight decay"),
     "seed": (0, int, _seed, "seed for partitions, sampling, init and training"),
     "model": ("mlp", str, None, "model registry name"),
-    "strategy": ("fedavg", str, _choice(*STRATEGIES), "server strategy"),
+    "strategy": ("fedavg", str, _choice(*STRATEGIES, *ROBUST_STRATEGIES), "server strategy"),
     "proximal-mu": (0.01, float, _non_negative_float, "FedProx proximal term"),
     "server-lr": (0.01, float, _positive_float, "server learning rate (fedadam/fedyogi/...)"),
     "server-momentum": (0.9, float, _fraction, "server momentum (fedavgm)"),
+    "max-update-norm": (
+        10.0,
+        float,
+        _non_negative_float,
+        "L2 bound on one client's update, larger ones are scaled down (0 = no bound)",
+    ),
+    "byzantine-clients": (1, int, _non_negative_int, "f tolerated by krum/multikrum/bulyan"),
     "codec": ("none", str, None, "uplink codec spec, e.g. topk(0.01)+q4+ef"),
     "downlink-codec": ("none", str, None, "downlink codec spec, e.g. fp16, q8"),
     "secagg": (False, bool, None, "secure aggregation on/off"),

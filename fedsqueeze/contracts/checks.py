@@ -41,6 +41,28 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_liveness_config(config)
     check_prune_config(config)
     check_distill_config(config)
+    check_robust_config(config)
+
+
+ROBUST_MIN_CLIENTS = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+"""Byzantine-robust rules: clients-per-round must be at least a * f + b (Flower's checks)."""
+
+
+def check_robust_config(config: Mapping[str, Any]) -> None:
+    """A robust aggregator needs enough clients per round for the f it tolerates, and
+    aggregates individual updates (not a secure sum)."""
+    name = str(config.get("strategy", "fedavg"))
+    robust = name in (*ROBUST_MIN_CLIENTS, "fedmedian", "fedtrimmedavg")
+    if robust and bool(config.get("secagg", False)):
+        raise ConfigError(f"strategy = {name!r} needs individual updates; secagg hides them")
+    if name in ROBUST_MIN_CLIENTS:
+        a, b = ROBUST_MIN_CLIENTS[name]
+        f, n = int(config.get("byzantine-clients", 1)), int(config.get("clients-per-round", 2))
+        if n < a * f + b:
+            raise ConfigError(
+                f"strategy = {name!r} with byzantine-clients = {f} needs clients-per-round "
+                f">= {a * f + b}, got {n}"
+            )
 
 
 def check_liveness_config(config: Mapping[str, Any]) -> None:

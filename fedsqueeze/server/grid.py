@@ -3,6 +3,10 @@
 Stock Flower strategies sample with ``random.sample`` over ``grid.get_node_ids()``;
 showing them only the nodes fedsqueeze sampled (reproducibly, by seed and partition id)
 keeps any strategy's own ``configure_train`` in use while making runs repeatable.
+
+Bytes are counted from the records' sizes (:func:`~fedsqueeze.server.replies.record_size`,
+equal to the serialized size) without serializing a message a second time: a client that
+attaches a 512 MiB record nobody asked for costs the server no second copy of it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsqueeze.contracts.records import serialized_size
+from fedsqueeze.server.replies import record_size
 
 
 class CountingGrid(Grid):
@@ -63,14 +67,14 @@ class CountingGrid(Grid):
             if msg.has_content():
                 key = id(msg.content)
                 if key not in sizes:
-                    sizes[key] = serialized_size(msg.content)
+                    sizes[key] = record_size(msg.content)
                 self.downlink_bytes += sizes[key]
         self.messages_sent += len(messages)
 
     def _count_in(self, replies: list[Message]) -> None:
         for msg in replies:
             if msg.has_content():
-                self.uplink_bytes += serialized_size(msg.content)
+                self.uplink_bytes += record_size(msg.content)
         self.replies_received += len(replies)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -7,12 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -57,6 +62,18 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
         return FedYogi(**common, eta=server_lr)
     if name == "fedadagrad":
         return FedAdagrad(**common, eta=server_lr)
+    # Robust aggregators: CompressedStrategy hands them decoded (and norm-bounded) updates.
+    f, k = int(config["byzantine-clients"]), int(config["clients-per-round"])
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=f)
+    if name == "multikrum":
+        return MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=max(1, k - f))
+    if name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=f)
     raise ConfigError(f"unknown strategy {name!r}")
 
 
@@ -131,6 +148,8 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         codec="none" if secagg else str(config["codec"]),
         downlink_codec=str(config["downlink-codec"]),
         seed=int(config["seed"]),
+        max_update_norm=float(config["max-update-norm"]),
+        max_weight=weight_cap(config),
     )
     strategy = pruning_from_config(strategy, config)
     if str(config["dp"]) == "local":

@@ -12,8 +12,15 @@ wrappers, ...) does three things around the wrapped strategy and nothing else:
    was sent), so the wrapped strategy sees ordinary Flower replies and the new global model
    is the server's exact global plus the aggregated delta — never the lossy reconstruction a
    client started from (the same step as the secure path, :func:`merge_delta`);
-3. it drops any reply that is malformed, mismatched or non-finite, counts it in
-   ``rejected_updates`` and never lets a non-finite aggregate replace the global model.
+3. it checks every train and evaluate reply before using it (:mod:`fedsqueeze.server.replies`:
+   record types, the model's exact names/dtypes/shapes, size before decoding, finite scalar
+   metrics normalised to the keys every usable reply reported), drops a bad one, counts it
+   in ``rejected_updates`` and names its sender and the reason (``rejected_reasons``);
+4. it bounds each client's influence: the claimed weight is capped at ``max_weight`` (the
+   largest partition), an update whose L2 norm exceeds ``max_update_norm`` is scaled down to
+   it, an update that could overflow the aggregate is refused, and a non-finite aggregate
+   never replaces the global model. Robust aggregators (Flower's FedMedian, FedTrimmedAvg,
+   Krum, MultiKrum, Bulyan) work inside it on the decoded updates.
 
 Record names and the weight key are the wrapped strategy's (``arrayrecord_key``,
 ``weighted_by_key``, ...), Flower's defaults when it declares none.
@@ -22,6 +29,7 @@ Record names and the weight key are the wrapped strategy's (``arrayrecord_key``,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,18 +54,23 @@ from fedsqueeze.contracts.records import (
 from fedsqueeze.contracts.streams import Stream, round_seed
 from fedsqueeze.server.compose import StrategyCompositionError, below, refuse_flower_dp_caller
 from fedsqueeze.server.hooks import RoundHook
+from fedsqueeze.server.replies import (
+    Layout,
+    ReplyError,
+    all_finite,
+    check_magnitude,
+    clip_update,
+    common_keys,
+    layout_of,
+    max_reply_bytes,
+    read_array_record,
+    read_metrics,
+    record_size,
+)
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-
-
-class RejectedUpdate(ValueError):
-    """A client's train reply cannot be used this round."""
-
-
-def all_finite(arrays: Mapping[str, np.ndarray]) -> bool:
-    return all(bool(np.isfinite(a).all()) for a in arrays.values())
 
 
 def merge_delta(
@@ -101,7 +114,15 @@ class RoundStats:
     accepted: int = 0
     rejected: int = 0
     failed: int = 0
+    clipped: int = 0
     client_metrics: list[dict[str, float]] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    """Why each rejected reply was dropped, by the node that sent it (train and evaluate)."""
+
+    def reject(self, server_round: int, node: int, err: Exception, phase: str = "train") -> None:
+        self.rejected += phase == "train"
+        self.reasons[node] = f"{phase}: {err}"
+        log.warning("round %d: dropped %s reply from node %d: %s", server_round, phase, node, err)
 
 
 @dataclass
@@ -124,11 +145,30 @@ class CompressedStrategy(Strategy, RoundHook):
         Codec spec strings (see ``fedsqueeze.compression``); ``"none"`` sends fp32.
     seed
         Run seed; per-round codec seeds derive from it.
+    max_update_norm
+        L2 bound on one client's update (its delta against the model it was sent): a larger
+        one is scaled down to it before aggregation. ``0`` turns the bound off.
+    max_weight
+        The most examples any client can hold (the largest partition): a larger claimed
+        ``num-examples`` counts as this much. ``None``: claims are not capped.
     """
 
     def __init__(
-        self, inner: Strategy, codec: str = "none", downlink_codec: str = "none", seed: int = 0
+        self,
+        inner: Strategy,
+        codec: str = "none",
+        downlink_codec: str = "none",
+        seed: int = 0,
+        *,
+        max_update_norm: float = 0.0,
+        max_weight: int | None = None,
     ) -> None:
+        if not (math.isfinite(max_update_norm) and max_update_norm >= 0):
+            raise ValueError(f"max_update_norm must be finite and >= 0, not {max_update_norm}")
+        if max_weight is not None and max_weight < 1:
+            raise ValueError(f"max_weight must be >= 1, not {max_weight}")
+        self.max_update_norm = float(max_update_norm)
+        self.max_weight = max_weight
         self.inner = inner
         self.codec = parse_codec(codec)
         self.downlink = parse_codec(downlink_codec)
@@ -144,6 +184,9 @@ class CompressedStrategy(Strategy, RoundHook):
                 "masked updates are summed, not decoded; give SecAggStrategy randk=... or "
                 "feedback=... instead (CompressedStrategy may wrap it for the downlink only)"
             )
+        self.private = any(getattr(s, "hook_name", "") == "privacy" for s in below(self))
+        """User-level DP inside: which clients were sampled, rejected or clipped is secret, so
+        ``metrics.jsonl`` gets counts only (the reasons stay in the server's log)."""
         self.stats = RoundStats()
         self._global: Arrays = {}
         self._sent: dict[int, _Sent] = {}
@@ -230,21 +273,21 @@ class CompressedStrategy(Strategy, RoundHook):
                 msg.content[CODEC_KEY] = instructions
         return messages
 
-    def _delta(self, msg: Message, server_round: int) -> Arrays:
-        """What the client's training changed, from its reply (raises RejectedUpdate)."""
-        node = msg.metadata.src_node_id
-        sent = self._sent.get(node)
-        if sent is None:
-            raise RejectedUpdate(f"reply from node {node}, which was not sent a model this round")
-        reference = sent.reference
-        metrics = single_metrics(msg.content)
-        num = None if metrics is None else metrics[1].get(self.names.weight)
-        if not isinstance(num, int) or num < 0:
-            raise RejectedUpdate(f"reply lacks a non-negative integer {self.names.weight!r} metric")
-        if UPDATE_KEY in msg.content.config_records:
-            payload = msg.content.config_records[UPDATE_KEY].get("payload")
+    def _delta(self, msg: Message, server_round: int, layout: Layout) -> Arrays:
+        """What the client's training changed, from its reply (raises ReplyError). Nothing
+        is decoded or deserialized before the reply's size and record types are checked."""
+        reference = self._sent[msg.metadata.src_node_id].reference
+        content = msg.content
+        size, limit = record_size(content), max_reply_bytes(layout)
+        if size > limit:
+            raise ReplyError(f"reply is {size} bytes; an update of this model is at most {limit}")
+        payload_record = content.get(UPDATE_KEY)
+        if payload_record is not None:
+            payload = (
+                payload_record.get("payload") if isinstance(payload_record, ConfigRecord) else None
+            )
             if not isinstance(payload, bytes):
-                raise RejectedUpdate("compressed update without a bytes payload")
+                raise ReplyError("compressed update without a bytes payload")
             # In the model's order, float32: what compress_mod encodes (layout="hash").
             expected = {k: (v.shape, "float32") for k, v in reference.items()}
             try:
@@ -252,59 +295,78 @@ class CompressedStrategy(Strategy, RoundHook):
                     payload,
                     seed=round_seed(self.seed, server_round, Stream.UPLINK_CODEC),
                     expected=expected,
-                    state=self._server_codec_state.get(node),
+                    state=self._server_codec_state.get(msg.metadata.src_node_id),
                 )
             except CodecError as err:
-                raise RejectedUpdate(f"undecodable update: {err}") from None
-            if decoded.state:
-                self._server_codec_state[node] = decoded.state
+                raise ReplyError(f"undecodable update: {err}") from None
             delta = decoded.arrays
             if list(delta) != list(reference):
-                raise RejectedUpdate("update names differ from the global model's")
-        elif self.names.arrays in msg.content.array_records:
-            local = from_record(msg.content.array_records[self.names.arrays])
-            if list(local) != list(reference) or any(
-                local[k].shape != reference[k].shape for k in reference
-            ):
-                raise RejectedUpdate("weights do not match the global model's names/shapes")
-            delta = {k: np.asarray(local[k], dtype=np.float32) - reference[k] for k in local}
-        else:
-            raise RejectedUpdate("reply holds neither weights nor a compressed update")
-        if not all_finite(delta):
-            raise RejectedUpdate("update contains NaN or Inf")
+                raise ReplyError("update names differ from the global model's")
+            if not all_finite(delta):
+                raise ReplyError("update contains NaN or Inf")
+            if decoded.state:
+                self._server_codec_state[msg.metadata.src_node_id] = decoded.state
+            return delta
+        if self.names.arrays not in content:
+            raise ReplyError("reply holds neither weights nor a compressed update")
+        local = read_array_record(content[self.names.arrays], layout)
+        delta = {k: local[k].astype(np.float64) - reference[k] for k in local}
+        if not all_finite(delta):  # float64: finite weights make a finite delta
+            raise ReplyError("update contains NaN or Inf")
         return delta
+
+    def _read_train(
+        self, msg: Message, server_round: int, layout: Layout, seen: set[int]
+    ) -> tuple[Arrays, str, dict[str, int | float]]:
+        """The usable (clipped) delta of one reply, its metric record name and metrics."""
+        node = msg.metadata.src_node_id
+        if node not in self._sent or node in seen:
+            raise ReplyError("reply from a node that was not sent a model this round (or twice)")
+        seen.add(node)
+        named = single_metrics(msg.content)
+        if named is None:
+            raise ReplyError("reply needs exactly one MetricRecord")
+        metrics = read_metrics(named[1], self.names.weight, self.max_weight)
+        delta, norm = clip_update(self._delta(msg, server_round, layout), self.max_update_norm)
+        if norm > self.max_update_norm > 0:
+            self.stats.clipped += 1
+            log.info("round %d: node %d's update norm %.3g clipped", server_round, node, norm)
+        check_magnitude(self._global, delta)
+        return delta, named[0], metrics
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._acknowledge(list(replies))
         if self.passthrough:
+            self.stats = RoundStats()
             return self.inner.aggregate_train(server_round, replies)
         stats = RoundStats(replies=len(replies), failed=max(0, self._expected - len(replies)))
         self.stats = stats
-        usable: list[Message] = []
+        layout = layout_of(self._global)
+        usable: list[tuple[Message, Arrays, str, dict[str, int | float]]] = []
+        seen: set[int] = set()
         for msg in replies:
             if msg.has_error():
                 stats.failed += 1
                 continue
             try:
-                delta = self._delta(msg, server_round)
-            except RejectedUpdate as err:
-                stats.rejected += 1
-                node = msg.metadata.src_node_id
-                log.warning("round %d: dropped update from node %d: %s", server_round, node, err)
-                continue
-            name, metrics = single_metrics(msg.content) or ("metrics", MetricRecord())
-            stats.client_metrics.append(
-                {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            )
-            local = {k: (self._global[k] + delta[k]).astype(np.float32) for k in self._global}
-            msg.content = RecordDict({self.names.arrays: to_record(local), name: metrics})
-            usable.append(msg)
+                usable.append((msg, *self._read_train(msg, server_round, layout, seen)))
+            except ReplyError as err:
+                stats.reject(server_round, msg.metadata.src_node_id, err)
         stats.accepted = len(usable)
         if not usable:
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, usable)
+        # Flower's strategies need one key set: the keys every usable reply reported.
+        keys = common_keys(m for *_, m in usable)
+        for msg, delta, name, metrics in usable:
+            kept = {k: metrics[k] for k in keys}
+            stats.client_metrics.append({k: float(v) for k, v in kept.items()})
+            local = {k: (self._global[k] + delta[k]).astype(np.float32) for k in self._global}
+            msg.content = RecordDict(
+                {self.names.arrays: to_record(local), name: MetricRecord(kept)}
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, [u[0] for u in usable])
         if arrays is not None and not all_finite(from_record(arrays)):
             log.warning("round %d: aggregate is not finite; global model kept", server_round)
             return None, metrics
@@ -321,14 +383,45 @@ class CompressedStrategy(Strategy, RoundHook):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """The wrapped strategy's aggregate of the usable evaluation replies: finite scalar
+        metrics normalised to the keys all of them report. A reply with ``num-examples = 0``
+        (a client whose test slice is empty) carries no evaluation and is left out; a
+        malformed one is dropped and its sender named in ``rejected_reasons``."""
         replies = self._acknowledge(list(replies))
-        return self.inner.aggregate_evaluate(server_round, replies)
+        usable: list[tuple[Message, str, dict[str, int | float]]] = []
+        seen: set[int] = set()
+        for msg in replies:
+            if msg.has_error():
+                continue
+            node = msg.metadata.src_node_id
+            try:
+                if node not in self._sent or node in seen:
+                    raise ReplyError("reply from a node that was not sent the model (or twice)")
+                seen.add(node)
+                if len(msg.content) != 1 or (named := single_metrics(msg.content)) is None:
+                    raise ReplyError("evaluation reply must hold exactly one MetricRecord")
+                metrics = read_metrics(named[1], self.names.weight, self.max_weight, True)
+            except ReplyError as err:
+                self.stats.reject(server_round, node, err, phase="evaluate")
+                continue
+            if metrics[self.names.weight] > 0:
+                usable.append((msg, named[0], metrics))
+        if not usable:
+            return None
+        keys = common_keys(m for *_, m in usable)
+        for msg, name, metrics in usable:
+            msg.content = RecordDict({name: MetricRecord({k: metrics[k] for k in keys})})
+        return self.inner.aggregate_evaluate(server_round, [u[0] for u in usable])
 
     # ---- round hook ---------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
+        s = self.stats
+        if s.reasons and not self.private:
+            row["rejected_reasons"] = {str(node): why for node, why in s.reasons.items()}
         if self.passthrough:
             return
-        s = self.stats
         row.update(
             {"clients": s.accepted, "rejected_updates": s.rejected, "dropped_clients": s.failed}
         )
+        if self.max_update_norm > 0 and not self.private:
+            row["clipped_updates"] = s.clipped

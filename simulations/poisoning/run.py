@@ -1,0 +1,114 @@
+"""One hostile client out of ten: does it take over the model?
+
+    python simulations/poisoning/run.py [--seeds 3] [--rounds 5] [--set key=value ...]
+
+Runs the real ClientApp (training, mods) and the server's round loop and strategy chain
+(``run_federation``) over the in-process grid the tests use (``tests/inprocess.py``: every
+message goes to the ClientApp in this process; no Ray), on digits / mlp with 10 clients, all
+sampled every round. Client 0 carries an outermost mod that rewrites its train reply:
+
+- ``norm``: its update flipped and scaled by 1000 (a finite update of huge norm);
+- ``weight``: an all-zero model claiming ``num-examples = 10**12``.
+
+Each attack runs with the default ``max-update-norm`` and with the bound off (``= 0``); the
+claimed weight is always capped at the largest partition. Prints a markdown table of final
+test accuracy, mean ± sd over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the in-process grid
+
+ATTACKS = ("none", "norm", "weight")
+
+
+def hostile_mod(attack: str) -> Any:
+    import numpy as np
+    from flwr.app import Message
+
+    from fedsqueeze.contracts.records import from_record, to_record
+
+    def mod(msg: Message, context: Any, call_next: Any) -> Message:
+        reply = call_next(msg, context)
+        if (
+            attack == "none"
+            or int(context.node_config["partition-id"]) != 0
+            or msg.metadata.message_type != "train"
+            or reply.has_error()
+        ):
+            return reply
+        sent = from_record(msg.content["arrays"])
+        local = from_record(reply.content["arrays"])
+        if attack == "norm":
+            bad = {k: (sent[k] - 1000.0 * (local[k] - sent[k])).astype(np.float32) for k in sent}
+        else:
+            bad = {k: np.zeros_like(v) for k, v in sent.items()}
+            reply.content["metrics"]["num-examples"] = 10**12
+        reply.content["arrays"] = to_record(bad)
+        return reply
+
+    return mod
+
+
+def run(config: dict[str, Any], attack: str) -> float:
+    from flwr.supercore.task_identity import TaskIdentity
+    from inprocess import InProcessGrid
+
+    from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.server.rounds import run_federation
+    from fedsqueeze.server.rundir import RunDir
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    app = build_client_app(config, extra_mods=[hostile_mod(attack)])
+    grid = InProcessGrid(app, int(config["num-clients"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run_federation(grid, config, RunDir(Path(tmp) / "run"), node_timeout=5)
+    return float(summary["final_accuracy"])
+
+
+def main() -> None:
+    import logging
+
+    from fedsqueeze.config import DEFAULTS, resolve_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="ATTACK:NORM", help="e.g. norm:0"
+    )
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    base = {"dataset": "digits", "model": "mlp", "num-clients": 10, "clients-per-round": 10}
+    base["num-rounds"] = args.rounds
+    base.update(dict(kv.split("=", 1) for kv in args.set))
+    bound = resolve_config(base)["max-update-norm"]
+    rows = [("none", bound), ("norm", bound), ("norm", 0.0), ("weight", bound)]
+    if args.only:
+        rows = [(a, float(n)) for a, n in (row.split(":") for row in args.only)]
+    print(
+        f"digits / mlp, 10 clients, {args.rounds} rounds, seeds 0..{args.seeds - 1}; "
+        f"default max-update-norm = {DEFAULTS['max-update-norm']}"
+    )
+    print("| attack (client 0 of 10) | max-update-norm | final accuracy |")
+    print("|---|---|---|")
+    for attack, norm in rows:
+        accs = [
+            run(resolve_config(base, {"seed": s, "max-update-norm": norm}), attack)
+            for s in range(args.seeds)
+        ]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"| {attack} | {norm:g} | {statistics.mean(accs):.3f} ± {sd:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
