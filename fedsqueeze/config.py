@@ -103,6 +103,12 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
         _non_negative_float,
         "L2 bound on one client's update, larger ones are scaled down (0 = no bound)",
     ),
+    "update-norm-factor": (
+        1.0,
+        float,
+        _non_negative_float,
+        "no update counts for more than this times its round's median update norm (0 = off)",
+    ),
     "byzantine-clients": (1, int, _non_negative_int, "f tolerated by krum/multikrum/bulyan"),
     "codec": ("none", str, None, "uplink codec spec, e.g. topk(0.01)+q4+ef"),
     "downlink-codec": ("none", str, None, "downlink codec spec, e.g. fp16, q8"),

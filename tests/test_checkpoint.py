@@ -289,3 +289,15 @@ def test_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(
     monkeypatch.setattr(rundir, "_atomic_write", real)
     assert main(["simulate", "--resume", str(out), "--quiet"]) == 0
     assert [r["round"] for r in _rows(out)] == [1, 2, 3]
+
+
+def test_resume_of_a_local_dp_run_is_refused() -> None:
+    """Clients' accountants live on the clients: a resumed local-DP run would count epsilon
+    from zero again and report less than was spent."""
+    from fedsqueeze.config import resolve_config
+
+    cfg = resolve_config({"dp": "local", "dp-noise-multiplier": 1.0})
+    with pytest.raises(rundir.ResumeError, match="dp = 'local'"):
+        rundir.check_resume_config(cfg, cfg, 1)
+    plain = resolve_config({})
+    rundir.check_resume_config(plain, plain, 1)  # the same config resumes without DP

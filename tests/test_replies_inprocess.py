@@ -232,6 +232,25 @@ def test_huge_norm_update_is_clipped_to_the_bound() -> None:
     assert step <= (3 * honest + bound) / N + 1e-4  # the attacker moved the mean by <= bound/N
 
 
+def test_relative_bound_clips_the_attacker_to_the_rounds_median_norm() -> None:
+    """No absolute bound: the attacker's update counts for at most the median honest one."""
+    strategy = _strategy(norm_factor=1.0)
+    arrays, _ = train(strategy, app(train_edit=_scale(1e6)))
+    assert arrays is not None and strategy.stats.clipped == 1 and strategy.stats.accepted == N
+    g = _global()
+    step = math.sqrt(sum(float(((arrays[k] - g[k]) ** 2).sum()) for k in g))
+    honest = STEP * math.sqrt(36)
+    assert step <= (3 * honest + honest) / N + 1e-4
+
+
+def test_norm_bound_is_the_tighter_one_and_off_under_user_level_dp() -> None:
+    strategy = _strategy(max_update_norm=10.0, norm_factor=2.0)
+    assert strategy._norm_bound([1.0, 2.0, 100.0]) == 4.0  # 2 x median 2 < 10
+    assert strategy._norm_bound([20.0, 30.0, 40.0]) == 10.0
+    strategy.private = True  # one client's update would move the others' bound: sensitivity
+    assert strategy._norm_bound([1.0, 2.0, 100.0]) == 10.0
+
+
 def test_huge_claimed_weight_is_capped() -> None:
     """Finding 3: num-examples = 10**12 with a constant model replaced the global outright."""
     strategy = _strategy(max_weight=10)

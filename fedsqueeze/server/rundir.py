@@ -230,6 +230,14 @@ def check_resume_config(
     """
     from fedsqueeze.config import DEFAULTS
 
+    if str(saved.get("dp", "none")) == "local":
+        # Each client's accountant lives in its Context.state, which a restart loses: resumed
+        # clients would count their epsilon from zero and the run would understate it.
+        raise ResumeError(
+            "--resume cannot continue a dp = 'local' run: each client's privacy accountant "
+            "lives on the client and a restart loses it, so the resumed run would understate "
+            "epsilon — start a new run instead"
+        )
     for key in config:
         before = saved.get(key, DEFAULTS.get(key))
         if key in RESUMABLE_KEYS or before == config[key]:

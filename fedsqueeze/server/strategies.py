@@ -149,6 +149,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         downlink_codec=str(config["downlink-codec"]),
         seed=int(config["seed"]),
         max_update_norm=float(config["max-update-norm"]),
+        norm_factor=float(config["update-norm-factor"]),
         max_weight=weight_cap(config),
     )
     strategy = pruning_from_config(strategy, config)

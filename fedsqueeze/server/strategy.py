@@ -17,10 +17,11 @@ wrappers, ...) does three things around the wrapped strategy and nothing else:
    metrics normalised to the keys every usable reply reported), drops a bad one, counts it
    in ``rejected_updates`` and names its sender and the reason (``rejected_reasons``);
 4. it bounds each client's influence: the claimed weight is capped at ``max_weight`` (the
-   largest partition), an update whose L2 norm exceeds ``max_update_norm`` is scaled down to
-   it, an update that could overflow the aggregate is refused, and a non-finite aggregate
-   never replaces the global model. Robust aggregators (Flower's FedMedian, FedTrimmedAvg,
-   Krum, MultiKrum, Bulyan) work inside it on the decoded updates.
+   largest partition), an update whose L2 norm exceeds ``max_update_norm`` (or
+   ``norm_factor`` times the round's median update norm) is scaled down to it, an update
+   that could overflow the aggregate is refused, and a non-finite aggregate never replaces
+   the global model. Robust aggregators (Flower's FedMedian, FedTrimmedAvg, Krum,
+   MultiKrum, Bulyan) work inside it on the decoded updates.
 
 Record names and the weight key are the wrapped strategy's (``arrayrecord_key``,
 ``weighted_by_key``, ...), Flower's defaults when it declares none.
@@ -66,6 +67,7 @@ from fedsqueeze.server.replies import (
     read_array_record,
     read_metrics,
     record_size,
+    update_norm,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,10 @@ class CompressedStrategy(Strategy, RoundHook):
     max_update_norm
         L2 bound on one client's update (its delta against the model it was sent): a larger
         one is scaled down to it before aggregation. ``0`` turns the bound off.
+    norm_factor
+        Tighter, relative bound: no update counts for more than ``norm_factor`` times the
+        median update norm of its round (``0``: off). It holds while honest clients are the
+        majority of a round, whatever the model's scale; it is off with user-level DP inside.
     max_weight
         The most examples any client can hold (the largest partition): a larger claimed
         ``num-examples`` counts as this much. ``None``: claims are not capped.
@@ -161,13 +167,17 @@ class CompressedStrategy(Strategy, RoundHook):
         seed: int = 0,
         *,
         max_update_norm: float = 0.0,
+        norm_factor: float = 0.0,
         max_weight: int | None = None,
     ) -> None:
         if not (math.isfinite(max_update_norm) and max_update_norm >= 0):
             raise ValueError(f"max_update_norm must be finite and >= 0, not {max_update_norm}")
         if max_weight is not None and max_weight < 1:
             raise ValueError(f"max_weight must be >= 1, not {max_weight}")
+        if not (math.isfinite(norm_factor) and norm_factor >= 0):
+            raise ValueError(f"norm_factor must be finite and >= 0, not {norm_factor}")
         self.max_update_norm = float(max_update_norm)
+        self.norm_factor = float(norm_factor)
         self.max_weight = max_weight
         self.inner = inner
         self.codec = parse_codec(codec)
@@ -327,12 +337,28 @@ class CompressedStrategy(Strategy, RoundHook):
         if named is None:
             raise ReplyError("reply needs exactly one MetricRecord")
         metrics = read_metrics(named[1], self.names.weight, self.max_weight)
-        delta, norm = clip_update(self._delta(msg, server_round, layout), self.max_update_norm)
-        if norm > self.max_update_norm > 0:
+        return self._delta(msg, server_round, layout), named[0], metrics
+
+    def _norm_bound(self, norms: list[float]) -> float:
+        """This round's L2 bound on one update: ``max_update_norm``, tightened to
+        ``norm_factor`` times the round's median update norm (0: no bound).
+
+        The relative bound is off with user-level DP inside: there one client's update would
+        change the others' bound, and so the sensitivity the accountant assumes."""
+        bound = self.max_update_norm
+        if self.norm_factor > 0 and norms and not self.private:
+            relative = self.norm_factor * float(np.median(norms))
+            bound = relative if bound <= 0 else min(bound, relative)
+        return bound
+
+    def _bounded(self, server_round: int, node: int, delta: Arrays, bound: float) -> Arrays:
+        """``delta`` scaled down to ``bound``; refused if it could overflow the aggregate."""
+        delta, norm = clip_update(delta, bound)
+        if norm > bound > 0:
             self.stats.clipped += 1
             log.info("round %d: node %d's update norm %.3g clipped", server_round, node, norm)
         check_magnitude(self._global, delta)
-        return delta, named[0], metrics
+        return delta
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -344,16 +370,24 @@ class CompressedStrategy(Strategy, RoundHook):
         stats = RoundStats(replies=len(replies), failed=max(0, self._expected - len(replies)))
         self.stats = stats
         layout = layout_of(self._global)
-        usable: list[tuple[Message, Arrays, str, dict[str, int | float]]] = []
+        read: list[tuple[Message, Arrays, str, dict[str, int | float]]] = []
         seen: set[int] = set()
         for msg in replies:
             if msg.has_error():
                 stats.failed += 1
                 continue
             try:
-                usable.append((msg, *self._read_train(msg, server_round, layout, seen)))
+                read.append((msg, *self._read_train(msg, server_round, layout, seen)))
             except ReplyError as err:
                 stats.reject(server_round, msg.metadata.src_node_id, err)
+        bound = self._norm_bound([update_norm(delta) for _, delta, *_ in read])
+        usable = []
+        for msg, delta, name, metrics in read:
+            node = msg.metadata.src_node_id
+            try:
+                usable.append((msg, self._bounded(server_round, node, delta, bound), name, metrics))
+            except ReplyError as err:
+                stats.reject(server_round, node, err)
         stats.accepted = len(usable)
         if not usable:
             return None, None
@@ -423,5 +457,5 @@ class CompressedStrategy(Strategy, RoundHook):
         row.update(
             {"clients": s.accepted, "rejected_updates": s.rejected, "dropped_clients": s.failed}
         )
-        if self.max_update_norm > 0 and not self.private:
+        if (self.max_update_norm > 0 or self.norm_factor > 0) and not self.private:
             row["clipped_updates"] = s.clipped

@@ -10,8 +10,9 @@ sampled every round. Client 0 carries an outermost mod that rewrites its train r
 - ``norm``: its update flipped and scaled by 1000 (a finite update of huge norm);
 - ``weight``: an all-zero model claiming ``num-examples = 10**12``.
 
-Each attack runs with the default ``max-update-norm`` and with the bound off (``= 0``); the
-claimed weight is always capped at the largest partition. Prints a markdown table of final
+Each attack runs with the default bounds (``max-update-norm`` and the round-relative
+``update-norm-factor``), the huge-norm one also with only the absolute bound and with no bound;
+the claimed weight is always capped at the largest partition. Prints a markdown table of final
 test accuracy, mean ± sd over the seeds.
 """
 
@@ -84,30 +85,39 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
-        "--only", action="append", default=[], metavar="ATTACK:NORM", help="e.g. norm:0"
+        "--only", action="append", default=[], metavar="ATTACK:NORM:FACTOR", help="e.g. norm:0:0"
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     base = {"dataset": "digits", "model": "mlp", "num-clients": 10, "clients-per-round": 10}
     base["num-rounds"] = args.rounds
     base.update(dict(kv.split("=", 1) for kv in args.set))
-    bound = resolve_config(base)["max-update-norm"]
-    rows = [("none", bound), ("norm", bound), ("norm", 0.0), ("weight", bound)]
+    resolved = resolve_config(base)
+    bound, factor = resolved["max-update-norm"], resolved["update-norm-factor"]
+    rows = [
+        ("none", bound, factor),
+        ("norm", bound, factor),
+        ("weight", bound, factor),
+        ("norm", bound, 0.0),
+        ("norm", 0.0, 0.0),
+    ]
     if args.only:
-        rows = [(a, float(n)) for a, n in (row.split(":") for row in args.only)]
+        rows = [(a, float(n), float(f)) for a, n, f in (row.split(":") for row in args.only)]
     print(
-        f"digits / mlp, 10 clients, {args.rounds} rounds, seeds 0..{args.seeds - 1}; "
-        f"default max-update-norm = {DEFAULTS['max-update-norm']}"
+        f"digits / mlp, 10 clients, {args.rounds} rounds, seeds 0..{args.seeds - 1}; defaults "
+        f"max-update-norm = {DEFAULTS['max-update-norm']}, "
+        f"update-norm-factor = {DEFAULTS['update-norm-factor']}"
     )
-    print("| attack (client 0 of 10) | max-update-norm | final accuracy |")
-    print("|---|---|---|")
-    for attack, norm in rows:
-        accs = [
-            run(resolve_config(base, {"seed": s, "max-update-norm": norm}), attack)
-            for s in range(args.seeds)
-        ]
+    print("| attack (client 0 of 10) | max-update-norm | update-norm-factor | final accuracy |")
+    print("|---|---|---|---|")
+    for attack, norm, fac in rows:
+        bounds = {"max-update-norm": norm, "update-norm-factor": fac}
+        accs = [run(resolve_config(base, {"seed": s, **bounds}), attack) for s in range(args.seeds)]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {attack} | {norm:g} | {statistics.mean(accs):.3f} ± {sd:.3f} |", flush=True)
+        print(
+            f"| {attack} | {norm:g} | {fac:g} | {statistics.mean(accs):.3f} ± {sd:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
