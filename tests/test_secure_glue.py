@@ -373,7 +373,8 @@ def test_secure_round_matches_plain_weighted_fedavg() -> None:
     assert r.row["clients"] == 5 and r.row["dropped_clients"] == 0
     assert r.row["rejected_updates"] == 0
     assert r.row["secagg_bits"] == 24
-    plain = _plain_fedavg_delta({"secagg-clip": 100.0})
+    # The plain path with its influence bounds off: SecAgg+ has no individual norms to bound.
+    plain = _plain_fedavg_delta({"secagg-clip": 100.0, "update-norm-factor": 0.0})
     for k in run.start:
         np.testing.assert_allclose(run.arrays[k] - run.start[k], plain[k], atol=2e-4)
     # Every reply of every stage went through the counting view.
@@ -433,7 +434,8 @@ def test_secagg_client_state_survives_serialization_between_stages() -> None:
     assert r.row["clients"] == 5 and r.row["dropped_clients"] == 0
     assert r.row["rejected_updates"] == 0
     assert r.arrays is not None
-    plain = _plain_fedavg_delta({"secagg-clip": 100.0})
+    # The plain path with its influence bounds off: SecAgg+ has no individual norms to bound.
+    plain = _plain_fedavg_delta({"secagg-clip": 100.0, "update-norm-factor": 0.0})
     for k in run.start:
         np.testing.assert_allclose(r.arrays[k] - run.start[k], plain[k], atol=2e-4)
     # What each node kept is the core's to_state() plus the glue's values, and it loads.
