@@ -22,14 +22,18 @@ before any message is sent.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
 
 from fedsqueeze.server.hooks import strategy_chain
@@ -40,6 +44,29 @@ FLOWER_DP = (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyClientSideAdaptiveClipping,
 )
+
+
+log = logging.getLogger(__name__)
+
+
+class DelegatingStrategy(Strategy):
+    """A strategy wrapper whose evaluation and summary pass through to ``self.inner``."""
+
+    inner: Strategy
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("%s", type(self).__name__)
+        self.inner.summary()
 
 
 class StrategyCompositionError(ValueError):

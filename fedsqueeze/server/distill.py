@@ -38,6 +38,7 @@ from fedsqueeze.distill.students import build_student
 from fedsqueeze.federation import dataset_for
 from fedsqueeze.models import count_parameters
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
+from fedsqueeze.server.compose import DelegatingStrategy
 from fedsqueeze.server.hooks import RoundHook
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ STUDENT_STATE = "student"
 """Key of the student's weights in this hook's checkpoint state (read by ``export``)."""
 
 
-class DistillStrategy(Strategy, RoundHook):
+class DistillStrategy(DelegatingStrategy, RoundHook):
     """Wrap ``inner``; distill after its aggregation as ``config["distill"]`` says."""
 
     hook_name = "distill"
@@ -90,16 +91,6 @@ class DistillStrategy(Strategy, RoundHook):
     ) -> Iterable[Message]:
         self._global = from_record(arrays)
         return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     # ---- the distillation step ------------------------------------------------------------
     def aggregate_train(

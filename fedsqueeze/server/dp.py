@@ -103,6 +103,7 @@ from fedsqueeze.privacy import (
 from fedsqueeze.privacy.distributed import DEFAULT_BETA
 from fedsqueeze.server.compose import (
     FLOWER_DP,
+    DelegatingStrategy,
     StrategyCompositionError,
     below,
     refuse_below,
@@ -144,26 +145,6 @@ def _check_checkpoint(state: dict[str, Any], mode: str, mechanism: str) -> None:
         )
 
 
-class _Delegating(Strategy):
-    """Evaluation and summary pass through to ``self.inner``."""
-
-    inner: Strategy
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        log.info("%s", type(self).__name__)
-        self.inner.summary()
-
-
 class _PrivacyHook(RoundHook):
     """The round-hook side every DP mode shares: ε and the round's fields in the row."""
 
@@ -186,7 +167,7 @@ class _PrivacyHook(RoundHook):
         }
 
 
-class DPStrategy(_Delegating, _PrivacyHook):
+class DPStrategy(DelegatingStrategy, _PrivacyHook):
     """What every user-level DP mode shares: accountant, budget, calibration, state.
 
     Parameters
@@ -710,7 +691,7 @@ class DistributedDP(DPStrategy):
         self._predicted = None if predicted is None else float(predicted)
 
 
-class LocalDP(_Delegating, _PrivacyHook):
+class LocalDP(DelegatingStrategy, _PrivacyHook):
     """Local DP (DP-SGD on every client): reports the largest ε any client has reported.
 
     Reads the ``epsilon``/``delta`` metrics of the clients' replies, so it goes outside

@@ -20,23 +20,11 @@ from flwr.supercore.run import Run
 from fedsqueeze.server.replies import record_size
 
 
-class CountingGrid(Grid):
-    """Delegates to ``inner``; restricts ``get_node_ids`` and counts message bytes."""
+class GridWrapper(Grid):
+    """A Grid that delegates every call to ``inner``; subclasses override what they watch."""
 
-    def __init__(self, inner: Grid, node_ids: Iterable[int] | None = None) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.node_ids = None if node_ids is None else list(node_ids)
-        self.downlink_bytes = 0
-        self.uplink_bytes = 0
-        self.messages_sent = 0
-        self.replies_received = 0
-
-    def add_counts(self, other: CountingGrid) -> None:
-        """Add ``other``'s byte and message counts to this one's."""
-        self.downlink_bytes += other.downlink_bytes
-        self.uplink_bytes += other.uplink_bytes
-        self.messages_sent += other.messages_sent
-        self.replies_received += other.replies_received
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -54,6 +42,39 @@ class CountingGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class CountingGrid(GridWrapper):
+    """Delegates to ``inner``; restricts ``get_node_ids`` and counts message bytes."""
+
+    def __init__(self, inner: Grid, node_ids: Iterable[int] | None = None) -> None:
+        super().__init__(inner)
+        self.node_ids = None if node_ids is None else list(node_ids)
+        self.downlink_bytes = 0
+        self.uplink_bytes = 0
+        self.messages_sent = 0
+        self.replies_received = 0
+
+    def add_counts(self, other: CountingGrid) -> None:
+        """Add ``other``'s byte and message counts to this one's."""
+        self.downlink_bytes += other.downlink_bytes
+        self.uplink_bytes += other.uplink_bytes
+        self.messages_sent += other.messages_sent
+        self.replies_received += other.replies_received
 
     def get_node_ids(self) -> Iterable[int]:
         if self.node_ids is not None:

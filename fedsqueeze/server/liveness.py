@@ -23,10 +23,10 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from fedsqueeze.server.grid import GridWrapper
 from fedsqueeze.server.hooks import RoundHook
 
 log = logging.getLogger(__name__)
@@ -36,39 +36,13 @@ class FederationStalled(RuntimeError):
     """Too many rounds in a row had fewer usable replies than ``min-clients``."""
 
 
-class WatchedGrid(Grid):
+class WatchedGrid(GridWrapper):
     """Delegates to ``inner``; remembers, per node, a message that got no reply in time."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.pending: dict[int, str] = {}
         """node id -> id of a message it has not answered yet."""
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -69,6 +69,7 @@ from fedsqueeze.secagg.config import DEFAULT_CORRUPT, DEFAULT_DROPOUT, protocol_
 from fedsqueeze.secagg.field import from_field
 from fedsqueeze.server.compose import (
     FLOWER_DP,
+    DelegatingStrategy,
     StrategyCompositionError,
     below,
     refuse_below,
@@ -197,7 +198,7 @@ class _Round:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-class SecAggStrategy(Strategy, RoundHook):
+class SecAggStrategy(DelegatingStrategy, RoundHook):
     """SecAgg+ around ``inner`` (any weighted-mean Flower strategy, or a DP mode).
 
     Parameters
@@ -463,16 +464,6 @@ class SecAggStrategy(Strategy, RoundHook):
         return merge_delta(
             self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
         )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     # ---- round hook ---------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
