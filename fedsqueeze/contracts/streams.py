@@ -19,7 +19,7 @@ Two kinds of randomness, never mixed:
 
 Who can recompute what: the reproducible streams, everyone with ``config.toml`` (clients
 receive the run config, and ``summary.json`` repeats it). The server's secret streams, only
-whoever can read ``checkpoint.pkl`` (the server's operator). A client's secret randomness,
+whoever can read ``checkpoint.npz`` (the server's operator). A client's secret randomness,
 only that client.
 """
 

@@ -193,7 +193,7 @@ def _student_arrays(run_dir: Path) -> dict[str, np.ndarray] | None:
     ckpt = RunDir(run_dir).load_checkpoint()
     if ckpt is None:
         raise ExportError(
-            f"{run_dir}: a student run needs its checkpoint.pkl to export the student"
+            f"{run_dir}: a student run needs its checkpoint.npz to export the student"
         )
     state = ckpt.extra.get("hooks", {}).get("distill", {})
     arrays = state.get(STUDENT_STATE)

@@ -28,7 +28,7 @@ directory, and other clients. The server sees every client's clipped update (or,
 SecAgg, the exact sum of the clipped updates) before it adds noise; it must be trusted.
 The noise, the adaptive-clipping count noise and, under any user-level DP, the choice of
 clients per round are drawn from a secret key (OS entropy) that lives only in
-``checkpoint.pkl`` (mode 0600): someone with ``config.toml`` or the seed cannot regenerate
+``checkpoint.npz`` (mode 0600): someone with ``config.toml`` or the seed cannot regenerate
 them; someone who can read the checkpoint can, and is as trusted as the server.
 ``metrics.jsonl`` and ``summary.json`` hold only noised quantities and public
 parameters: ε, δ, z, the clip (with adaptive clipping: the clip computed from the noised
