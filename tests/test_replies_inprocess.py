@@ -39,10 +39,13 @@ Edit = Callable[[RecordDict], RecordDict]
 
 
 def app(
-    train_edit: Edit | None = None, eval_edit: Edit | None = None, who: tuple[int, ...] = (HOSTILE,)
+    train_edit: Edit | None = None,
+    eval_edit: Edit | None = None,
+    who: tuple[int, ...] = (HOSTILE,),
+    inside: bool = False,
 ) -> ClientApp:
     """Honest clients add STEP to the weights; the outermost mod of the nodes ``who`` edits
-    their replies."""
+    their replies (``inside``: the innermost one, so compress_mod encodes the edited weights)."""
 
     def hostile(msg: Message, context: Context, call_next: Any) -> Message:
         reply = call_next(msg, context)
@@ -51,7 +54,10 @@ def app(
             reply.content = edit(reply.content)
         return reply
 
-    client = ClientApp(mods=[hostile, downlink_mod, compress_mod])
+    mods = (
+        [downlink_mod, compress_mod, hostile] if inside else [hostile, downlink_mod, compress_mod]
+    )
+    client = ClientApp(mods=mods)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
@@ -263,7 +269,7 @@ def test_huge_claimed_weight_is_capped() -> None:
         np.testing.assert_allclose(arrays[k], (3 * (g[k] + STEP) + 0.0) / 4, atol=1e-5)
 
 
-@pytest.mark.parametrize("codec", ["none"])  # q8: the attack would need to sit inside compress_mod
+@pytest.mark.parametrize("codec", ["none", "q8"])  # q8: the attacker sits inside compress_mod
 @pytest.mark.parametrize("robust", [FedMedian, FedTrimmedAvg, Krum])
 def test_robust_strategies_under_compression_ignore_the_attacker(codec: str, robust: type) -> None:
     kw: dict[str, Any] = {"num_malicious_nodes": 1} if robust is Krum else {}
@@ -271,7 +277,7 @@ def test_robust_strategies_under_compression_ignore_the_attacker(codec: str, rob
         kw["beta"] = 0.25
     inner = robust(fraction_train=1.0, min_train_nodes=N, min_available_nodes=N, **kw)
     strategy = _strategy(codec, inner)
-    arrays, _ = train(strategy, app(train_edit=_scale(1.0, 50.0)))
+    arrays, _ = train(strategy, app(train_edit=_scale(1.0, 50.0), inside=codec != "none"))
     _assert_honest_mean(arrays, atol=2e-3 if codec != "none" else 1e-5)
 
 
