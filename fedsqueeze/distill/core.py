@@ -29,15 +29,6 @@ from torch.nn import functional as F
 
 from fedsqueeze.contracts.checks import BUILTIN_TRANSFER_DATASETS, ConfigError
 
-__all__ = [
-    "BUILTIN_TRANSFER",
-    "DistillError",
-    "distill",
-    "ensemble_probs",
-    "load_transfer_data",
-    "teacher_probs",
-]
-
 
 class DistillError(ConfigError):
     """Transfer data that cannot be used (missing file, wrong shape, no built-in slice)."""
