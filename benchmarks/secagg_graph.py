@@ -3,7 +3,7 @@
 For n clients, each dropping independently with probability δ at a uniformly random stage
 (keys, shares, masked input, unmasking — as ``simulate-dropout`` does), simulate many rounds
 of the server's decisions on the round's graph (``fedsqueeze.secagg.neighbour_graph``) and
-count how they end:
+count how they end (the server's decisions, by the core's own functions):
 
 - ``ok``            the sum is unmasked (over a connected set of clients);
 - ``threshold``     aborted: some neighbourhood kept fewer than t share holders;
@@ -13,9 +13,10 @@ count how they end:
 ``k = auto`` is ``secure_neighbours(n, δ)`` (Bell et al. bound, the complete graph for small
 n) with ``t = secure_threshold``. The last column replays the same dropouts on the old
 graph (a ring over a seeded relabelling, same k and t) and counts the rounds it completed
-with disconnected survivors, i.e. leaked partial sums. Decisions only, no cryptography: the
-conditions are those of ``SecAggServer`` (tests/test_secagg.py checks them against the
-real protocol)::
+with disconnected survivors, i.e. leaked partial sums. Decisions only, no cryptography:
+``outcome`` calls the abort rules ``SecAggServer`` itself calls (``prune_starved``,
+``masked_stage_abort``, ``unmask_stage_abort`` in ``fedsqueeze/secagg/server.py``), so the
+two cannot drift::
 
     .venv/bin/python benchmarks/secagg_graph.py [--rounds 200] [--seed 0]
 """
@@ -30,12 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedsqueeze.secagg import (
-    is_connected,
-    neighbour_graph,
-    secure_neighbours,
-    secure_threshold,
-)
+from fedsqueeze.secagg import neighbour_graph, secure_neighbours, secure_threshold
+from fedsqueeze.secagg.server import masked_stage_abort, prune_starved, unmask_stage_abort
 
 Graph = dict[int, tuple[int, ...]]
 
@@ -54,40 +51,28 @@ def ring_graph(ids: Sequence[int], k: int, seed: int) -> Graph:
 
 
 def outcome(ids: Sequence[int], graph: Graph, t: int, drop: dict[int, int]) -> str:
-    """How the server ends the round: "ok", "threshold" or "disconnected"."""
+    """How the server ends the round: "ok", "threshold" or "disconnected".
+
+    The decisions are the core's own (``fedsqueeze.secagg.server``): the server prunes
+    starved clients after keys and shares, then applies ``masked_stage_abort`` and
+    ``unmask_stage_abort`` — the same functions ``SecAggServer`` calls.
+    """
 
     def reached(stage: int) -> set[int]:
         return {c for c in ids if not 1 <= drop.get(c, 0) <= stage}
 
-    def closed(u: int, alive: set[int]) -> int:
-        return (u in alive) + sum(v in alive for v in graph[u])
-
-    def prune(alive: set[int]) -> set[int]:
-        while bad := {u for u in alive if closed(u, alive) < t}:
-            alive = alive - bad
-        return alive
-
-    u1 = prune(reached(1))
+    u1 = prune_starved(graph, reached(1), t)
     if len(u1) < t:
         return "threshold"
-    u2 = prune(reached(2) & u1)
+    u2 = prune_starved(graph, reached(2) & u1, t)
     if len(u2) < t:
         return "threshold"
     u3 = reached(3) & u2
-    if len(u3) < t or any(closed(u, u3) < t for u in u3):
+    reason = masked_stage_abort(graph, t, u2, u3)
+    if reason is not None:
+        return "disconnected" if "disconnected" in reason else "threshold"
+    if unmask_stage_abort(graph, t, u2, u3, reached(4) & u3) is not None:
         return "threshold"
-    for v in u2 - u3:
-        live = sum(w in u3 for w in graph[v])
-        if live and live < t:
-            return "threshold"
-    if not is_connected(graph, u3):
-        return "disconnected"
-    u4 = reached(4) & u3
-    if len(u4) < t or any(closed(u, u4) < t for u in u3):
-        return "threshold"
-    for v in u2 - u3:
-        if any(w in u3 for w in graph[v]) and sum(w in u4 for w in graph[v]) < t:
-            return "threshold"
     return "ok"
 
 

@@ -4,7 +4,9 @@ uniformity, authenticated shares, the never-reveal-both rule, and message fuzzin
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -581,3 +583,24 @@ def test_from_state_rejects_malformed_state_with_typed_error() -> None:
             SecAggClient.from_state(broken)
     with pytest.raises(SecAggProtocolError, match="invalid saved client state"):
         SecAggClient.from_state([("stage", "setup")])  # type: ignore[arg-type]
+
+
+def _graph_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "secagg_graph.py"
+    spec = importlib.util.spec_from_file_location("secagg_graph_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios())
+def test_graph_benchmark_decides_as_the_server(scenario) -> None:
+    # benchmarks/secagg_graph.py replays only the server's decisions; it calls the core's
+    # abort rules, so it completes exactly the rounds the oracle (and the real server,
+    # test_sum_recovered_under_dropouts_or_abort) completes.
+    cfg, ids, drop, _ = scenario
+    graph = neighbour_graph(ids, cfg.neighbours, cfg.round_seed)
+    done = _graph_benchmark().outcome(ids, graph, cfg.threshold, drop) == "ok"
+    assert done == (oracle(ids, graph, cfg.threshold, drop) is not None)

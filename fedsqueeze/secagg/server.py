@@ -104,6 +104,83 @@ def _matches_public_key(public: bytes, raw: bytes) -> bool:
     return crypto.public_key_bytes(crypto.load_private_key(raw)) == public
 
 
+def closed_alive(graph: Mapping[int, Sequence[int]], u: int, alive: set[int]) -> int:
+    """How many of ``u`` and its neighbours are in ``alive`` (the live holders of u's shares)."""
+    return (u in alive) + sum(v in alive for v in graph[u])
+
+
+def prune_starved(graph: Mapping[int, Sequence[int]], alive: set[int], threshold: int) -> set[int]:
+    """Drop clients whose closed neighbourhood within ``alive`` has fewer than t members.
+
+    Their secrets could never be reconstructed, so letting them continue would only make
+    the round abort later. Removing one can starve a neighbour, hence the fixed point.
+    """
+    alive = set(alive)
+    while starved := {u for u in alive if closed_alive(graph, u, alive) < threshold}:
+        alive -= starved
+    return alive
+
+
+def masked_stage_abort(
+    graph: Mapping[int, Sequence[int]], threshold: int, u2: set[int], u3: set[int]
+) -> str | None:
+    """Why the round must abort once the masked inputs of ``u3`` are in, or ``None``.
+
+    Every included client needs ``t`` live holders of its self-mask shares, every client of
+    ``u2`` that dropped before masking but is masked into a neighbour's input needs ``t``
+    live neighbours holding its mask key, and the included clients' graph must be
+    connected (otherwise unmasking reveals the sum of each component).
+    """
+    t = threshold
+    if len(u3) < t:
+        return f"only {len(u3)} clients left after masked input, threshold is {t}"
+    for u in sorted(u3):
+        holders = closed_alive(graph, u, u3)
+        if holders < t:
+            return (
+                f"client {u} sent its input but only {holders} holders of its "
+                f"self-mask shares survive (threshold {t})"
+            )
+    for v in sorted(u2 - u3):
+        holders = sum(w in u3 for w in graph[v])
+        if holders and holders < t:
+            return (
+                f"client {v} dropped after sharing keys but only {holders} of its "
+                f"neighbours survive to reveal its mask key (threshold {t})"
+            )
+    if not is_connected(graph, u3):
+        return (
+            f"the graph of the {len(u3)} included clients is disconnected; unmasking "
+            "would reveal the sum of each component"
+        )
+    return None
+
+
+def unmask_stage_abort(
+    graph: Mapping[int, Sequence[int]], threshold: int, u2: set[int], u3: set[int], u5: set[int]
+) -> str | None:
+    """Why unmasking fails when only ``u5`` (of ``u3``) reveal their shares, or ``None``."""
+    t = threshold
+    if not u5:
+        return "no client answered during unmasking"
+    for u in sorted(u3):
+        holders = closed_alive(graph, u, u5)
+        if holders < t:
+            return (
+                f"only {holders} shares of the self-mask seed of client {u} arrived, "
+                f"threshold is {t}"
+            )
+    for v in sorted(u2 - u3):
+        if any(w in u3 for w in graph[v]):
+            holders = sum(w in u5 for w in graph[v])
+            if holders < t:
+                return (
+                    f"only {holders} shares of the mask key of dropped client {v} arrived, "
+                    f"threshold is {t}"
+                )
+    return None
+
+
 class SecAggServer:
     """The aggregator of one SecAgg+ round; see the module docstring for the stages."""
 
@@ -242,26 +319,9 @@ class SecAggServer:
             acc += unpack_bits(payload, c.bits, c.vector_len).astype(acc.dtype)
             self._u3.add(cid)
         self._acc = acc
-        self._require(self._u3, "after masked input")
-        for u in sorted(self._u3):
-            holders = [u, *self._live_neighbours(u, self._u3)]
-            if len(holders) < c.threshold:
-                self._abort(
-                    f"client {u} sent its input but only {len(holders)} holders of its "
-                    f"self-mask shares survive (threshold {c.threshold})"
-                )
-        for v in sorted(self._u2 - self._u3):
-            holders = self._live_neighbours(v, self._u3)
-            if holders and len(holders) < c.threshold:
-                self._abort(
-                    f"client {v} dropped after sharing keys but only {len(holders)} of its "
-                    f"neighbours survive to reveal its mask key (threshold {c.threshold})"
-                )
-        if not is_connected(self.graph, self._u3):
-            self._abort(
-                f"the graph of the {len(self._u3)} included clients is disconnected; unmasking "
-                "would reveal the sum of each component"
-            )
+        reason = masked_stage_abort(self.graph, c.threshold, self._u2, self._u3)
+        if reason is not None:
+            self._abort(reason)
         included = sorted(self._u3)
         for u in included:
             peers = self._live_neighbours(u, self._u2)
@@ -348,7 +408,9 @@ class SecAggServer:
                 b_shares[u].append((x, y))
             for v, y in zip(s_ids, s_vals, strict=True):
                 s_shares[v].append((x, y))
-        self._require(answered, "during unmasking")
+        reason = unmask_stage_abort(self.graph, c.threshold, self._u2, self._u3, answered)
+        if reason is not None:
+            self._abort(reason)
         assert self._acc is not None
         acc, d, bits = self._acc, c.vector_len, c.bits
         for u in sorted(self._u3):
@@ -420,20 +482,7 @@ class SecAggServer:
         return [v for v in self.graph[u] if v in alive]
 
     def _prune(self, alive: set[int]) -> set[int]:
-        """Drop clients whose closed neighbourhood within ``alive`` has fewer than t members.
-
-        Their secrets could never be reconstructed, so letting them continue would only make
-        the round abort later. Removing one can starve a neighbour, hence the fixed point.
-        """
-        alive = set(alive)
-        changed = True
-        while changed:
-            changed = False
-            for u in sorted(alive):
-                if 1 + len(self._live_neighbours(u, alive)) < self.config.threshold:
-                    alive.discard(u)
-                    changed = True
-        return alive
+        return prune_starved(self.graph, alive, self.config.threshold)
 
     def _require(self, alive: set[int], when: str, pruned: bool = False) -> None:
         if len(alive) < self.config.threshold:
