@@ -14,7 +14,8 @@ Framework-free (``cryptography`` + numpy). Typical round::
 
 Clients absent from a dict are treated as dropped at that stage. The graph is a random
 k-regular graph from the round seed; ``secure_neighbours(n, dropout, corrupt)`` is the degree
-bound after Bell et al. (CCS 2020) and ``check_neighbours`` refuses a smaller ``k``. Each
+bound (never below ``bell_parameters``, Bell et al. CCS 2020's parameter search) and
+``check_neighbours`` refuses a smaller ``k``. Each
 client enforces its own floor, ``SecAggClient(cid, msg, policy=ClientPolicy(...))``, and
 refuses requests that would let an active server strip its masks (see ``client.py``).
 
@@ -26,6 +27,7 @@ from fedsqueeze.secagg.client import SecAggClient
 from fedsqueeze.secagg.config import (
     ClientPolicy,
     SecAggConfig,
+    bell_parameters,
     check_neighbours,
     is_connected,
     neighbour_graph,
@@ -57,6 +59,7 @@ __all__ = [
     "SecAggProtocolError",
     "SecAggResult",
     "SecAggServer",
+    "bell_parameters",
     "check_neighbours",
     "check_no_overflow",
     "from_field",
