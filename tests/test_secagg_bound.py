@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fedsqueeze.secagg.config import (
     _random_graph_ok,
     bell_parameters,
+    bell_privacy_floor,
     bell_threshold_range,
     protocol_params,
     secure_neighbours,
@@ -107,7 +108,5 @@ def test_default_is_at_least_as_conservative_as_bell(n: int, gamma: float, delta
 def test_threshold_never_below_bells_semi_malicious_end(n: int, k: int, gamma: float) -> None:
     k = min(k, n - 1)
     t = secure_threshold(n, k, gamma)
-    bell = bell_threshold_range(n, k, gamma, 0.0, eta=0.0)
-    if bell is not None:
-        assert t >= bell[0]
+    assert t >= bell_privacy_floor(n, k, gamma)
     assert 2 * t > k + 1

@@ -388,16 +388,8 @@ def bell_threshold_range(
     survivors = math.ceil((1 - delta - _SMALL) * n)
     if _ln_harary_disconnected(n, k, adversarial + dropouts) >= -(sigma + 1) * math.log(2):
         return None
-    ln_sec = -(sigma + 1) * math.log(2) - math.log(n)
+    t1 = _bell_t1(n, k, gamma, sigma, semi_malicious)
     ln_cor = -eta * math.log(2) - math.log(n)
-    lo, pmf = _hypergeom_log_pmf(n, adversarial, k)
-    t1, tail = k, -math.inf  # smallest x with P[X > x] < 2^-(σ+1) / n
-    for x in range(k - 1, -1, -1):
-        if 0 <= x + 1 - lo < len(pmf):
-            tail = _log_add(tail, pmf[x + 1 - lo])
-        if tail >= ln_sec:
-            break
-        t1 = x
     lo, pmf = _hypergeom_log_pmf(n, survivors, k)
     t2, head = 0, -math.inf  # largest x with P[Y <= x - 1] < 2^-η / n
     for x in range(1, k + 1):
@@ -406,11 +398,32 @@ def bell_threshold_range(
         if head >= ln_cor:
             break
         t2 = x
+    # Their acceptance rule, kept so the reference table reproduces; when t1 = 0 and t2 = 1
+    # the range is (2, 1): callers that need a live threshold check t <= t_max themselves.
+    return (max(t1 + 1, 2), t2) if t2 > t1 else None
+
+
+def bell_privacy_floor(
+    n: int, k: int, gamma: float, sigma: float = SIGMA, semi_malicious: bool = True
+) -> int:
+    """The lower end of :func:`bell_threshold_range`: ``max(t1 + 1, 2)`` (condition 2)."""
+    return max(_bell_t1(n, k, gamma, sigma, semi_malicious) + 1, 2)
+
+
+def _bell_t1(n: int, k: int, gamma: float, sigma: float, semi_malicious: bool) -> int:
+    adversarial = math.floor((gamma + _SMALL) * n)
+    ln_sec = -(sigma + 1) * math.log(2) - math.log(n)
+    lo, pmf = _hypergeom_log_pmf(n, adversarial, k)
+    t1, tail = k, -math.inf  # smallest x with P[X > x] < 2^-(σ+1) / n
+    for x in range(k - 1, -1, -1):
+        if 0 <= x + 1 - lo < len(pmf):
+            tail = _log_add(tail, pmf[x + 1 - lo])
+        if tail >= ln_sec:
+            break
+        t1 = x
     if semi_malicious:
         t1 = math.ceil((t1 + k - 1.25) / 2)
-    if t2 <= t1:
-        return None
-    return max(t1 + 1, 2), t2
+    return t1
 
 
 @lru_cache(maxsize=256)
@@ -484,11 +497,7 @@ def secure_threshold(n: int, k: int, corrupt: float = DEFAULT_CORRUPT, sigma: fl
     """
     c = corrupt_margin(n, k, corrupt, sigma)
     ours = (k + 1 + c) // 2 + 1
-    if k < 2:
-        return ours
-    # Bell's lower end does not depend on δ or η; δ = 0 keeps the range from being empty.
-    bell = bell_threshold_range(n, k, corrupt, 0.0, sigma, 0.0)
-    return max(ours, bell[0]) if bell is not None else ours
+    return max(ours, bell_privacy_floor(n, k, corrupt, sigma)) if k >= 1 else ours
 
 
 def _random_graph_ok(n: int, k: int, t: int, rho: float, sigma: float, eta: float) -> bool:
