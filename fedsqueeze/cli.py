@@ -153,14 +153,21 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
 
 
 def _preflight(config: Mapping[str, Any]) -> None:
-    """Load the data, partition it, build the model and the privacy calibration: user errors
-    surface here, before the run directory exists, rather than inside Ray."""
+    """Load the data, partition it, build the model (after checking its size on torch's meta
+    device) and the privacy calibration: user errors surface here, before the run directory
+    exists, rather than inside Ray."""
+    import torch
+
+    from fedsqueeze.contracts.checks import check_model_size
     from fedsqueeze.federation import new_model, partitions_for
     from fedsqueeze.server.hooks import strategy_chain
     from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
+    with torch.device("meta"):  # shapes only: an absurd model is refused before it allocates
+        probe = new_model(config)
+    check_model_size(sum(p.numel() for p in probe.parameters()), str(config["model"]))
     model = new_model(config)
     for strategy in strategy_chain(build_chain(config)):
         if isinstance(strategy, SecAggStrategy):
