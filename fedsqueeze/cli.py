@@ -165,10 +165,15 @@ def _preflight(config: Mapping[str, Any]) -> None:
     from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
-    with torch.device("meta"):  # shapes only: an absurd model is refused before it allocates
-        probe = new_model(config)
-    check_model_size(sum(p.numel() for p in probe.parameters()), str(config["model"]))
+    try:
+        with torch.device("meta"):  # shapes only: an absurd model is refused before it allocates
+            probe = new_model(config)
+    except (NotImplementedError, RuntimeError):  # an init op without a meta kernel
+        probe = None
+    if probe is not None:
+        check_model_size(sum(p.numel() for p in probe.parameters()), str(config["model"]))
     model = new_model(config)
+    check_model_size(sum(p.numel() for p in model.parameters()), str(config["model"]))
     for strategy in strategy_chain(build_chain(config)):
         if isinstance(strategy, SecAggStrategy):
             # The field encoding is otherwise first built in round 1 (it needs the model's
