@@ -20,12 +20,26 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_STALLED = 3
-"""Too many rounds in a row had fewer than ``min-clients`` usable replies (run dir kept)."""
+"""The clients did not let the run go on: the node handshake failed (no round ran; the run
+directory is removed unless it was resumed), or too many rounds in a row had fewer than
+``min-clients`` usable replies (run directory kept: ``--resume`` retries)."""
+
+MAX_REASON_CHARS = 400
+"""A client's error reason (possibly a whole traceback) is cut to this in the one-line message."""
+
+
+def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 class UsageError(Exception):
@@ -139,15 +153,27 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
 
 
 def _preflight(config: Mapping[str, Any]) -> None:
-    """Load the data, partition it, build the model and the privacy calibration: user errors
-    surface here, before the run directory exists, rather than inside Ray."""
+    """Load the data, partition it, build the model (after checking its size on torch's meta
+    device) and the privacy calibration: user errors surface here, before the run directory
+    exists, rather than inside Ray."""
+    import torch
+
+    from fedsqueeze.contracts.checks import check_model_size
     from fedsqueeze.federation import new_model, partitions_for
     from fedsqueeze.server.hooks import strategy_chain
     from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
 
     partitions_for(config)
+    try:
+        with torch.device("meta"):  # shapes only: an absurd model is refused before it allocates
+            probe = new_model(config)
+    except (NotImplementedError, RuntimeError):  # an init op without a meta kernel
+        probe = None
+    if probe is not None:
+        check_model_size(sum(p.numel() for p in probe.parameters()), str(config["model"]))
     model = new_model(config)
+    check_model_size(sum(p.numel() for p in model.parameters()), str(config["model"]))
     for strategy in strategy_chain(build_chain(config)):
         if isinstance(strategy, SecAggStrategy):
             # The field encoding is otherwise first built in round 1 (it needs the model's
@@ -221,7 +247,7 @@ def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> d
 
     server_app = build_server_app(config, run_dir, on_round=on_round, result=result)
     client_app = build_client_app(config)
-    backend = {
+    backend: BackendConfig = {
         # Ray actor options (Flower passes them through): an actor whose worker process dies
         # (OOM kill, os._exit) is restarted instead of staying in the pool dead, and a message
         # that meets it dead or restarting is run once more after the restart instead of
@@ -243,7 +269,8 @@ def simulate(config: Mapping[str, Any], run_dir: Path, quiet: bool = False) -> d
         )
     if "summary" not in result:
         raise RuntimeError("the simulation ended without a result (see the log above)")
-    return result["summary"]
+    summary: dict[str, Any] = result["summary"]
+    return summary
 
 
 def format_table(summary: Mapping[str, Any], run_dir: str | Path) -> str:
@@ -288,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedsqueeze.data import DatasetError
     from fedsqueeze.models import ModelError
     from fedsqueeze.server.liveness import FederationStalled
+    from fedsqueeze.server.rounds import FederationError
     from fedsqueeze.server.rundir import RunDirWriteError
 
     user_errors = (UsageError, ConfigError, DatasetError, ModelError, CodecError)
@@ -318,7 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedsqueeze: error: {err}; resume with --resume {run_dir}", file=sys.stderr)
         return EXIT_FAILURE
     except FederationStalled as err:
-        print(f"fedsqueeze: run stopped: {err}", file=sys.stderr)
+        print(f"fedsqueeze: run stopped: {one_line(err)}", file=sys.stderr)
+        return EXIT_STALLED
+    except FederationError as err:
+        # Raised only before round 1 (the node handshake): nothing to keep in a new directory.
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        print(f"fedsqueeze: run stopped before round 1: {one_line(err)}", file=sys.stderr)
         return EXIT_STALLED
 
 

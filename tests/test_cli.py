@@ -184,3 +184,35 @@ def test_report_of_a_corrupt_summary_exits_2_with_one_line(
         assert main(["report", str(tmp_path)]) == EXIT_USAGE, text
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "not a valid run summary" in err, (text, err)
+
+
+def test_absurd_model_is_refused_before_it_is_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """20,000 features and a label of 8,999 (both within the dataset's own bounds) make a
+    180M-parameter logreg (720 MB per copy): main allocated it and started the run."""
+    from fedsqueeze import cli
+    from fedsqueeze.contracts.checks import MAX_MODEL_PARAMETERS
+
+    def must_not_start(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(cli, "simulate", must_not_start)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=40)
+    labels[5] = 8_999
+    wide = _bad_npz(
+        tmp_path,
+        "wide-x",
+        x_train=np.zeros((40, 20_000), np.float32),
+        x_test=np.zeros((10, 20_000), np.float32),
+        y_train=labels,
+    )
+    assert MAX_MODEL_PARAMETERS < 20_000 * 9_000
+    out = tmp_path / "run"
+    args = ["--set", f"dataset={wide}", "--set", "model=logreg", "--out", str(out)]
+    code = main(["simulate", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE and len(err.splitlines()) == 1, err
+    assert "180,009,000 parameters" in err and "logreg" in err
+    assert not out.exists()

@@ -159,6 +159,45 @@ def test_cli_exits_3_with_one_line_and_keeps_the_run_directory(
     assert out.is_dir()  # resumable: --resume retries from the last good round
 
 
+def _handshake_failing_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Partition 2 cannot start (its data, say): it fails the start-of-run query."""
+    if msg.metadata.message_type == "query" and int(context.node_config["partition-id"]) == 2:
+        raise RuntimeError("Traceback (most recent call last):\n  ...\nOSError: no data here")
+    return call_next(msg, context)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_failed_handshake_is_one_line_exit_3(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    resume: bool,
+) -> None:
+    """The real handshake on the in-process grid, where run_simulation would re-raise the
+    ServerApp's exception: on main a FederationError was a traceback out of the CLI. A new run
+    directory is removed (no round ran); a resumed one is kept."""
+
+    def simulate(config: Any, run_dir: Path, quiet: bool = False) -> dict[str, Any]:
+        app = build_client_app(config, extra_mods=[_handshake_failing_mod])
+        grid = inprocess.InProcessGrid(app, int(config["num-clients"]))
+        return run_federation(grid, config, RunDir(run_dir), node_timeout=5)
+
+    monkeypatch.setattr(cli, "simulate", simulate)
+    out = tmp_path / "run"
+    args = ["simulate", "--quiet", "--set", "model=logreg", "--set", "num-clients=4"]
+    if resume:
+        assert cli._create_run_dir(out, resolve_config(RUN)) is not None
+        args += ["--resume", str(out)]
+    else:
+        args += ["--set", "clients-per-round=3", "--out", str(out)]
+    status = cli.main(args)
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_STALLED == 3
+    assert err.count("\n") == 1 and err.startswith("fedsqueeze: run stopped before round 1:")
+    assert "failed the handshake" in err and "no data here" in err
+    assert out.is_dir() == resume
+
+
 def test_late_replies_through_flowers_in_memory_grid() -> None:
     """What WatchedGrid relies on, on the grid the Simulation Engine gives the ServerApp: a
     message nobody answered in time stays in Flower's link state, and its reply, when it

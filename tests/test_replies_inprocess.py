@@ -344,3 +344,27 @@ def test_large_unused_record_costs_no_second_copy() -> None:
     assert grid.uplink_bytes > len(junk)
     assert "bytes" in strategy.stats.reasons[HOSTILE]
     assert peak < 1 << 20, f"peak {peak} bytes"
+
+
+def test_large_compressed_payload_is_refused_without_a_copy() -> None:
+    """The issue's 300 MiB junk payload (here 64 MiB) in the compressed update record: rejected
+    from its size before it is decoded, counting and rejecting it allocates < 1 MiB."""
+    junk = b"\0" * (64 << 20)
+
+    def huge(content: RecordDict) -> RecordDict:
+        content[UPDATE_KEY]["payload"] = junk
+        return content
+
+    strategy = _strategy("q8")
+    grid = CountingGrid(InProcessGrid(app(train_edit=huge), N), NODES)
+    messages = list(strategy.configure_train(1, to_record(_global()), ConfigRecord(), grid))
+    replies = list(grid.inner.send_and_receive(messages))
+    tracemalloc.start()
+    grid._count_in(replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    _assert_honest_mean(None if arrays is None else {k: v.numpy() for k, v in arrays.items()}, 2e-3)
+    assert grid.uplink_bytes > len(junk)
+    assert list(strategy.stats.reasons) == [HOSTILE] and "bytes" in strategy.stats.reasons[HOSTILE]
+    assert peak < 1 << 20, f"peak {peak} bytes"

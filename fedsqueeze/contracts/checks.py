@@ -26,6 +26,13 @@ MAX_EPSILON = 1000.0
 search never ends for a budget of 1e308."""
 
 
+MAX_MODEL_PARAMETERS = 100_000_000
+"""Largest model a run may build: 400 MB per float32 copy, and the server holds one per reply
+of a round (the models here have 10^3-10^5). Far above it a configuration is a mistake — a
+stray feature dimension or class count in a dataset — that would otherwise allocate gigabytes
+in every process before failing."""
+
+
 class ConfigError(ValueError):
     """A run-config key or value a user supplied is invalid."""
 
@@ -42,6 +49,17 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_prune_config(config)
     check_distill_config(config)
     check_robust_config(config)
+
+
+def check_model_size(num_parameters: int, model: str = "the model") -> None:
+    """Refuse a model with more than :data:`MAX_MODEL_PARAMETERS` parameters (counted before
+    it is allocated: ``fedsqueeze simulate`` builds it on torch's meta device first)."""
+    if num_parameters > MAX_MODEL_PARAMETERS:
+        raise ConfigError(
+            f"model = {model!r} would have {num_parameters:,} parameters "
+            f"({num_parameters * 4 / 1e9:.1f} GB in float32), more than {MAX_MODEL_PARAMETERS:,}: "
+            "check the dataset's feature shape and labels"
+        )
 
 
 ROBUST_MIN_CLIENTS = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}

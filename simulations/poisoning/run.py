@@ -1,6 +1,7 @@
 """One hostile client out of ten: does it take over the model?
 
     python simulations/poisoning/run.py [--seeds 3] [--rounds 5] [--set key=value ...]
+    python simulations/poisoning/run.py --set partition=dirichlet --set dirichlet-alpha=0.5
 
 Runs the real ClientApp (training, mods) and the server's round loop and strategy chain
 (``run_federation``) over the in-process grid the tests use (``tests/inprocess.py``: every
@@ -103,8 +104,12 @@ def main() -> None:
     ]
     if args.only:
         rows = [(a, float(n), float(f)) for a, n, f in (row.split(":") for row in args.only)]
+    part = str(resolved["partition"])
+    if part == "dirichlet":
+        part += f" (alpha {resolved['dirichlet-alpha']:g})"
     print(
-        f"digits / mlp, 10 clients, {args.rounds} rounds, seeds 0..{args.seeds - 1}; defaults "
+        f"digits / mlp, 10 clients, partition {part}, {args.rounds} rounds, "
+        f"seeds 0..{args.seeds - 1}; defaults "
         f"max-update-norm = {DEFAULTS['max-update-norm']}, "
         f"update-norm-factor = {DEFAULTS['update-norm-factor']}"
     )
