@@ -4,7 +4,9 @@
 runs a federation in Flower's Simulation Engine and writes the run directory;
 ``fedsqueeze report DIR`` prints a finished run's result table; ``fedsqueeze export DIR
 [--int8] [--out FILE]`` writes its ONNX artifact and ``export.json``; ``fedsqueeze predict
-ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only.
+ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only; ``fedsqueeze device``,
+``node-key`` and ``certs`` start a device's SuperNode and make its credentials
+(:mod:`fedsqueeze.device`).
 
 Errors a user can cause print one line and exit with status 2, before any run
 directory is created.
@@ -68,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--int8", action="store_true", help="int8 static quantization (QDQ)")
     exp.add_argument("--out", help="artifact path (default RUN_DIR/model[.int8].onnx)")
     sub.add_parser("predict", help="run an exported artifact (onnxruntime + numpy only)")
+    # Device and credential commands: fedsqueeze/device.py (dispatched in main before
+    # anything imports torch).
+    sub.add_parser("device", help="start this device's SuperNode (execs flower-supernode)")
+    sub.add_parser("node-key", help="a SuperNode authentication key pair (on the device)")
+    sub.add_parser("certs", help="CA + SuperLink TLS certificate (on the server)")
     return parser
 
 
@@ -283,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["predict"]:
         return predict(words[1:])
+    if words[:1] in (["device"], ["node-key"], ["certs"]):
+        from fedsqueeze.device import main as device_main
+
+        return device_main(words[0], words[1:])
     from fedsqueeze.compression import CodecError
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
