@@ -5,12 +5,14 @@ Usage::
     python benchmarks/install_size.py [--extras base,server,simulation,edge,export,all]
                                       [--out FILE.json] [--keep DIR]
 
-Builds fedsqueeze's wheel from this checkout, then installs it with its dependencies into a
-fresh, empty ``pip install --target`` directory per variant (the package index and wheels
-pip is configured with; bytecode compiled, as a normal install does) and reports
-``du``-style sizes: the whole variant, torch's share (``torch`` plus any ``nvidia*`` /
-``triton`` packages it pulled), and what the extra adds on top of the base install. On
-x86 Linux torch must resolve to the CPU wheel (pip's find-links here; elsewhere pass
+Builds fedsqueeze's wheel from this checkout and asks pip which distributions each variant
+installs on an empty target (``pip install --dry-run --ignore-installed --report``, with the
+package index and wheels pip is configured with). The union is then installed once into a
+fresh ``pip install --target`` directory (``--no-deps``, bytecode compiled as a normal
+install does), and each variant's size is the sum of the files its distributions' RECORDs
+list there: the whole variant, torch's share (``torch`` and any ``nvidia-*``/``triton``
+it pulled) and what an extra adds on top of the base install. On x86 Linux torch must
+resolve to the CPU wheel (pip's find-links here; elsewhere pass
 ``--extra-index-url https://download.pytorch.org/whl/cpu`` through ``PIP_EXTRA_INDEX_URL``).
 
 Also times ``import fedsqueeze.client.app`` (the ClientApp a SuperNode loads) against
@@ -22,6 +24,7 @@ depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -29,22 +32,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TORCH_PARTS = ("torch", "nvidia", "triton", "functorch", "torchgen")
+PIP = (sys.executable, "-m", "pip", "install", "--quiet")
+TORCH_DISTS = ("torch", "triton")
+"""Distributions counted as torch's share (plus every ``nvidia-*``)."""
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files below ``path`` (what ``du --apparent-size -b`` counts)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            p = Path(root, name)
-            if not p.is_symlink():
-                total += p.stat().st_size
-    return total
+def _canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def build_wheel(out: Path) -> Path:
@@ -55,30 +52,47 @@ def build_wheel(out: Path) -> Path:
     return next(out.glob("fedsqueeze-*.whl"))
 
 
-def install(wheel: Path, extra: str, target: Path) -> None:
-    spec = str(wheel) if extra == "base" else f"fedsqueeze[{extra}] @ {wheel.as_uri()}"
+def _spec(wheel: Path, extra: str) -> str:
+    return str(wheel) if extra == "base" else f"fedsqueeze[{extra}] @ {wheel.as_uri()}"
+
+
+def resolve(wheel: Path, extra: str, report: Path) -> dict[str, str]:
+    """``{distribution: version}`` that ``pip install`` of the variant puts on an empty target."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), spec],
+        [*PIP, "--dry-run", "--ignore-installed", "--report", str(report), _spec(wheel, extra)],
+        check=True,
+    )
+    data = json.loads(report.read_text())
+    return {
+        _canon(item["metadata"]["name"]): item["metadata"]["version"] for item in data["install"]
+    }
+
+
+def install(wheel: Path, dists: dict[str, str], target: Path) -> None:
+    pins = [f"{name}=={version}" for name, version in sorted(dists.items()) if name != "fedsqueeze"]
+    subprocess.run(
+        [*PIP, "--no-deps", "--target", str(target), str(wheel), *pins],
         check=True,
     )
 
 
-def sizes(target: Path) -> dict[str, float]:
-    total = tree_bytes(target)
-    torch = sum(
-        tree_bytes(p)
-        for p in target.iterdir()
-        if p.is_dir() and p.name.split("-")[0].split(".")[0].startswith(TORCH_PARTS)
-    )
-    top = sorted(
-        ((tree_bytes(p), p.name) for p in target.iterdir() if p.is_dir()), reverse=True
-    )[:8]
-    return {
-        "total_mb": total / 1e6,
-        "torch_mb": torch / 1e6,
-        "without_torch_mb": (total - torch) / 1e6,
-        "largest": {name: round(b / 1e6, 1) for b, name in top},
-    }
+def dist_bytes(target: Path) -> dict[str, int]:
+    """Bytes on disk of each installed distribution, from its RECORD (files it installed)."""
+    sizes: dict[str, int] = {}
+    for info in target.glob("*.dist-info"):
+        name = _canon(info.name.rsplit("-", 1)[0])
+        total = 0
+        with (info / "RECORD").open(newline="") as f:
+            for row in csv.reader(f):
+                path = target / row[0] if row else None
+                if path is not None and path.is_file() and not path.is_symlink():
+                    total += path.stat().st_size
+        sizes[name] = total
+    return sizes
+
+
+def is_torch(name: str) -> bool:
+    return name in TORCH_DISTS or name.startswith("nvidia-")
 
 
 def import_seconds(code: str, repeats: int) -> float:
@@ -101,20 +115,39 @@ def main() -> None:
     parser.add_argument("--extras", default="base,server,simulation,edge,export,all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
-    parser.add_argument("--keep", help="install the variants under DIR and keep them")
+    parser.add_argument("--keep", help="install under DIR and keep it")
     args = parser.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fsq-size-"))
     root.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"python": sys.version.split()[0], "variants": {}}
     try:
         wheel = build_wheel(root / "wheel")
-        for extra in args.extras.split(","):
-            target = root / extra
-            shutil.rmtree(target, ignore_errors=True)
-            t0 = time.monotonic()
-            install(wheel, extra, target)
-            row = sizes(target)
-            row["install_s"] = round(time.monotonic() - t0, 1)
+        variants = {
+            extra: resolve(wheel, extra, root / f"{extra}.json") for extra in args.extras.split(",")
+        }
+        union = {name: v for dists in variants.values() for name, v in dists.items()}
+        target = root / "target"
+        shutil.rmtree(target, ignore_errors=True)
+        install(wheel, union, target)
+        sizes = dist_bytes(target)
+        missing = sorted(set(union) - set(sizes))
+        if missing:
+            raise SystemExit(f"installed without a RECORD: {missing}")
+        base = set(variants.get("base", {}))
+        for extra, dists in variants.items():
+            total = sum(sizes[d] for d in dists)
+            torch = sum(sizes[d] for d in dists if is_torch(d))
+            added = sorted(set(dists) - base)
+            row = {
+                "total_mb": round(total / 1e6, 1),
+                "torch_mb": round(torch / 1e6, 1),
+                "without_torch_mb": round((total - torch) / 1e6, 1),
+                "added_to_base_mb": round(sum(sizes[d] for d in added) / 1e6, 1),
+                "distributions": len(dists),
+                "largest_added": {
+                    d: round(sizes[d] / 1e6, 1) for d in sorted(added, key=lambda d: -sizes[d])[:6]
+                },
+            }
             result["variants"][extra] = row  # type: ignore[index]
             print(extra, json.dumps(row), flush=True)
         client = import_seconds("import fedsqueeze.client.app", args.repeats)

@@ -61,47 +61,64 @@ class FederationError(RuntimeError):
     """The federation cannot proceed (e.g. the expected nodes never connected)."""
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    """Block until ``count`` nodes are connected; return their ids."""
+def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id; return ``{partition_id: node_id}``.
+
+    Nodes are asked as they connect, so a node that belongs to another federation size (in
+    ``flwr run``'s simulation: Flower's default of 2 simulated nodes against
+    ``num-clients = 10``) stops the run at once with one line, instead of after the whole
+    ``timeout`` of waiting for nodes that will never come.
+    """
     deadline = time.monotonic() + timeout
+    mapping: dict[int, int] = {}
+    asked: set[int] = set()
     while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        asked.update(new)
+        messages = [
+            Message(
+                content=RecordDict({"config": ConfigRecord()}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in new
+        ]
+        remaining = max(deadline - time.monotonic(), 1.0)
+        for reply in grid.send_and_receive(messages, timeout=remaining) if messages else ():
+            _check_handshake_reply(reply, num_clients, mapping)
+        if len(asked) >= num_clients and len(mapping) == len(asked):
+            break
         if time.monotonic() > deadline:
             raise FederationError(
-                f"only {len(nodes)} of {count} nodes connected within {timeout:.0f} s"
+                f"only {len(mapping)} of {num_clients} nodes connected and answered within "
+                f"{timeout:.0f} s"
             )
         time.sleep(0.5)
-
-
-def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """Ask every node for its partition id; return ``{partition_id: node_id}``."""
-    nodes = wait_for_nodes(grid, num_clients, timeout)
-    messages = [
-        Message(
-            content=RecordDict({"config": ConfigRecord()}),
-            message_type=MessageType.QUERY,
-            dst_node_id=n,
-        )
-        for n in nodes
-    ]
-    mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise FederationError(
-                f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}"
-            )
-        info = reply.content["node"]
-        if int(info["num-partitions"]) != num_clients:
-            raise FederationError(
-                f"node {reply.metadata.src_node_id} says num-partitions="
-                f"{info['num-partitions']}, but num-clients={num_clients}"
-            )
-        mapping[int(info["partition-id"])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(num_clients)):
         raise FederationError(f"expected partition ids 0..{num_clients - 1}, got {sorted(mapping)}")
     return mapping
+
+
+def _check_handshake_reply(reply: Message, num_clients: int, mapping: dict[int, int]) -> None:
+    if reply.has_error():
+        raise FederationError(
+            f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}"
+        )
+    info = reply.content["node"]
+    if int(info["num-partitions"]) != num_clients:
+        raise FederationError(
+            f"node {reply.metadata.src_node_id} says num-partitions={info['num-partitions']}, "
+            f"but num-clients={num_clients}: the federation has a different size (flwr run "
+            f"simulation: --federation-config 'num-supernodes={num_clients}'; SuperNodes: "
+            f"--node-config 'partition-id=<i> num-partitions={num_clients}')"
+        )
+    partition = int(info["partition-id"])
+    if partition in mapping:
+        raise FederationError(
+            f"nodes {mapping[partition]} and {reply.metadata.src_node_id} both say "
+            f"partition-id={partition}"
+        )
+    mapping[partition] = reply.metadata.src_node_id
 
 
 def draw(
