@@ -73,6 +73,7 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
 
     # The unregistered SuperNode was refused by the SuperLink and exited.
     assert stranger_code != 0, stranger_log
+    assert "Failed to activate SuperNode" in stranger_log, stranger_log
     rows = result.metrics()
     assert [r["round"] for r in rows] == [1, 2]
     # Each round completed with the two good devices; the malformed one is reported.
@@ -93,9 +94,9 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
 def test_processes_are_stopped_when_the_body_fails(tmp_path: Path) -> None:
     with (
         pytest.raises(RuntimeError, match="boom"),
-        deployment(tmp_path / "dep", num_nodes=2) as dep,
+        deployment(tmp_path / "dep", num_nodes=1) as dep,
     ):
-        assert len(dep.group.remember()) >= 3  # SuperLink + 2 SuperNodes (+ their SuperExecs)
+        assert len(dep.group.remember()) >= 2  # SuperLink + a SuperNode (+ its SuperExec)
         raise RuntimeError("boom")
     assert dep.survivors() == []
     assert marked_processes(dep.group.marker) == []
