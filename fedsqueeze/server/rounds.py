@@ -27,8 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsqueeze.config import to_toml
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.contracts.streams import Secret, SecretStreams, Stream, round_rng
-from fedsqueeze.data import partition_stats
-from fedsqueeze.federation import dataset_for, new_model, partitions_for
+from fedsqueeze.federation import client_stats, dataset_for, initial_arrays, new_model
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.grid import CountingGrid
 from fedsqueeze.server.hooks import RoundHook, hooks_in
@@ -277,10 +276,10 @@ def start_federation(
     ckpt = run_dir.load_checkpoint()
     inner = build_strategy(config)
     if ckpt is None:
-        arrays = state_to_numpy(new_model(config, seed=int(config["seed"])))
-        metrics: list[dict[str, Any]] = []
+        arrays = initial_arrays(config)
+        metrics: list[dict[str, Any]] = initial_rows(config, arrays)
         run_dir.write_text(CONFIG, to_toml(config))
-        run_dir.write_json(CLIENTS, partition_stats(dataset_for(config), partitions_for(config)))
+        run_dir.write_json(CLIENTS, client_stats(config))
     else:
         check_resume_config(ckpt.config, config, ckpt.completed_round)
         restore_strategy_state(inner, ckpt.strategy_state)
@@ -312,6 +311,18 @@ def start_federation(
         - t_setup,
         timeout=timeout,
     )
+
+
+def initial_rows(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """With ``init-model``, round 0: the starting model evaluated before any training."""
+    if not config.get("init-model"):
+        return []
+    model = new_model(config)
+    load_numpy_state(model, arrays)
+    ds = dataset_for(config)
+    loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    zero = {"uplink_bytes": 0, "downlink_bytes": 0, "wall_s": 0.0, "elapsed_s": 0.0}
+    return [{"round": 0, "accuracy": acc, "loss": loss, **zero}]
 
 
 def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
@@ -430,7 +441,7 @@ def summarize(
         "best_accuracy": max(accs) if accs else None,
         "total_uplink_bytes": int(sum(m["uplink_bytes"] for m in metrics)),
         "total_downlink_bytes": int(sum(m["downlink_bytes"] for m in metrics)),
-        "num_rounds": len(metrics),
+        "num_rounds": sum(1 for m in metrics if m["round"] > 0),
         "wall_s": metrics[-1]["elapsed_s"] if metrics else 0.0,
         "num_parameters": n_params,
         "rejected_updates": int(sum(m.get("rejected_updates", 0) for m in metrics)),
