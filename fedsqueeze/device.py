@@ -43,6 +43,7 @@ from typing import NoReturn
 EXIT_USAGE = 2
 SERVER_HOSTS = ("localhost", "127.0.0.1", "::1")
 NODE_CONFIG_KEYS_RESERVED = ("data-path",)
+"""Set by its own flag; ``--node-config`` may not repeat it."""
 
 
 class DeviceError(Exception):
@@ -280,7 +281,16 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--insecure"] if args.insecure else ["--root-certificates", str(root)]
     if auth is not None:
         argv += ["--auth-supernode-private-key", str(auth)]
-    argv += ["--node-config", node_config_arg(data_path, args.node_config)]
+    extra = list(args.node_config)
+    if (args.partition_id is None) != (args.num_partitions is None):
+        raise DeviceError("give --partition-id and --num-partitions together")
+    if args.partition_id is not None:
+        if not 0 <= args.partition_id < args.num_partitions:
+            raise DeviceError(
+                f"--partition-id {args.partition_id} is not in 0..{args.num_partitions - 1}"
+            )
+        extra += [f"partition-id={args.partition_id}", f"num-partitions={args.num_partitions}"]
+    argv += ["--node-config", node_config_arg(data_path, extra)]
     if args.max_retries is not None:
         argv += ["--max-retries", str(args.max_retries)]
     if args.max_wait_time is not None:
@@ -320,6 +330,18 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--data-path", required=True, metavar="FILE.npz", help="this device's data")
         p.add_argument("--root-certificates", metavar="CA.crt", help="CA that signed the server")
         p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
+        p.add_argument(
+            "--partition-id",
+            type=int,
+            metavar="I",
+            help="this device's index 0..N-1 in the federation (node config partition-id)",
+        )
+        p.add_argument(
+            "--num-partitions",
+            type=int,
+            metavar="N",
+            help="the federation's size, the run's num-clients (node config num-partitions)",
+        )
         p.add_argument("--auth-key", metavar="PATH", help="private key from `fedsqueeze node-key`")
         p.add_argument(
             "--node-config",

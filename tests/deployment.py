@@ -470,10 +470,11 @@ def _register(dep: Deployment, public_keys: Sequence[Path]) -> None:
             )
 
 
-def _device_argv(dep: Deployment, data_path: Path, key: Path | None) -> list[str]:
+def _device_argv(dep: Deployment, data_path: Path, key: Path | None, index: int) -> list[str]:
     """The documented device command (``fedsqueeze device``), which execs flower-supernode."""
     argv = [sys.executable, "-m", "fedsqueeze.cli", "device", "--superlink"]
     argv += [dep.superlink_address, "--data-path", str(data_path)]
+    argv += ["--partition-id", str(index), "--num-partitions", str(dep.num_nodes)]
     if dep.creds is None:
         argv.append("--insecure")
     else:
@@ -500,7 +501,7 @@ def _start_device(
         key, public = make_node_key(dep.creds / f"{name}.key")
         if register:
             _register(dep, [public])
-    argv = _device_argv(dep, data_path, key)
+    argv = _device_argv(dep, data_path, key, 0)
     env = _node_env(dep, name)
     if daemon:
         return dep.group.start(name, argv, env)
@@ -613,7 +614,9 @@ def deployment(
                 keys = [private for private, _ in pairs]
             for i, (path, key) in enumerate(zip(data_paths, keys, strict=True)):
                 group.start(
-                    f"device{i}", _device_argv(dep, Path(path), key), _node_env(dep, f"device{i}")
+                    f"device{i}",
+                    _device_argv(dep, Path(path), key, i),
+                    _node_env(dep, f"device{i}"),
                 )
         for i in range(num_nodes if data_paths is None else 0):
             node_env = base_env(root / f"flwr-node{i}", group.marker)

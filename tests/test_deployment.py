@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 RUN = {
     "dataset": "digits",  # the server's own evaluation data; the devices bring theirs
+    "client-data": "device",
     "model": "logreg",
     "num-clients": 3,
     "clients-per-round": 3,
