@@ -148,6 +148,7 @@ def test_device_command_line(tmp_path: Path) -> None:
             tmp_path,
             *("--root-certificates", str(creds.ca_cert), "--auth-key", str(key)),
             *("--max-retries", "5", "--port", "9111"),
+            *("--partition-id", "1", "--num-partitions", "3"),
         )
     )
     argv = supernode_argv(args)
@@ -158,7 +159,11 @@ def test_device_command_line(tmp_path: Path) -> None:
     assert f"--auth-supernode-private-key {key}" in joined
     assert "--max-retries 5" in joined and "--port 9111" in joined
     node_config = argv[argv.index("--node-config") + 1]
-    assert parse_config_args([node_config]) == {"data-path": str(tmp_path / "data.npz")}
+    assert parse_config_args([node_config]) == {
+        "data-path": str(tmp_path / "data.npz"),
+        "partition-id": 1,
+        "num-partitions": 3,
+    }
 
 
 @pytest.mark.parametrize(
@@ -168,6 +173,8 @@ def test_device_command_line(tmp_path: Path) -> None:
         (["--insecure", "--root-certificates", "CA"], "or --insecure"),
         (["--insecure", "--auth-key", "k"], "--auth-key needs TLS"),
         (["--root-certificates", "/no/ca.crt"], "no such file"),
+        (["--insecure", "--partition-id", "0"], "together"),
+        (["--insecure", "--partition-id", "3", "--num-partitions", "3"], "not in 0..2"),
     ],
 )
 def test_device_usage_errors_are_one_line_exit_2(
