@@ -103,7 +103,31 @@ def predict(argv: Sequence[str]) -> int:
     """``fedsqueeze predict``: dispatched before anything imports torch (device installs)."""
     from fedsqueeze.edge import main as edge_main
 
-    return edge_main(argv)
+    try:
+        return edge_main(argv)
+    except ModuleNotFoundError as err:
+        return _missing_extra("predict", err)
+
+
+COMMAND_EXTRAS = {"simulate": "simulation", "export": "export", "predict": "edge"}
+"""The pyproject extra each command needs beyond ``pip install fedsqueeze`` (the device client)."""
+OPTIONAL_MODULES = frozenset(
+    {"ray", "sklearn", "matplotlib", "flwr_datasets", "datasets", "pyarrow", "mnist1d"}
+    | {"onnx", "onnxscript", "onnxruntime"}
+)
+
+
+def _missing_extra(command: str, err: ModuleNotFoundError) -> int:
+    """One line naming the extra to install, for a package the light install leaves out."""
+    extra = COMMAND_EXTRAS.get(command)
+    if extra is None or (err.name or "").split(".")[0] not in OPTIONAL_MODULES:
+        raise err
+    print(
+        f"fedsqueeze: error: `fedsqueeze {command}` needs {err.name}, which the device client "
+        f"install leaves out: pip install 'fedsqueeze[{extra}]'",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
 
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
@@ -324,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         return EXIT_USAGE
+    except ModuleNotFoundError as err:  # a light (device) install running a server command
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        return _missing_extra(words[0] if words else "", err)
     except RunDirWriteError as err:
         # The failed write left the previous file in place: the last checkpoint is intact.
         print(f"fedsqueeze: error: {err}; resume with --resume {run_dir}", file=sys.stderr)

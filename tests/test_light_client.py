@@ -32,6 +32,7 @@ NOT_ON_DEVICE = (
     "mnist1d",
     "onnx",
     "onnxscript",
+    "onnxruntime",
 )
 CLIENT_MODULES = ("fedsqueeze.client", "fedsqueeze.client.app", "fedsqueeze.device")
 
@@ -95,27 +96,34 @@ reply = app(msg, ctx)
 assert not reply.has_error(), reply.error
 new = from_record(reply.content["arrays"])
 assert any(not np.array_equal(new[k], arrays[k]) for k in arrays)
-import fedsqueeze.cli, fedsqueeze.device  # the device's commands import nothing more either
 print("trained", reply.content["metrics"]["num-examples"])
+# Server-side commands on a device install: one line naming the extra, exit status 2.
+from fedsqueeze.cli import main
+print("exit", main(["simulate", "--out", sys.argv[2]]), main(["predict", "m.onnx", "x.npz"]))
 """
 
 
 def test_a_device_without_the_extras_trains_on_its_own_file(tmp_path: Path) -> None:
     """What a device runs: a train message, node config ``data-path``; nothing of the
-    server/simulation extras importable."""
+    server/simulation extras importable. Commands that need an extra say which."""
     code = BLOCKER + DEVICE_ROUND
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "device.npz")],
+        [sys.executable, "-c", code, str(tmp_path / "device.npz"), str(tmp_path / "run")],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "trained 40"
+    assert out.stdout.strip().splitlines()[-2:] == ["trained 40", "exit 2 2"]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("fedsqueeze: error:")]
+    assert len(errors) == 2
+    assert errors[0].endswith("pip install 'fedsqueeze[simulation]'")
+    assert "needs onnxruntime" in errors[1] and errors[1].endswith("'fedsqueeze[edge]'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_blocker_really_blocks() -> None:
