@@ -91,6 +91,58 @@ def dist_bytes(target: Path) -> dict[str, int]:
     return sizes
 
 
+def env_closure(extra: str) -> set[str]:
+    """Distributions a variant needs, from the current environment's installed metadata
+    (``Requires-Dist`` with markers evaluated), fedsqueeze's own from this checkout."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    todo: list[tuple[Requirement, str]] = [(Requirement(r), "") for r in project["dependencies"]]
+    extras = {extra} if extra != "base" else set()
+    while extras:  # self-referencing extras (fedsqueeze[server] inside simulation)
+        name = extras.pop()
+        for r in project["optional-dependencies"][name]:
+            req = Requirement(r)
+            if _canon(req.name) == "fedsqueeze":
+                extras |= set(req.extras)
+            else:
+                todo.append((req, ""))
+    seen: set[str] = set()
+    while todo:
+        req, _ = todo.pop()
+        name = _canon(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = metadata.distribution(req.name)
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            for e in ["", *sorted(req.extras)]:
+                if sub.marker is None or sub.marker.evaluate({"extra": e}):
+                    todo.append((sub, e))
+                    break
+    return seen
+
+
+def env_dist_bytes(names: set[str]) -> dict[str, int]:
+    """Bytes on disk of installed distributions (files their RECORDs list)."""
+    from importlib import metadata
+
+    sizes = {}
+    for name in names:
+        dist = metadata.distribution(name)
+        total = 0
+        for f in dist.files or []:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        sizes[name] = total
+    return sizes
+
+
 def is_torch(name: str) -> bool:
     return name in TORCH_DISTS or name.startswith("nvidia-")
 
@@ -110,13 +162,63 @@ def import_seconds(code: str, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def report(variants: dict[str, set[str]], sizes: dict[str, int]) -> dict[str, object]:
+    """Per variant: total, torch's share, what it adds to the base install."""
+    out: dict[str, object] = {}
+    base = variants.get("base", set())
+    for extra, dists in variants.items():
+        total = sum(sizes[d] for d in dists)
+        torch = sum(sizes[d] for d in dists if is_torch(d))
+        added = sorted(dists - base)
+        row = {
+            "total_mb": round(total / 1e6, 1),
+            "torch_mb": round(torch / 1e6, 1),
+            "without_torch_mb": round((total - torch) / 1e6, 1),
+            "added_to_base_mb": round(sum(sizes[d] for d in added) / 1e6, 1),
+            "distributions": len(dists),
+            "largest_added": {
+                d: round(sizes[d] / 1e6, 1) for d in sorted(added, key=lambda d: -sizes[d])[:6]
+            },
+        }
+        out[extra] = row
+        print(extra, json.dumps(row), flush=True)
+    return out
+
+
+def from_env(args: argparse.Namespace) -> None:
+    variants = {extra: env_closure(extra) for extra in args.extras.split(",")}
+    names = set().union(*variants.values()) - {"fedsqueeze"}
+    sizes = env_dist_bytes(names)
+    # fedsqueeze itself (an editable install here): its package files in this checkout.
+    sizes["fedsqueeze"] = sum(p.stat().st_size for p in (REPO / "fedsqueeze").rglob("*.py"))
+    for dists in variants.values():
+        dists.add("fedsqueeze")
+    result: dict[str, object] = {"python": sys.version.split()[0], "mode": "from-env"}
+    result["variants"] = report(variants, sizes)
+    client = import_seconds("import fedsqueeze.client.app", args.repeats)
+    sim = import_seconds(
+        "import flwr.simulation, fedsqueeze.server.app, fedsqueeze.client.app", args.repeats
+    )
+    result["import_s"] = {"client": client, "simulation": sim, "ratio": client / sim}
+    print("import", json.dumps(result["import_s"]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--extras", default="base,server,simulation,edge,export,all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
     parser.add_argument("--keep", help="install under DIR and keep it")
+    parser.add_argument(
+        "--from-env",
+        action="store_true",
+        help="no install: size what this environment has installed (fast; same versions)",
+    )
     args = parser.parse_args()
+    if args.from_env:
+        return from_env(args)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fsq-size-"))
     root.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"python": sys.version.split()[0], "variants": {}}
