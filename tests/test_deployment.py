@@ -62,7 +62,7 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
         started = {name for name, _, _ in dep.group.started}
         assert started == {"superlink", "device0", "device1", "device2"}
         stranger = dep.device("stranger", files[0], register=False, daemon=False)
-        result = dep.run(RUN, timeout=170)
+        result = dep.run(RUN, timeout=400)
         stranger_code = stranger.wait(timeout=60)
         stranger_log = (dep.group.root / "logs" / "stranger.log").read_text(errors="replace")
     elapsed = time.monotonic() - t0
