@@ -157,29 +157,23 @@ class ProcessGroup:
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
         """Start a long-running daemon, its output in ``<root>/logs/<name>.log``."""
-        log_path = self.root / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.started.append((name, proc, log_path))
+        proc = self._popen(name, argv, env)
+        self.started.append((name, proc, self.root / "logs" / f"{name}.log"))
         self.remember()
         return proc
 
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
         """Start a process that is expected to exit by itself (not checked as a daemon);
         it carries the marker, so :meth:`stop` still stops it if it does not."""
+        proc = self._popen(name, argv, env)
+        self.remember()
+        return proc
+
+    def _popen(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 list(argv),
                 env=dict(env),
                 cwd=self.root,
@@ -188,8 +182,6 @@ class ProcessGroup:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.remember()
-        return proc
 
     def remember(self) -> list[ProcRef]:
         """Record every marked process alive now (daemons spawn children as they go)."""
@@ -490,22 +482,26 @@ def _node_env(dep: Deployment, name: str) -> dict[str, str]:
     return env
 
 
+def _device_keys(dep: Deployment, names: Sequence[str], register: bool) -> list[Path | None]:
+    """Each device's private key (``fedsqueeze node-key``), public keys registered; ``None``
+    each without SuperNode authentication."""
+    if not dep.auth:
+        return [None] * len(names)
+    from fedsqueeze.device import make_node_key
+
+    assert dep.creds is not None
+    pairs = [make_node_key(dep.creds / f"{name}.key") for name in names]
+    if register:
+        _register(dep, [public for _, public in pairs])
+    return [private for private, _ in pairs]
+
+
 def _start_device(
     dep: Deployment, name: str, data_path: Path, *, register: bool, daemon: bool
 ) -> subprocess.Popen:
-    key = None
-    if dep.auth:
-        from fedsqueeze.device import make_node_key
-
-        assert dep.creds is not None
-        key, public = make_node_key(dep.creds / f"{name}.key")
-        if register:
-            _register(dep, [public])
-    argv = _device_argv(dep, data_path, key, 0)
-    env = _node_env(dep, name)
-    if daemon:
-        return dep.group.start(name, argv, env)
-    return dep.group.spawn(name, argv, env)
+    (key,) = _device_keys(dep, [name], register)
+    argv, env = _device_argv(dep, data_path, key, 0), _node_env(dep, name)
+    return dep.group.start(name, argv, env) if daemon else dep.group.spawn(name, argv, env)
 
 
 @contextlib.contextmanager
@@ -604,20 +600,10 @@ def deployment(
             f"{scheme}://{address}/health", group, startup_timeout, creds and creds / "ca.crt"
         )
         if data_paths is not None:
-            keys: list[Path | None] = [None] * num_nodes
-            if auth:
-                from fedsqueeze.device import make_node_key
-
-                assert creds is not None
-                pairs = [make_node_key(creds / f"device{i}.key") for i in range(num_nodes)]
-                _register(dep, [public for _, public in pairs])
-                keys = [private for private, _ in pairs]
-            for i, (path, key) in enumerate(zip(data_paths, keys, strict=True)):
-                group.start(
-                    f"device{i}",
-                    _device_argv(dep, Path(path), key, i),
-                    _node_env(dep, f"device{i}"),
-                )
+            names = [f"device{i}" for i in range(num_nodes)]
+            keys = _device_keys(dep, names, register=True)
+            for i, (name, path, key) in enumerate(zip(names, data_paths, keys, strict=True)):
+                group.start(name, _device_argv(dep, Path(path), key, i), _node_env(dep, name))
         for i in range(num_nodes if data_paths is None else 0):
             node_env = base_env(root / f"flwr-node{i}", group.marker)
             runtime_port = free_port()
