@@ -57,7 +57,12 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
     registered."""
     t0 = time.monotonic()
     files = _device_files(tmp_path / "devices")
-    with deployment(tmp_path / "dep", data_paths=files, auth=True) as dep:
+    # The body ends by raising: the harness must stop everything on failure too (one
+    # deployment for both claims keeps the e2e budget).
+    with (
+        pytest.raises(RuntimeError, match="body failed"),
+        deployment(tmp_path / "dep", data_paths=files, auth=True) as dep,
+    ):
         assert dep.superlink_address.startswith("127.0.0.1:")
         started = {name for name, _, _ in dep.group.started}
         assert started == {"superlink", "device0", "device1", "device2"}
@@ -65,6 +70,8 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
         result = dep.run(RUN, timeout=400)
         stranger_code = stranger.wait(timeout=60)
         stranger_log = (dep.group.root / "logs" / "stranger.log").read_text(errors="replace")
+        assert len(dep.group.remember()) >= 4  # SuperLink + 3 SuperNodes (+ SuperExecs)
+        raise RuntimeError("body failed")
     elapsed = time.monotonic() - t0
 
     # Every process started here, and everything it spawned, is gone.
@@ -90,17 +97,6 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
     )
     assert "y_train" in device2_logs
     print(f"deployment (TLS + auth): run {result.wall_s:.1f} s, total {elapsed:.1f} s")
-
-
-def test_processes_are_stopped_when_the_body_fails(tmp_path: Path) -> None:
-    with (
-        pytest.raises(RuntimeError, match="boom"),
-        deployment(tmp_path / "dep", num_nodes=1) as dep,
-    ):
-        assert len(dep.group.remember()) >= 2  # SuperLink + a SuperNode (+ its SuperExec)
-        raise RuntimeError("boom")
-    assert dep.survivors() == []
-    assert marked_processes(dep.group.marker) == []
 
 
 def test_run_config_arg_quotes_strings_and_keeps_numbers() -> None:
