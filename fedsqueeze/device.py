@@ -230,7 +230,7 @@ def node_config_arg(data_path: Path, extra: Sequence[str] = ()) -> str:
         if not sep or not key or any(c.isspace() for c in key):
             raise DeviceError(f"--node-config {item!r}: expected KEY=VALUE")
         if key in seen:
-            raise DeviceError(f"--node-config {key} given twice (or use --data-path)")
+            raise DeviceError(f"--node-config {key} given twice (or also by its own flag)")
         seen.add(key)
         value = value.strip()
         try:
