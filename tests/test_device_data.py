@@ -65,18 +65,19 @@ def test_a_good_file_loads_flat_features_reshaped_and_float_labels_accepted(tmp_
     assert data.x_test is not None and data.x_test.shape == (2, 1, 8, 8)
 
 
+Z = np.zeros
 MALFORMED: dict[str, tuple[dict[str, Any], str]] = {
-    "missing y_train": ({"x_train": np.zeros((4, 64))}, "missing array(s) y_train"),
-    "wrong feature size": ({"x_train": np.zeros((4, 63)), "y_train": np.zeros(4, int)}, "(63,)"),
-    "label out of range": ({"x_train": np.zeros((4, 64)), "y_train": np.array([0, 1, 2, 10])}, "label 10"),
-    "negative label": ({"x_train": np.zeros((2, 64)), "y_train": np.array([0, -1])}, "label -1"),
-    "NaN feature": ({"x_train": np.full((2, 64), np.nan), "y_train": np.zeros(2, int)}, "non-finite"),
-    "string features": ({"x_train": np.array([["a"] * 64] * 2), "y_train": np.zeros(2, int)}, "numeric"),
-    "fractional label": ({"x_train": np.zeros((2, 64)), "y_train": np.array([0.5, 1.0])}, "integers"),
-    "label count": ({"x_train": np.zeros((3, 64)), "y_train": np.zeros(2, int)}, "shape (3,)"),
-    "empty": ({"x_train": np.zeros((0, 64)), "y_train": np.zeros(0, int)}, "empty"),
-    "test half": ({"x_train": np.zeros((2, 64)), "y_train": np.zeros(2, int), "x_test": np.zeros((1, 64))}, "together"),
-}  # fmt: skip
+    "missing y_train": ({"x_train": Z((4, 64))}, "missing array(s) y_train"),
+    "wrong feature size": ({"x_train": Z((4, 63)), "y_train": Z(4, int)}, "(63,)"),
+    "label out of range": ({"x_train": Z((3, 64)), "y_train": np.array([0, 1, 10])}, "label 10"),
+    "negative label": ({"x_train": Z((2, 64)), "y_train": np.array([0, -1])}, "label -1"),
+    "NaN feature": ({"x_train": np.full((2, 64), np.nan), "y_train": Z(2, int)}, "non-finite"),
+    "string features": ({"x_train": np.array([["a"] * 64] * 2), "y_train": Z(2, int)}, "numeric"),
+    "fractional label": ({"x_train": Z((2, 64)), "y_train": np.array([0.5, 1.0])}, "integers"),
+    "label count": ({"x_train": Z((3, 64)), "y_train": Z(2, int)}, "shape (3,)"),
+    "empty": ({"x_train": Z((0, 64)), "y_train": Z(0, int)}, "empty"),
+    "test half": ({"x_train": Z((2, 64)), "y_train": Z(2, int), "x_test": Z((1, 64))}, "together"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -98,13 +99,15 @@ def test_missing_relative_pickled_and_garbage_files(tmp_path: Path) -> None:
             load_device_data(path, SHAPE, CLASSES)
     pickled = tmp_path / "p.npz"
     np.savez(pickled, x_train=np.array([object()] * 2, dtype=object), y_train=np.zeros(2, int))
-    with pytest.raises(DatasetError, match="not a valid .npz"):
+    with pytest.raises(DatasetError, match=r"not a valid \.npz"):
         load_device_data(pickled, SHAPE, CLASSES)
 
 
 @settings(max_examples=30, deadline=None)
 @given(blob=st.binary(max_size=300))
-def test_arbitrary_bytes_never_raise_anything_but_dataset_error(tmp_path_factory: Any, blob: bytes) -> None:
+def test_arbitrary_bytes_never_raise_anything_but_dataset_error(
+    tmp_path_factory: Any, blob: bytes
+) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "d.npz"
     path.write_bytes(blob)
     with pytest.raises(DatasetError):
@@ -157,7 +160,9 @@ def test_malformed_file_is_reported_counted_and_the_round_goes_on(
     assert lines and all("\n" not in line and "label 12" in line for line in lines)
 
 
-def test_the_server_never_loads_client_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_server_never_loads_client_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With client-data = device, neither side partitions the run's dataset."""
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
@@ -180,8 +185,12 @@ def test_a_node_without_data_path_in_a_device_federation_is_refused(tmp_path: Pa
     assert rows[0]["clients"] == 1 and rows[0]["dropped_clients"] == 1
 
 
-@pytest.mark.parametrize(("dp", "secagg", "weight"), [("none", False, 50), ("local", False, 1), ("none", True, None)])
-def test_what_the_server_learns_of_a_device_size(tmp_path: Path, dp: str, secagg: bool, weight: Any) -> None:
+@pytest.mark.parametrize(
+    ("dp", "secagg", "weight"), [("none", False, 50), ("local", False, 1), ("none", True, None)]
+)
+def test_what_the_server_learns_of_a_device_size(
+    tmp_path: Path, dp: str, secagg: bool, weight: Any
+) -> None:
     """Adversary: the server reading replies. Exact count only without DP and SecAgg."""
     over = {"dp": dp, "dp-noise-multiplier": 1.0, "secagg": secagg, "num-rounds": 1}
     cfg = resolve_config(BASE, over)

@@ -61,7 +61,9 @@ def _state(path: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
 
 
-def test_round_zero_is_the_init_model_and_training_starts_from_it(deployed: Path, tmp_path: Path) -> None:
+def test_round_zero_is_the_init_model_and_training_starts_from_it(
+    deployed: Path, tmp_path: Path
+) -> None:
     cfg = resolve_config(BASE, {"init-model": str(deployed), "num-rounds": 2})
     rows = _run(cfg, tmp_path / "run")
     model = new_model(cfg)
@@ -96,13 +98,16 @@ def _bad_models(deployed: Path, tmp: Path) -> dict[str, Path]:
 
 
 def test_a_bad_init_model_is_one_line_exit_2_and_no_run_dir(
-    deployed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    deployed: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(cli, "simulate", lambda *a, **k: pytest.fail("the run started"))
     for case, path in _bad_models(deployed, tmp_path).items():
         out = tmp_path / f"out-{case.replace(' ', '-')}"
-        sets = [f"{k}={v}" for k, v in {**BASE, "init-model": str(path)}.items()]
-        code = main(["simulate", "--out", str(out), *sum((["--set", s] for s in sets), [])])
+        sets = [a for k, v in {**BASE, "init-model": path}.items() for a in ("--set", f"{k}={v}")]
+        code = main(["simulate", "--out", str(out), *sets])
         err = capsys.readouterr().err.strip()
         assert code == EXIT_USAGE, case
         assert "init-model" in err and len(err.splitlines()) == 1, (case, err)
@@ -119,7 +124,9 @@ COMPOSITIONS = {
 
 
 @pytest.mark.parametrize("name", list(COMPOSITIONS))
-def test_only_the_trained_layers_travel_and_change(deployed: Path, tmp_path: Path, name: str) -> None:
+def test_only_the_trained_layers_travel_and_change(
+    deployed: Path, tmp_path: Path, name: str
+) -> None:
     """Frozen tensors come back bit for bit (no update, no DP noise on them) in every mode,
     and the plain reply carries only the trained tensors."""
     over = {"init-model": str(deployed), "train-layers": "last", **COMPOSITIONS[name]}

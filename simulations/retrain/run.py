@@ -4,9 +4,9 @@
 
 Per seed:
 
-1. *Deployment*: digits' training set is split in half. A federation of 5 clients trains
-   an MLP on the first half as it is (``run_federation``, 5 rounds); its ``model.pt`` is
-   the deployed model.
+1. *Deployment*: digits' training set is split in half. An MLP is trained centrally on the
+   first half as it is (20 epochs of SGD) and saved as a ``model.pt`` (named tensors, the
+   format a run directory holds): the deployed model.
 2. *Drift*: 5 devices each hold their own ``.npz`` (node config ``data-path``) made from
    the second half with lower contrast, a brightness offset, Gaussian pixel noise, a
    one-pixel shift, and a changed class balance (class c kept with probability ∝ c + 1,
@@ -14,9 +14,9 @@ Per seed:
    the test split under the same drift and class balance; the server never sees a device's
    data (``client-data = "device"``).
 3. *Retraining* from the deployed model (``init-model``; round 0 = its accuracy on the
-   drifted test data, i.e. no retraining) for 5 rounds: non-private, and with local DP
+   drifted test data, i.e. no retraining) for 3 rounds: non-private, and with local DP
    (DP-SGD on each device, ``dp = "local"``) at ε = 1, 4, 8 per device (δ = 1e-3 < 1/n),
-   training only the last layer (``train-layers = "last"``), and all layers at ε = 4.
+   training only the last layer (``train-layers = "last"``), and all layers at ε = 8.
 
 The federation runs the real ClientApp (mods, data-source, DP-SGD) and the real server
 round loop and strategy chain, with the nodes in this process (the test suite's
@@ -41,7 +41,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 DEVICES = 5
-ROUNDS = 5
+ROUNDS = 3
+PRETRAIN_EPOCHS = 20
 COMMON: dict[str, Any] = {
     "model": "mlp",
     "num-clients": DEVICES,
@@ -55,10 +56,22 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("non-private, all layers", {}),
     ("non-private, last layer", {"train-layers": "last"}),
     *[
-        (f"local DP ε={eps}, {which}", {"dp": "local", "dp-epsilon": eps, "dp-delta": 1e-3,
-                                         "dp-clip": 1.0, "train-layers": layers})  # fmt: skip
-        for eps, which, layers in ((1, "last layer", "last"), (4, "last layer", "last"),
-                                   (8, "last layer", "last"), (4, "all layers", "all"))  # fmt: skip
+        (
+            f"local DP ε={eps}, {which}",
+            {
+                "dp": "local",
+                "dp-epsilon": eps,
+                "dp-delta": 1e-3,
+                "dp-clip": 1.0,
+                "train-layers": layers,
+            },
+        )
+        for eps, which, layers in (
+            (1, "last layer", "last"),
+            (4, "last layer", "last"),
+            (8, "last layer", "last"),
+            (8, "all layers", "all"),
+        )
     ],
 ]
 
@@ -85,8 +98,9 @@ def make_data(seed: int, work: Path) -> tuple[Path, Path, list[Path]]:
     perm = rng.permutation(ds.num_train)
     old, new = perm[: ds.num_train // 2], perm[ds.num_train // 2 :]
     deploy = work / "deploy.npz"
-    np.savez(deploy, x_train=ds.x_train[old], y_train=ds.y_train[old],
-             x_test=ds.x_test, y_test=ds.y_test)  # fmt: skip
+    np.savez(
+        deploy, x_train=ds.x_train[old], y_train=ds.y_train[old], x_test=ds.x_test, y_test=ds.y_test
+    )
     test_idx = rebalance(ds.y_test, rng)
     x_test, y_test = drift(ds.x_test[test_idx], rng), ds.y_test[test_idx]
     server = work / "server.npz"
@@ -103,6 +117,31 @@ def make_data(seed: int, work: Path) -> tuple[Path, Path, list[Path]]:
         np.savez(path, x_train=x_dev[owner == d], y_train=y_dev[owner == d])
         files.append(path)
     return deploy, server, files
+
+
+def pretrain(deploy: Path, seed: int, out: Path) -> None:
+    """The deployed model: central SGD on the original distribution, saved as model.pt."""
+    import torch
+
+    from fedsqueeze.client.training import train_local
+    from fedsqueeze.config import resolve_config
+    from fedsqueeze.federation import dataset_for, new_model
+
+    cfg = resolve_config(COMMON, {"dataset": f"npz:{deploy}", "seed": seed})
+    ds, model = dataset_for(cfg), new_model(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    train_local(
+        model,
+        ds.x_train,
+        ds.y_train,
+        epochs=PRETRAIN_EPOCHS,
+        batch_size=16,
+        lr=0.05,
+        momentum=0.9,
+        generator=gen,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
 
 
 def federate(config: dict[str, Any], out: Path, node_configs: dict[int, dict[str, Any]]) -> Any:
@@ -123,14 +162,19 @@ def run_seed(seed: int, out_root: Path) -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix=f"retrain-{seed}-"))
     deploy, server, files = make_data(seed, work)
     base = out_root / f"seed{seed}" / "deployed"
-    federate({"dataset": f"npz:{deploy}", "seed": seed}, base, {})
+    pretrain(deploy, seed, base)
     devices = {i: {"data-path": str(p)} for i, p in enumerate(files)}
     results = []
     for label, over in VARIANTS:
         name = label.replace(" ", "").replace(",", "-").replace("=", "").replace("ε", "eps")
         rows = federate(
-            {"dataset": f"npz:{server}", "client-data": "device", "seed": seed,
-             "init-model": str(base / "model.pt"), **over},  # fmt: skip
+            {
+                "dataset": f"npz:{server}",
+                "client-data": "device",
+                "seed": seed,
+                "init-model": str(base / "model.pt"),
+                **over,
+            },
             out_root / f"seed{seed}" / name,
             devices,
         )
@@ -190,4 +234,7 @@ if __name__ == "__main__":
 
     # Messages are built outside a Flower process here (as in the test suite).
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
     main()
