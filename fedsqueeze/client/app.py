@@ -54,7 +54,6 @@ from flwr.common.constant import ErrorCode
 
 from fedsqueeze.client.data import data_source
 from fedsqueeze.client.layers import layers_mod
-
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod

@@ -92,7 +92,9 @@ def load_device_data(
         # A relative path resolves against whatever directory the SuperNode started in.
         raise DatasetError(f"{where}: data-path must be an absolute path")
     if not p.is_file():
-        raise DatasetError(f"{where}: " + ("not a regular file" if p.exists() else "file not found"))
+        raise DatasetError(
+            f"{where}: " + ("not a regular file" if p.exists() else "file not found")
+        )
     input_shape = tuple(int(d) for d in input_shape)
     raw: dict[str, np.ndarray] = {}
     try:

@@ -28,7 +28,7 @@ from fedsqueeze.config import to_toml
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.contracts.streams import Secret, SecretStreams, Stream, round_rng
 from fedsqueeze.federation import client_stats, dataset_for, initial_arrays, new_model
-from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
+from fedsqueeze.models.weights import evaluate, load_numpy_state
 from fedsqueeze.server.grid import CountingGrid
 from fedsqueeze.server.hooks import RoundHook, hooks_in
 from fedsqueeze.server.liveness import Liveness, WatchedGrid
@@ -313,7 +313,9 @@ def start_federation(
     )
 
 
-def initial_rows(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def initial_rows(
+    config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> list[dict[str, Any]]:
     """With ``init-model``, round 0: the starting model evaluated before any training."""
     if not config.get("init-model"):
         return []
