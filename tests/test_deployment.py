@@ -21,8 +21,8 @@ RUN = {
     "dataset": "digits",  # the server's own evaluation data; the devices bring theirs
     "client-data": "device",
     "model": "logreg",
-    "num-clients": 3,
-    "clients-per-round": 3,
+    "num-clients": 2,
+    "clients-per-round": 2,
     "num-rounds": 2,
     "local-epochs": 1,
     "lr": 0.1,
@@ -30,31 +30,28 @@ RUN = {
 
 
 def _device_files(root: Path) -> list[Path]:
-    """Two devices' own training data (halves of digits' training split, each in the
-    device's own directory) and a third device whose file is malformed (no ``y_train``)."""
+    """A device's own training data (half of digits' training split, in the device's own
+    directory) and a second device whose file is malformed (no ``y_train``)."""
     from fedsqueeze.data import load_dataset
 
     data = load_dataset("digits")
-    files = []
-    halves = np.array_split(np.arange(len(data.y_train)), 2)
-    for i, idx in enumerate(halves):
-        path = root / f"device{i}" / "data.npz"
+    idx = np.arange(0, len(data.y_train), 2)
+    good, bad = root / "device0" / "data.npz", root / "device1" / "data.npz"
+    for path in (good, bad):
         path.parent.mkdir(parents=True)
-        np.savez(path, x_train=data.x_train[idx], y_train=data.y_train[idx])
-        files.append(path)
-    bad = root / "device2" / "data.npz"
-    bad.parent.mkdir(parents=True)
+    np.savez(good, x_train=data.x_train[idx], y_train=data.y_train[idx])
     np.savez(bad, x_train=data.x_train[:50])
-    return [*files, bad]
+    return [good, bad]
 
 
 def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
     tmp_path: Path,
 ) -> None:
     """The issue's acceptance run: a real SuperLink with TLS and SuperNode authentication,
-    three devices started with `fedsqueeze device` (each its own key, registered, and its
-    own data file), one of them with a malformed file, plus a stranger whose key was never
-    registered."""
+    two devices started with `fedsqueeze device` (each its own key, registered, and its own
+    data file), the second one's file malformed, plus a stranger whose key was never
+    registered. Two devices, not three: each message starts a ClientApp process that
+    imports torch, and the e2e suite is at its time budget."""
     t0 = time.monotonic()
     files = _device_files(tmp_path / "devices")
     # The body ends by raising: the harness must stop everything on failure too (one
@@ -65,12 +62,12 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
     ):
         assert dep.superlink_address.startswith("127.0.0.1:")
         started = {name for name, _, _ in dep.group.started}
-        assert started == {"superlink", "device0", "device1", "device2"}
+        assert started == {"superlink", "device0", "device1"}
         stranger = dep.device("stranger", files[0], register=False, daemon=False)
         result = dep.run(RUN, timeout=400)
         stranger_code = stranger.wait(timeout=60)
         stranger_log = (dep.group.root / "logs" / "stranger.log").read_text(errors="replace")
-        assert len(dep.group.remember()) >= 4  # SuperLink + 3 SuperNodes (+ SuperExecs)
+        assert len(dep.group.remember()) >= 3  # SuperLink + 2 SuperNodes (+ SuperExecs)
         raise RuntimeError("body failed")
     elapsed = time.monotonic() - t0
 
@@ -84,18 +81,17 @@ def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
     assert "Failed to activate SuperNode" in stranger_log, stranger_log
     rows = result.metrics()
     assert [r["round"] for r in rows] == [1, 2]
-    # Each round completed with the two good devices; the malformed one is reported.
-    assert all(r["clients"] == 2 for r in rows), rows
+    # Each round completed with the good device; the malformed one is reported.
+    assert all(r["clients"] == 1 for r in rows), rows
     assert all(r["dropped_clients"] + r["rejected_updates"] >= 1 for r in rows), rows
     assert rows[1]["accuracy"] > rows[0]["accuracy"], rows
     assert rows[1]["accuracy"] > 0.8
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["num_rounds"] == 2
     assert result.run_dir == tmp_path / "dep" / "run-1"
-    device2_logs = " ".join(
-        p.read_text(errors="replace") for p in (tmp_path / "dep" / "logs").glob("*.log")
-    )
-    assert "y_train" in device2_logs
+    # The malformed device said why, in one line of its own log.
+    bad_log = (tmp_path / "dep" / "logs" / "device1.log").read_text(errors="replace")
+    assert f"device data {files[1]}: missing array(s) y_train" in bad_log
     print(f"deployment (TLS + auth): run {result.wall_s:.1f} s, total {elapsed:.1f} s")
 
 
