@@ -12,12 +12,13 @@ export FLWR_DISABLE_UPDATE_CHECK ?= 1
 
 setup: $(STAMP)
 
-# torch is installed first, pinned, so pip takes the local CPU wheel (see ENV notes);
-# everything else comes from pyproject.toml.
+# torch is installed first, pinned, so pip takes the CPU wheel (pyproject.toml's range would
+# otherwise let pip pick a CUDA build); then fedsqueeze with every extra: the light client
+# (`pip install fedsqueeze`) plus server, simulation, edge, export and dev (pyproject.toml).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[all]'
 	touch $(STAMP)
 
 demo: setup

@@ -4,7 +4,9 @@
 runs a federation in Flower's Simulation Engine and writes the run directory;
 ``fedsqueeze report DIR`` prints a finished run's result table; ``fedsqueeze export DIR
 [--int8] [--out FILE]`` writes its ONNX artifact and ``export.json``; ``fedsqueeze predict
-ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only.
+ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only; ``fedsqueeze device``,
+``node-key`` and ``certs`` start a device's SuperNode and make its credentials
+(:mod:`fedsqueeze.device`).
 
 Errors a user can cause print one line and exit with status 2, before any run
 directory is created.
@@ -82,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--int8", action="store_true", help="int8 static quantization (QDQ)")
     exp.add_argument("--out", help="artifact path (default RUN_DIR/model[.int8].onnx)")
     sub.add_parser("predict", help="run an exported artifact (onnxruntime + numpy only)")
+    # Device and credential commands: fedsqueeze/device.py (dispatched in main before
+    # anything imports torch).
+    sub.add_parser("device", help="start this device's SuperNode (execs flower-supernode)")
+    sub.add_parser("node-key", help="a SuperNode authentication key pair (on the device)")
+    sub.add_parser("certs", help="CA + SuperLink TLS certificate (on the server)")
     return parser
 
 
@@ -110,7 +117,31 @@ def predict(argv: Sequence[str]) -> int:
     """``fedsqueeze predict``: dispatched before anything imports torch (device installs)."""
     from fedsqueeze.edge import main as edge_main
 
-    return edge_main(argv)
+    try:
+        return edge_main(argv)
+    except ModuleNotFoundError as err:
+        return _missing_extra("predict", err)
+
+
+COMMAND_EXTRAS = {"simulate": "simulation", "export": "export", "predict": "edge"}
+"""The pyproject extra each command needs beyond ``pip install fedsqueeze`` (the device client)."""
+OPTIONAL_MODULES = frozenset(
+    {"ray", "sklearn", "matplotlib", "flwr_datasets", "datasets", "pyarrow", "mnist1d"}
+    | {"onnx", "onnxscript", "onnxruntime"}
+)
+
+
+def _missing_extra(command: str, err: ModuleNotFoundError) -> int:
+    """One line naming the extra to install, for a package the light install leaves out."""
+    extra = COMMAND_EXTRAS.get(command)
+    if extra is None or (err.name or "").split(".")[0] not in OPTIONAL_MODULES:
+        raise err
+    print(
+        f"fedsqueeze: error: `fedsqueeze {command}` needs {err.name}, which the device client "
+        f"install leaves out: pip install 'fedsqueeze[{extra}]'",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
 
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
@@ -310,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["predict"]:
         return predict(words[1:])
+    if words[:1] in (["device"], ["node-key"], ["certs"]):
+        from fedsqueeze.device import main as device_main
+
+        return device_main(words[0], words[1:])
     from fedsqueeze.compression import CodecError
     from fedsqueeze.config import ConfigError
     from fedsqueeze.data import DatasetError
@@ -341,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         return EXIT_USAGE
+    except ModuleNotFoundError as err:  # a light (device) install running a server command
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        return _missing_extra(words[0] if words else "", err)
     except RunDirWriteError as err:
         # The failed write left the previous file in place: the last checkpoint is intact.
         print(f"fedsqueeze: error: {err}; resume with --resume {run_dir}", file=sys.stderr)

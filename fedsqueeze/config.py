@@ -155,6 +155,20 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "distill-temperature": (3.0, float, _positive_float, "softmax temperature T"),
     "distill-lr": (0.001, float, _positive_float, "distillation learning rate (Adam)"),
     "distill-batch-size": (128, int, _positive_int, "distillation minibatch size"),
+    "client-data": (
+        "partition",
+        str,
+        _choice("partition", "device"),
+        "partition of dataset | device (each node's own data-path; server sees none)",
+    ),
+    "client-max-examples": (
+        0,
+        int,
+        _non_negative_int,
+        "with client-data = device: cap on the weight a device claims (0 = none)",
+    ),
+    "init-model": ("", str, None, "model.pt / run dir / export.json to start from ('' = fresh)"),
+    "train-layers": ("all", str, None, "all | last | NAME,NAME: the tensors fine-tuning trains"),
 }
 
 DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsqueeze.data import Dataset, load_dataset, partition_indices
+from fedsqueeze.data import Dataset, load_dataset, partition_indices, partition_stats
 from fedsqueeze.models import build_model
 
 
@@ -73,3 +73,28 @@ def new_model(config: Mapping[str, Any], seed: int | None = None) -> torch.nn.Mo
     """A freshly initialized model for the run's dataset (seeded when ``seed`` is given)."""
     ds = dataset_for(config)
     return build_model(str(config["model"]), ds.input_shape, ds.num_classes, seed=seed)
+
+
+def devices_bring_data(config: Mapping[str, Any]) -> bool:
+    """``client-data = "device"``: every node trains on its own file (node config
+    ``data-path``); the run's ``dataset`` is only the server's test data."""
+    return str(config.get("client-data", "partition")) == "device"
+
+
+def client_stats(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-client sample and label counts of the partitions (``clients.json``); empty when
+    devices bring their own data, which the server never sees."""
+    if devices_bring_data(config):
+        return []
+    return partition_stats(dataset_for(config), partitions_for(config))
+
+
+def initial_arrays(config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The federation's starting weights: ``init-model`` (checked against the run's model,
+    :func:`fedsqueeze.models.retrain.load_init_model`) or a fresh model from ``seed``."""
+    from fedsqueeze.models.retrain import load_init_model
+    from fedsqueeze.models.weights import state_to_numpy
+
+    fresh = state_to_numpy(new_model(config, seed=int(config["seed"])))
+    path = str(config.get("init-model", "") or "")
+    return load_init_model(path, fresh) if path else fresh

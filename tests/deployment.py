@@ -3,9 +3,14 @@
 Two context managers, both used by the e2e tests and usable by hand:
 
 - :func:`deployment` starts Flower's Deployment Engine on loopback: one
-  ``flower-superlink --insecure`` and N ``flower-supernode --insecure`` processes, each
-  with ``--node-config "partition-id=i num-partitions=N"``. ``Deployment.run`` submits
-  the app with ``flwr run <app> <connection> --run-config ...`` and waits for the run.
+  ``flower-superlink`` and N SuperNodes, either ``flower-supernode --insecure`` with
+  ``--node-config "partition-id=i num-partitions=N"``, or — with ``data_paths`` — the
+  documented device command ``fedsqueeze device --data-path FILE`` per device. With
+  ``tls=True`` the SuperLink gets a CA-signed certificate from ``fedsqueeze certs`` and
+  the SuperNodes ``--root-certificates``; with ``auth=True`` also
+  ``--enable-supernode-auth``, a key pair per device (``fedsqueeze node-key``) and
+  ``flwr supernode register`` for each. ``Deployment.run`` submits the app with
+  ``flwr run <app> <connection> --run-config ...`` and waits for the run.
 - :func:`local_simulation` runs ``flwr run <app>`` against the local simulation
   SuperLink that ``flwr run`` starts by itself (detached, so it outlives the command).
 
@@ -33,6 +38,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -151,10 +157,23 @@ class ProcessGroup:
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
         """Start a long-running daemon, its output in ``<root>/logs/<name>.log``."""
+        proc = self._popen(name, argv, env)
+        self.started.append((name, proc, self.root / "logs" / f"{name}.log"))
+        self.remember()
+        return proc
+
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
+        """Start a process that is expected to exit by itself (not checked as a daemon);
+        it carries the marker, so :meth:`stop` still stops it if it does not."""
+        proc = self._popen(name, argv, env)
+        self.remember()
+        return proc
+
+    def _popen(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen:
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 list(argv),
                 env=dict(env),
                 cwd=self.root,
@@ -163,9 +182,6 @@ class ProcessGroup:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.started.append((name, proc, log_path))
-        self.remember()
-        return proc
 
     def remember(self) -> list[ProcRef]:
         """Record every marked process alive now (daemons spawn children as they go)."""
@@ -373,9 +389,19 @@ class Deployment(_Runner):
     superlink_address: str = ""
     num_nodes: int = 0
     isolation: str = "subprocess"
+    creds: Path | None = None
+    """Directory of the CA, server certificate and device keys (TLS deployments)."""
+    auth: bool = False
 
     def survivors(self) -> list[ProcRef]:
         return self.group.survivors()
+
+    def device(
+        self, name: str, data_path: Path, *, register: bool = True, daemon: bool = True
+    ) -> subprocess.Popen:
+        """Start one more device with ``fedsqueeze device`` (its own key, registered or
+        not). ``daemon=False``: the process is expected to exit (e.g. a refused node)."""
+        return _start_device(self, name, data_path, register=register, daemon=daemon)
 
 
 @dataclass
@@ -397,18 +423,85 @@ class LocalSimulation(_Runner):
         return self.group.survivors()
 
 
-def _wait_http_ok(url: str, group: ProcessGroup, timeout: float) -> None:
+def _wait_http_ok(
+    url: str, group: ProcessGroup, timeout: float, cafile: Path | None = None
+) -> None:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         group.check_running()
         with (
             contextlib.suppress(OSError, urllib.error.URLError),
-            urllib.request.urlopen(url, timeout=1.0) as res,
+            urllib.request.urlopen(url, timeout=1.0, context=context) as res,
         ):
             if res.status == 200:
                 return
         time.sleep(0.2)
     raise DeploymentError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _register(dep: Deployment, public_keys: Sequence[Path]) -> None:
+    """``flwr supernode register KEY.pub deploy`` for every key (in parallel)."""
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "flwr"), "supernode", "register", str(key), "deploy"],
+            env=dep.cli_env,
+            cwd=dep.group.root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for key in public_keys
+    ]
+    for key, proc in zip(public_keys, procs, strict=True):
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise DeploymentError(
+                f"`flwr supernode register {key}` failed: {' '.join(out.split())}"
+            )
+
+
+def _device_argv(dep: Deployment, data_path: Path, key: Path | None, index: int) -> list[str]:
+    """The documented device command (``fedsqueeze device``), which execs flower-supernode."""
+    argv = [sys.executable, "-m", "fedsqueeze.cli", "device", "--superlink"]
+    argv += [dep.superlink_address, "--data-path", str(data_path)]
+    argv += ["--partition-id", str(index), "--num-partitions", str(dep.num_nodes)]
+    if dep.creds is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(dep.creds / "ca.crt")]
+    if key is not None:
+        argv += ["--auth-key", str(key)]
+    return [*argv, "--port", str(free_port()), "--isolation", dep.isolation]
+
+
+def _node_env(dep: Deployment, name: str) -> dict[str, str]:
+    env = base_env(dep.group.root / f"flwr-{name}", dep.group.marker)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _device_keys(dep: Deployment, names: Sequence[str], register: bool) -> list[Path | None]:
+    """Each device's private key (``fedsqueeze node-key``), public keys registered; ``None``
+    each without SuperNode authentication."""
+    if not dep.auth:
+        return [None] * len(names)
+    from fedsqueeze.device import make_node_key
+
+    assert dep.creds is not None
+    pairs = [make_node_key(dep.creds / f"{name}.key") for name in names]
+    if register:
+        _register(dep, [public for _, public in pairs])
+    return [private for private, _ in pairs]
+
+
+def _start_device(
+    dep: Deployment, name: str, data_path: Path, *, register: bool, daemon: bool
+) -> subprocess.Popen:
+    (key,) = _device_keys(dep, [name], register)
+    argv, env = _device_argv(dep, data_path, key, 0), _node_env(dep, name)
+    return dep.group.start(name, argv, env) if daemon else dep.group.spawn(name, argv, env)
 
 
 @contextlib.contextmanager
@@ -418,19 +511,34 @@ def deployment(
     *,
     app: Path = REPO,
     isolation: str = "subprocess",
+    data_paths: Sequence[Path] | None = None,
+    tls: bool = False,
+    auth: bool = False,
     startup_timeout: float = 60.0,
 ) -> Iterator[Deployment]:
-    """Start a SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1; stop them all on exit.
+    """Start a SuperLink and SuperNodes on 127.0.0.1; stop them all on exit.
+
+    ``data_paths``: one device per file, started with ``fedsqueeze device --data-path``
+    (``num_nodes`` is then ignored); otherwise ``num_nodes`` SuperNodes with
+    ``partition-id``/``num-partitions`` node configs. ``tls``: the SuperLink serves TLS
+    with a certificate from :func:`fedsqueeze.device.make_certificates` and every client
+    (SuperNodes, ``flwr``) verifies it against the CA; ``auth`` (implies ``tls``): SuperNode
+    authentication, each device with its own key pair, registered before it starts.
 
     ``isolation`` is the SuperNodes' ClientApp isolation: ``subprocess`` (each SuperNode
     spawns its own SuperExec, which spawns one ``flwr-clientapp`` per message) or
     ``process`` (a separate ``flower-superexec`` per SuperNode, started here, that does
-    the same).
+    the same; partition-id nodes only).
     """
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {isolation!r}")
+    if data_paths is not None:
+        num_nodes = len(data_paths)
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be >= 1, not {num_nodes}")
+    if auth and data_paths is None:
+        raise ValueError("auth needs data_paths (devices started with `fedsqueeze device`)")
+    tls = tls or auth
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     group = ProcessGroup(root)
@@ -438,17 +546,47 @@ def deployment(
     address = f"127.0.0.1:{port}"
     cli_home = root / "flwr-cli"
     cli_env = base_env(cli_home, group.marker)
+    creds = None
+    superlink_tls = ["--insecure"]
+    connection = "insecure = true\n"
+    if tls:
+        from fedsqueeze.device import make_certificates
+
+        made = make_certificates(root / "creds", hosts=("127.0.0.1",))
+        creds = made.ca_cert.parent
+        superlink_tls = [
+            "--ssl-ca-certfile",
+            str(made.ca_cert),
+            "--ssl-certfile",
+            str(made.server_cert),
+            "--ssl-keyfile",
+            str(made.server_key),
+        ]
+        if auth:
+            superlink_tls.append("--enable-supernode-auth")
+        connection = f'root-certificates = "{made.ca_cert}"\n'
     # The SuperLink connection lives in the Flower config file, not in pyproject.toml.
     (cli_home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "{address}"\ninsecure = true\n'
+        f'[superlink.deploy]\naddress = "{address}"\n{connection}'
+    )
+    dep = Deployment(
+        group=group,
+        app=app,
+        cli_env=cli_env,
+        connection=["deploy"],
+        superlink_address=address,
+        num_nodes=num_nodes,
+        isolation=isolation,
+        creds=creds,
+        auth=auth,
     )
     try:
         group.start(
             "superlink",
             [
                 str(BIN / "flower-superlink"),
-                "--insecure",
+                *superlink_tls,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -457,8 +595,16 @@ def deployment(
             ],
             base_env(root / "flwr-superlink", group.marker),
         )
-        _wait_http_ok(f"http://{address}/health", group, startup_timeout)
-        for i in range(num_nodes):
+        scheme = "https" if tls else "http"
+        _wait_http_ok(
+            f"{scheme}://{address}/health", group, startup_timeout, creds and creds / "ca.crt"
+        )
+        if data_paths is not None:
+            names = [f"device{i}" for i in range(num_nodes)]
+            keys = _device_keys(dep, names, register=True)
+            for i, (name, path, key) in enumerate(zip(names, data_paths, keys, strict=True)):
+                group.start(name, _device_argv(dep, Path(path), key, i), _node_env(dep, name))
+        for i in range(num_nodes if data_paths is None else 0):
             node_env = base_env(root / f"flwr-node{i}", group.marker)
             runtime_port = free_port()
             argv = [
@@ -489,15 +635,7 @@ def deployment(
                 )
         time.sleep(0.5)
         group.check_running()
-        yield Deployment(
-            group=group,
-            app=app,
-            cli_env=cli_env,
-            connection=["deploy"],
-            superlink_address=address,
-            num_nodes=num_nodes,
-            isolation=isolation,
-        )
+        yield dep
     finally:
         group.stop()
 

@@ -7,7 +7,7 @@ are exercised by the e2e tests.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -16,15 +16,22 @@ from flwr.serverapp import Grid
 
 
 class InProcessGrid(Grid):
-    """Nodes ``1000 + i`` with node config ``partition-id = i`` run ``app``."""
+    """Nodes ``1000 + i`` with node config ``partition-id = i`` (plus ``node_configs[i]``,
+    e.g. a ``data-path``) run ``app``."""
 
-    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.app = app
+        extra = node_configs or {}
         self.contexts = {
             1000 + i: Context(
                 run_id=1,
                 node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={"partition-id": i, "num-partitions": num_nodes, **extra.get(i, {})},
                 state=RecordDict(),
                 run_config={},
             )

@@ -1,7 +1,8 @@
-"""Deployment Engine smoke test: a real SuperLink and two SuperNodes on loopback.
+"""Deployment Engine: a real SuperLink with TLS and SuperNode authentication on loopback.
 
-The app goes through ``flwr run`` exactly as a user would submit it to real devices;
-every Flower process started for it is stopped by PID at the end.
+The app goes through ``flwr run`` exactly as a user would submit it to real devices, the
+devices are started with the documented ``fedsqueeze device`` command; every Flower
+process started for it is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from deployment import deployment, marked_processes, run_config_arg
 
 pytestmark = pytest.mark.e2e
 
 RUN = {
-    "dataset": "digits",
+    "dataset": "digits",  # the server's own evaluation data; the devices bring theirs
+    "client-data": "device",
     "model": "logreg",
     "num-clients": 2,
     "clients-per-round": 2,
@@ -26,13 +29,46 @@ RUN = {
 }
 
 
-def test_two_supernodes_learn_through_flwr_run(tmp_path: Path) -> None:
+def _device_files(root: Path) -> list[Path]:
+    """A device's own training data (half of digits' training split, in the device's own
+    directory) and a second device whose file is malformed (no ``y_train``)."""
+    from fedsqueeze.data import load_dataset
+
+    data = load_dataset("digits")
+    idx = np.arange(0, len(data.y_train), 2)
+    good, bad = root / "device0" / "data.npz", root / "device1" / "data.npz"
+    for path in (good, bad):
+        path.parent.mkdir(parents=True)
+    np.savez(good, x_train=data.x_train[idx], y_train=data.y_train[idx])
+    np.savez(bad, x_train=data.x_train[:50])
+    return [good, bad]
+
+
+def test_devices_train_on_their_own_data_over_tls_with_node_authentication(
+    tmp_path: Path,
+) -> None:
+    """The issue's acceptance run: a real SuperLink with TLS and SuperNode authentication,
+    two devices started with `fedsqueeze device` (each its own key, registered, and its own
+    data file), the second one's file malformed, plus a stranger whose key was never
+    registered. Two devices, not three: each message starts a ClientApp process that
+    imports torch, and the e2e suite is at its time budget."""
     t0 = time.monotonic()
-    with deployment(tmp_path / "dep", num_nodes=2) as dep:
+    files = _device_files(tmp_path / "devices")
+    # The body ends by raising: the harness must stop everything on failure too (one
+    # deployment for both claims keeps the e2e budget).
+    with (
+        pytest.raises(RuntimeError, match="body failed"),
+        deployment(tmp_path / "dep", data_paths=files, auth=True) as dep,
+    ):
         assert dep.superlink_address.startswith("127.0.0.1:")
         started = {name for name, _, _ in dep.group.started}
-        assert started == {"superlink", "supernode0", "supernode1"}
-        result = dep.run(RUN, timeout=170)
+        assert started == {"superlink", "device0", "device1"}
+        stranger = dep.device("stranger", files[0], register=False, daemon=False)
+        result = dep.run(RUN, timeout=400)
+        stranger_code = stranger.wait(timeout=60)
+        stranger_log = (dep.group.root / "logs" / "stranger.log").read_text(errors="replace")
+        assert len(dep.group.remember()) >= 3  # SuperLink + 2 SuperNodes (+ SuperExecs)
+        raise RuntimeError("body failed")
     elapsed = time.monotonic() - t0
 
     # Every process started here, and everything it spawned, is gone.
@@ -40,29 +76,23 @@ def test_two_supernodes_learn_through_flwr_run(tmp_path: Path) -> None:
     assert marked_processes(dep.group.marker) == []
     assert all(proc.poll() is not None for _, proc, _ in dep.group.started)
 
+    # The unregistered SuperNode was refused by the SuperLink and exited.
+    assert stranger_code != 0, stranger_log
+    assert "Failed to activate SuperNode" in stranger_log, stranger_log
     rows = result.metrics()
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 2 for r in rows)
+    # Each round completed with the good device; the malformed one is reported.
+    assert all(r["clients"] == 1 for r in rows), rows
+    assert all(r["dropped_clients"] + r["rejected_updates"] >= 1 for r in rows), rows
     assert rows[1]["accuracy"] > rows[0]["accuracy"], rows
     assert rows[1]["accuracy"] > 0.8
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["num_rounds"] == 2
     assert result.run_dir == tmp_path / "dep" / "run-1"
-    # The SuperNodes trained on their own partitions: node config, not simulation.
-    clients = json.loads((result.run_dir / "clients.json").read_text())
-    assert clients, "clients.json is empty"
-    print(f"deployment: run {result.wall_s:.1f} s, total with start/stop {elapsed:.1f} s")
-
-
-def test_processes_are_stopped_when_the_body_fails(tmp_path: Path) -> None:
-    with (
-        pytest.raises(RuntimeError, match="boom"),
-        deployment(tmp_path / "dep", num_nodes=2) as dep,
-    ):
-        assert len(dep.group.remember()) >= 3  # SuperLink + 2 SuperNodes (+ their SuperExecs)
-        raise RuntimeError("boom")
-    assert dep.survivors() == []
-    assert marked_processes(dep.group.marker) == []
+    # The malformed device said why, in one line of its own log.
+    bad_log = (tmp_path / "dep" / "logs" / "device1.log").read_text(errors="replace")
+    assert f"device data {files[1]}: missing array(s) y_train" in bad_log
+    print(f"deployment (TLS + auth): run {result.wall_s:.1f} s, total {elapsed:.1f} s")
 
 
 def test_run_config_arg_quotes_strings_and_keeps_numbers() -> None:

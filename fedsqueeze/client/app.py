@@ -2,12 +2,14 @@
 
 Handlers:
 
-- ``train``: load the received global weights, train on this node's partition, reply
+- ``train``: load the received global weights, train on this node's data (its partition of
+  the run's dataset, or the device's own file: :mod:`fedsqueeze.client.data`), reply
   with the full local weights (``"arrays"``) and ``num-examples`` (DP-SGD with Opacus when
   ``dp = "local"``). Compression and secure aggregation are not done here: the public mods
   ``downlink_mod``, ``secagg_mod`` and ``compress_mod`` do it, exactly as they would for any
   other Flower ClientApp.
-- ``evaluate``: federated evaluation on this node's slice of the test split.
+- ``evaluate``: federated evaluation on this node's slice of the test split (or its file's
+  ``x_test``/``y_test``).
 - ``query``: the start-of-run handshake; tells the server this node's partition id so
   that client sampling is reproducible by seed (Flower node ids are random per run), and
   nothing else (not its number of examples).
@@ -25,19 +27,33 @@ DP, DP-SGD's noise and Poisson batches come from a fresh generator seeded from O
 every round (:func:`fedsqueeze.client.dp.secret_generator`), never from the run seed, and a
 round below the device's own floor (:mod:`fedsqueeze.privacy.floor`) is refused.
 
+A data problem (a device's file missing, malformed or not fitting the model) is one line
+in the node's log and an error reply (``CLIENT_APP_RAISED_EXCEPTION``, reason
+``"device data ..."``) that the server counts against this client for the round; the node
+stays up for the next message.
+
+With ``train-layers`` other than ``"all"``, :func:`~fedsqueeze.client.layers.layers_mod`
+hands the handler the full model and the names it may train (``train-tensors`` in the
+message's config); the handler freezes the rest, so DP-SGD clips and noises only those.
+
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
+from fedsqueeze.client.data import data_source
+from fedsqueeze.client.layers import layers_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod
@@ -50,12 +66,33 @@ from fedsqueeze.client.training import (
 )
 from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import from_record, to_record
-from fedsqueeze.federation import client_eval_data, client_train_data, new_model
+from fedsqueeze.data import DatasetError
+from fedsqueeze.models.retrain import TRAIN_TENSORS, set_trainable
 
-MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod)
+log = logging.getLogger(__name__)
+
+MODS = (downlink_mod, secagg_mod, compress_mod, layers_mod, prune_mod)
 """fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
-sees the message; secure aggregation and compression each act on their own request; pruning
-is innermost, so only the handler sees full tensors (the others see kept values only)."""
+sees the message; secure aggregation and compression each act on their own request; the
+layers and pruning mods are innermost, so only the handler sees full tensors (the others
+see the trained tensors / kept values only)."""
+
+Handler = Callable[[Message, Context], Message]
+
+
+def reports_data_errors(handler: Handler) -> Handler:
+    """A :class:`DatasetError` in ``handler`` becomes one log line and an error reply."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except DatasetError as err:
+            log.error("%s", err)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err))
+            return Message(error, reply_to=msg)
+
+    return wrapped
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -100,14 +137,17 @@ def build_client_app(
         return resolve_config(dict(context.run_config))
 
     @app.train()
+    @reports_data_errors
     def train(msg: Message, context: Context) -> Message:
         cfg = run_config(context)
         pid, num_parts = node_partition(context)
-        x, y = client_train_data(cfg, pid, num_parts)
         round_cfg = msg.content["config"]
+        source = data_source(cfg, context.node_config, round_cfg, (pid, num_parts))
+        x, y = source.train_data()
         server_round = int(round_cfg.get("server-round", 0))
-        model = new_model(cfg)
+        model = source.model()
         load_numpy_state(model, from_record(msg.content["arrays"]))
+        set_trainable(model, round_cfg.get(TRAIN_TENSORS))  # type: ignore[arg-type]
         dp_metrics: dict[str, float] = {}
         if cfg["dp"] == "local":
             # DP-SGD; the client's accountant history is kept in context.state across rounds.
@@ -140,11 +180,14 @@ def build_client_app(
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
+    @reports_data_errors
     def evaluate_handler(msg: Message, context: Context) -> Message:
         cfg = run_config(context)
-        pid, num_parts = node_partition(context)
-        x, y = client_eval_data(cfg, pid, num_parts)
-        model = new_model(cfg)
+        source = data_source(
+            cfg, context.node_config, msg.content["config"], node_partition(context)
+        )
+        x, y = source.test_data()
+        model = source.model()
         load_numpy_state(model, from_record(msg.content["arrays"]))
         loss, acc = evaluate(model, x, y)
         metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-acc": acc})

@@ -49,6 +49,17 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_prune_config(config)
     check_distill_config(config)
     check_robust_config(config)
+    check_retrain_config(config)
+
+
+def check_retrain_config(config: Mapping[str, Any]) -> None:
+    """``train-layers`` restricts what travels; pruning's mask covers the whole model."""
+    layers = str(config.get("train-layers", "all")).strip()
+    if layers != "all" and str(config.get("prune", "none")) != "none":
+        raise ConfigError(f"train-layers = {layers!r} cannot be combined with prune")
+    path = str(config.get("init-model", "") or "")
+    if path and not Path(path).expanduser().exists():
+        raise ConfigError(f"init-model = {path!r}: file not found")
 
 
 def check_model_size(num_parameters: int, model: str = "the model") -> None:

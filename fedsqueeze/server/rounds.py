@@ -27,9 +27,8 @@ from flwr.serverapp.strategy import Strategy
 from fedsqueeze.config import to_toml
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.contracts.streams import Secret, SecretStreams, Stream, round_rng
-from fedsqueeze.data import partition_stats
-from fedsqueeze.federation import dataset_for, new_model, partitions_for
-from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
+from fedsqueeze.federation import client_stats, dataset_for, initial_arrays, new_model
+from fedsqueeze.models.weights import evaluate, load_numpy_state
 from fedsqueeze.server.grid import CountingGrid
 from fedsqueeze.server.hooks import RoundHook, hooks_in
 from fedsqueeze.server.liveness import Liveness, WatchedGrid
@@ -61,47 +60,64 @@ class FederationError(RuntimeError):
     """The federation cannot proceed (e.g. the expected nodes never connected)."""
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
-    """Block until ``count`` nodes are connected; return their ids."""
+def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id; return ``{partition_id: node_id}``.
+
+    Nodes are asked as they connect, so a node that belongs to another federation size (in
+    ``flwr run``'s simulation: Flower's default of 2 simulated nodes against
+    ``num-clients = 10``) stops the run at once with one line, instead of after the whole
+    ``timeout`` of waiting for nodes that will never come.
+    """
     deadline = time.monotonic() + timeout
+    mapping: dict[int, int] = {}
+    asked: set[int] = set()
     while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        asked.update(new)
+        messages = [
+            Message(
+                content=RecordDict({"config": ConfigRecord()}),
+                message_type=MessageType.QUERY,
+                dst_node_id=n,
+            )
+            for n in new
+        ]
+        remaining = max(deadline - time.monotonic(), 1.0)
+        for reply in grid.send_and_receive(messages, timeout=remaining) if messages else ():
+            _check_handshake_reply(reply, num_clients, mapping)
+        if len(asked) >= num_clients and len(mapping) == len(asked):
+            break
         if time.monotonic() > deadline:
             raise FederationError(
-                f"only {len(nodes)} of {count} nodes connected within {timeout:.0f} s"
+                f"only {len(mapping)} of {num_clients} nodes connected and answered within "
+                f"{timeout:.0f} s"
             )
         time.sleep(0.5)
-
-
-def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """Ask every node for its partition id; return ``{partition_id: node_id}``."""
-    nodes = wait_for_nodes(grid, num_clients, timeout)
-    messages = [
-        Message(
-            content=RecordDict({"config": ConfigRecord()}),
-            message_type=MessageType.QUERY,
-            dst_node_id=n,
-        )
-        for n in nodes
-    ]
-    mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise FederationError(
-                f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}"
-            )
-        info = reply.content["node"]
-        if int(info["num-partitions"]) != num_clients:
-            raise FederationError(
-                f"node {reply.metadata.src_node_id} says num-partitions="
-                f"{info['num-partitions']}, but num-clients={num_clients}"
-            )
-        mapping[int(info["partition-id"])] = reply.metadata.src_node_id
     if sorted(mapping) != list(range(num_clients)):
         raise FederationError(f"expected partition ids 0..{num_clients - 1}, got {sorted(mapping)}")
     return mapping
+
+
+def _check_handshake_reply(reply: Message, num_clients: int, mapping: dict[int, int]) -> None:
+    if reply.has_error():
+        raise FederationError(
+            f"node {reply.metadata.src_node_id} failed the handshake: {reply.error.reason}"
+        )
+    info = reply.content["node"]
+    if int(info["num-partitions"]) != num_clients:
+        raise FederationError(
+            f"node {reply.metadata.src_node_id} says num-partitions={info['num-partitions']}, "
+            f"but num-clients={num_clients}: the federation has a different size (flwr run "
+            f"simulation: --federation-config 'num-supernodes={num_clients}'; SuperNodes: "
+            f"--node-config 'partition-id=<i> num-partitions={num_clients}')"
+        )
+    partition = int(info["partition-id"])
+    if partition in mapping:
+        raise FederationError(
+            f"nodes {mapping[partition]} and {reply.metadata.src_node_id} both say "
+            f"partition-id={partition}"
+        )
+    mapping[partition] = reply.metadata.src_node_id
 
 
 def draw(
@@ -260,10 +276,10 @@ def start_federation(
     ckpt = run_dir.load_checkpoint()
     inner = build_strategy(config)
     if ckpt is None:
-        arrays = state_to_numpy(new_model(config, seed=int(config["seed"])))
-        metrics: list[dict[str, Any]] = []
+        arrays = initial_arrays(config)
+        metrics: list[dict[str, Any]] = initial_rows(config, arrays)
         run_dir.write_text(CONFIG, to_toml(config))
-        run_dir.write_json(CLIENTS, partition_stats(dataset_for(config), partitions_for(config)))
+        run_dir.write_json(CLIENTS, client_stats(config))
     else:
         check_resume_config(ckpt.config, config, ckpt.completed_round)
         restore_strategy_state(inner, ckpt.strategy_state)
@@ -295,6 +311,20 @@ def start_federation(
         - t_setup,
         timeout=timeout,
     )
+
+
+def initial_rows(
+    config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    """With ``init-model``, round 0: the starting model evaluated before any training."""
+    if not config.get("init-model"):
+        return []
+    model = new_model(config)
+    load_numpy_state(model, arrays)
+    ds = dataset_for(config)
+    loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    zero = {"uplink_bytes": 0, "downlink_bytes": 0, "wall_s": 0.0, "elapsed_s": 0.0}
+    return [{"round": 0, "accuracy": acc, "loss": loss, **zero}]
 
 
 def run_round(fed: Federation, rnd: int, model: Any) -> dict[str, Any]:
@@ -413,7 +443,7 @@ def summarize(
         "best_accuracy": max(accs) if accs else None,
         "total_uplink_bytes": int(sum(m["uplink_bytes"] for m in metrics)),
         "total_downlink_bytes": int(sum(m["downlink_bytes"] for m in metrics)),
-        "num_rounds": len(metrics),
+        "num_rounds": sum(1 for m in metrics if m["round"] > 0),
         "wall_s": metrics[-1]["elapsed_s"] if metrics else 0.0,
         "num_parameters": n_params,
         "rejected_updates": int(sum(m.get("rejected_updates", 0) for m in metrics)),

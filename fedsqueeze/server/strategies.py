@@ -24,10 +24,11 @@ from flwr.serverapp.strategy import (
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.stages import ErrorFeedback
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
-from fedsqueeze.federation import partitions_for
+from fedsqueeze.federation import devices_bring_data, partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.layers import with_train_layers
 from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
@@ -77,8 +78,13 @@ def build_strategy(config: Mapping[str, Any]) -> Strategy:
     raise ConfigError(f"unknown strategy {name!r}")
 
 
-def weight_cap(config: Mapping[str, Any]) -> int:
-    """Largest client training-set size of the federation (bounds the hidden weight n_i)."""
+def weight_cap(config: Mapping[str, Any]) -> int | None:
+    """Largest client training-set size of the federation (bounds the hidden weight n_i).
+
+    With devices' own data the server knows no sizes: ``client-max-examples`` (None when 0:
+    no cap on a claimed weight; unweighted under SecAgg)."""
+    if devices_bring_data(config):
+        return int(config["client-max-examples"]) or None
     return max(1, max(len(p) for p in partitions_for(config)))
 
 
@@ -126,7 +132,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
         scale=float(config["secagg-scale"]),
         neighbours=int(config["secagg-neighbours"]),
         threshold=int(config["secagg-threshold"]),
-        weight_cap=weight_cap(config) if weighted else 0,
+        weight_cap=(weight_cap(config) or 0) if weighted else 0,
         randk=randk_fraction(config),
         error_feedback=isinstance(codec.feedback, ErrorFeedback),
         seed=int(config["seed"]),
@@ -137,7 +143,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))``."""
+    ``TrainLayers([LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
     strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
     secagg = bool(config["secagg"])
     if secagg:
@@ -156,4 +162,4 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
-    return strategy
+    return with_train_layers(strategy, config)
