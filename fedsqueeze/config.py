@@ -243,13 +243,10 @@ def _check_names(config: Mapping[str, Value]) -> None:
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
     student = str(config["student-model"])
-    if student:
-        from fedsqueeze.distill.students import STUDENT_NAMES
-
-        if student not in STUDENT_NAMES:
-            raise ConfigError(
-                f"student-model = {student!r}: unknown model; valid: {', '.join(STUDENT_NAMES)}"
-            )
+    if student and student not in MODEL_NAMES:
+        raise ConfigError(
+            f"student-model = {student!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
+        )
     from fedsqueeze.compression import CodecError, parse_codec
 
     for key in ("codec", "downlink-codec"):

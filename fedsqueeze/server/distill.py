@@ -34,9 +34,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.contracts.records import RecordNames, from_record, to_record
 from fedsqueeze.distill import distill, ensemble_probs, load_transfer_data, teacher_probs
-from fedsqueeze.distill.students import build_student
 from fedsqueeze.federation import dataset_for
-from fedsqueeze.models import count_parameters
+from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.compose import DelegatingStrategy
 from fedsqueeze.server.hooks import RoundHook
@@ -67,7 +66,7 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self.transfer = load_transfer_data(
             str(config["distill-data"]), str(config["dataset"]), ds.input_shape
         )
-        self._build = lambda name, seed=None: build_student(
+        self._build = lambda name, seed=None: build_model(
             name, ds.input_shape, ds.num_classes, seed=seed
         )
         self.teacher_name = str(config["model"])

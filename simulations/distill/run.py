@@ -2,6 +2,7 @@
 without SecAgg, and the int8 ONNX artifacts of the results.
 
     python simulations/distill/run.py [--seeds 0 1 2] [--rounds 10] [--out DIR]
+    python simulations/distill/run.py --point converged --seeds 0 1 2 --only student
 
 Each seed runs three real federations in Flower's Simulation Engine (cnn1d, 20 clients,
 Dirichlet alpha = 0.1, 10 per round):
@@ -11,6 +12,10 @@ Dirichlet alpha = 0.1, 10 per round):
   the end. The teacher *is* the FedAvg baseline (distillation never changes the global);
 - ``student-secagg``: the same under secure aggregation (post-processing of the sum);
 - ``feddf``: FedAvg + FedDF ensemble distillation every round.
+
+``--point converged`` is the teacher -> student acceptance operating point instead: Dirichlet
+alpha = 0.5, 30 rounds, the student distilled every 5 rounds (1000 steps, lr 3e-3), so the
+teacher has converged when it is distilled (the alpha = 0.1 point is still rising at round 10).
 
 Then ``fedsqueeze export --int8`` on the student run (exports the student) and on the
 FedDF run (exports the cnn1d global). Prints markdown tables (mean ± sd over seeds) and
@@ -47,25 +52,41 @@ RUNS: dict[str, dict[str, Any]] = {
     },
     "feddf": {"distill": "feddf", "distill-steps": 100},
 }
+_STUDENT_CONVERGED = {"distill-every": 5, "distill-steps": 1000, "distill-lr": 0.003}
+POINTS: dict[str, dict[str, Any]] = {
+    # per point: its number of rounds, keys for every run, keys per run
+    "alpha0.1": {"rounds": 10, "all": {}},
+    "converged": {
+        "rounds": 30,
+        # one simulated client at a time: the machine is shared
+        "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
+        "student": _STUDENT_CONVERGED,
+        "student-secagg": _STUDENT_CONVERGED,
+    },
+}
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=0, help="0 = the point's (10 for alpha0.1)")
+    parser.add_argument("--point", choices=list(POINTS), default="alpha0.1")
     parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
-    parser.add_argument("--out", default=str(HERE.parent / "results" / "distill"))
+    parser.add_argument("--out", default="")
     args = parser.parse_args()
-    out = Path(args.out)
+    default_out = HERE.parent / "results" / "distill"
+    suffix = "" if args.point == "alpha0.1" else f"-{args.point}"
+    out = Path(args.out or f"{default_out}{suffix}")
+    show = tables if args.point == "alpha0.1" else acceptance_table
     if args.table:
-        print(tables(_collect(out), args.seeds))
+        print(show(_collect(out), args.seeds))
         return
 
     from fedsqueeze.cli import _configure_environment, simulate
@@ -75,18 +96,24 @@ def main() -> None:
     _configure_environment(verbose=False)
     for seed in args.seeds:
         for name in args.only:
-            extra = RUNS[name]
-            cfg = resolve_config(BASE, extra, {"num-rounds": args.rounds, "seed": seed})
+            point = POINTS[args.point]
+            rounds = args.rounds or point["rounds"]
+            cfg = resolve_config(
+                BASE,
+                RUNS[name],
+                {**point["all"], **point.get(name, {})},
+                {"num-rounds": rounds, "seed": seed},
+            )
             run_dir = out / f"{name}-s{seed}"
             run_dir.mkdir(parents=True, exist_ok=False)
             summary = simulate(cfg, run_dir, quiet=True)
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             entry: dict[str, Any] = {"summary": summary, "rounds": rows}
-            if name in ("student", "feddf"):
+            if name != "student-secagg" or args.point != "alpha0.1":
                 entry["export"] = export_run(run_dir, int8=True)
             (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
-    print(tables(_collect(out), args.seeds))
+    print(show(_collect(out), args.seeds))
 
 
 RESULT = "distill-result.json"
@@ -141,6 +168,33 @@ def tables(results: dict[str, Any], seeds: list[int]) -> str:
                 f"{art['agreement_with_torch']:.4f} | {lat['batch1']['p50']:.4f} | "
                 f"{lat['batch32']['p50']:.4f} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Teacher vs student per seed and mean ± sd, and the int8 export's agreement."""
+    lines = [
+        "| run | seeds | teacher (global) acc | student acc | teacher − student (pp) | "
+        "student / teacher params | int8 acc (onnxruntime) | int8 top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("student", "FedAvg + student"), ("student-secagg", "same, SecAgg")):
+        done = [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
+        if not done:
+            continue
+        teacher = [float(r["summary"]["final_accuracy"]) for r in done]
+        student = [float(r["summary"]["student_final_accuracy"]) for r in done]
+        gap = [100 * (t - s) for t, s in zip(teacher, student, strict=True)]
+        int8 = [r["export"]["artifacts"]["int8"] for r in done if "export" in r]
+        s0 = done[0]["summary"]
+        ratio = s0["teacher_parameters"] / s0["student_parameters"]
+        lines.append(
+            f"| {label} | {len(done)} | {_ms(teacher)} | {_ms(student)} | "
+            f"{_ms(gap, 2)} | {s0['student_parameters']:,} / "
+            f"{s0['teacher_parameters']:,} ({ratio:.1f}x fewer) | "
+            f"{_ms([a['accuracy_onnxruntime'] for a in int8]) if int8 else '—'} | "
+            f"{_ms([a['agreement_with_torch'] for a in int8]) if int8 else '—'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
