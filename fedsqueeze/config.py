@@ -155,6 +155,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "distill-temperature": (3.0, float, _positive_float, "softmax temperature T"),
     "distill-lr": (0.001, float, _positive_float, "distillation learning rate (Adam)"),
     "distill-batch-size": (128, int, _positive_int, "distillation minibatch size"),
+    "client-models": ("", str, None, "NAME:FRACTION,... architecture per client ('' = model)"),
 }
 
 DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}
@@ -242,6 +243,14 @@ def _check_names(config: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
+    if config["client-models"]:
+        from fedsqueeze.contracts.architectures import parse_client_models
+
+        for name, _ in parse_client_models(str(config["client-models"])):
+            if name not in MODEL_NAMES:
+                raise ConfigError(
+                    f"client-models: unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}"
+                )
     student = str(config["student-model"])
     if student and student not in MODEL_NAMES:
         raise ConfigError(

@@ -41,6 +41,7 @@ from flwr.clientapp.typing import Mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod
+from fedsqueeze.client.student import student_mod
 from fedsqueeze.client.training import (
     evaluate,
     load_numpy_state,
@@ -52,10 +53,11 @@ from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.federation import client_eval_data, client_train_data, new_model
 
-MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod)
-"""fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
-sees the message; secure aggregation and compression each act on their own request; pruning
-is innermost, so only the handler sees full tensors (the others see kept values only)."""
+MODS = (student_mod, downlink_mod, secagg_mod, compress_mod, prune_mod)
+"""fedsqueeze's client mods, outermost first: a distilled student the server sends is kept
+and taken out of the message; the downlink is decoded before anything else sees the message;
+secure aggregation and compression each act on their own request; pruning is innermost, so
+only the handler sees full tensors (the others see kept values only)."""
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -106,7 +108,7 @@ def build_client_app(
         x, y = client_train_data(cfg, pid, num_parts)
         round_cfg = msg.content["config"]
         server_round = int(round_cfg.get("server-round", 0))
-        model = new_model(cfg)
+        model = new_model(cfg, partition_id=pid)
         load_numpy_state(model, from_record(msg.content["arrays"]))
         dp_metrics: dict[str, float] = {}
         if cfg["dp"] == "local":
@@ -144,7 +146,7 @@ def build_client_app(
         cfg = run_config(context)
         pid, num_parts = node_partition(context)
         x, y = client_eval_data(cfg, pid, num_parts)
-        model = new_model(cfg)
+        model = new_model(cfg, partition_id=pid)
         load_numpy_state(model, from_record(msg.content["arrays"]))
         loss, acc = evaluate(model, x, y)
         metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-acc": acc})

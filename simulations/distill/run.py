@@ -80,6 +80,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
     parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--engine",
+        choices=["ray", "inprocess"],
+        default="ray",
+        help="inprocess: the same ClientApp, strategy chain and round loop over the test "
+        "suite's in-process grid (one process; for a machine where Ray cannot start)",
+    )
     args = parser.parse_args()
     default_out = HERE.parent / "results" / "distill"
     suffix = "" if args.point == "alpha0.1" else f"-{args.point}"
@@ -106,7 +113,11 @@ def main() -> None:
             )
             run_dir = out / f"{name}-s{seed}"
             run_dir.mkdir(parents=True, exist_ok=False)
-            summary = simulate(cfg, run_dir, quiet=True)
+            summary = (
+                simulate(cfg, run_dir, quiet=True)
+                if args.engine == "ray"
+                else _simulate_inprocess(cfg, run_dir)
+            )
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             entry: dict[str, Any] = {"summary": summary, "rounds": rows}
             if name != "student-secagg" or args.point != "alpha0.1":
@@ -117,6 +128,23 @@ def main() -> None:
 
 
 RESULT = "distill-result.json"
+
+
+def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    import sys
+
+    sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    from inprocess import InProcessGrid
+
+    from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.server.rounds import run_federation
+    from fedsqueeze.server.rundir import RunDir
+
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared
+    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
+    return run_federation(grid, cfg, RunDir(run_dir))
 
 
 def _collect(out: Path) -> dict[str, Any]:
