@@ -244,13 +244,14 @@ def _check_names(config: Mapping[str, Value]) -> None:
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
     if config["client-models"]:
-        from fedsqueeze.contracts.architectures import parse_client_models
+        from fedsqueeze.contracts.architectures import check_client_models, parse_client_models
 
         for name, _ in parse_client_models(str(config["client-models"])):
             if name not in MODEL_NAMES:
                 raise ConfigError(
                     f"client-models: unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}"
                 )
+        check_client_models(config)
     student = str(config["student-model"])
     if student and student not in MODEL_NAMES:
         raise ConfigError(

@@ -7,6 +7,9 @@ and numpy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from fedsqueeze.contracts.checks import ConfigError
@@ -68,3 +71,31 @@ def assign_architectures(spec: str, num_clients: int, seed: int) -> list[str]:
             out[int(p)] = name
         pos += count
     return out
+
+
+def check_client_models(config: Mapping[str, Any]) -> None:
+    """Refuse ``client-models`` settings that cannot run (the names are checked against the
+    registry by the config loader).
+
+    The server aggregates within each architecture from the individual (decoded) client
+    models: refused with secure aggregation and with central or distributed DP for the
+    reasons FedDF is, and with pruning (one mask per model) and teacher → student
+    distillation (one teacher per run).
+    """
+    spec = str(config.get("client-models", ""))
+    if not spec:
+        return
+    names = [n for n, _ in parse_client_models(spec)]
+    if str(config.get("model")) not in names:
+        raise ConfigError(
+            f"client-models = {spec!r} must list model = {config.get('model')!r} "
+            "(the run's main model: checkpointed, evaluated and exported)"
+        )
+    if bool(config.get("secagg")) or str(config.get("dp")) in ("central", "distributed"):
+        raise ConfigError(
+            "client-models aggregates each architecture from the individual client models, "
+            "which secure aggregation hides and central/distributed DP must not use"
+        )
+    if str(config.get("prune", "none")) != "none" or str(config.get("distill")) == "student":
+        raise ConfigError('client-models works with distill = "none" or "feddf", without prune')
+    assign_architectures(spec, int(config.get("num-clients", 1)), int(config.get("seed", 0)))

@@ -257,7 +257,6 @@ def check_distill_config(config: Mapping[str, Any]) -> None:
     distillation reads only the released aggregate (post-processing), so it runs with any
     of them.
     """
-    check_client_models(config)
     mode = str(config.get("distill", "none"))
     if mode == "none":
         return
@@ -279,33 +278,3 @@ def check_distill_config(config: Mapping[str, Any]) -> None:
             f"dataset = {config.get('dataset')!r} has no built-in public transfer slice "
             f'(only {", ".join(BUILTIN_TRANSFER_DATASETS)}): set distill-data = "npz:PATH"'
         )
-
-
-def check_client_models(config: Mapping[str, Any]) -> None:
-    """Refuse ``client-models`` settings that cannot run (the names are checked against the
-    registry by the config loader).
-
-    The server aggregates within each architecture from the individual (decoded) client
-    models: refused with secure aggregation and with central or distributed DP for the
-    reasons FedDF is, and with pruning (one mask per model) and teacher → student
-    distillation (one teacher per run).
-    """
-    spec = str(config.get("client-models", ""))
-    if not spec:
-        return
-    from fedsqueeze.contracts.architectures import assign_architectures, parse_client_models
-
-    names = [n for n, _ in parse_client_models(spec)]
-    if str(config.get("model")) not in names:
-        raise ConfigError(
-            f"client-models = {spec!r} must list model = {config.get('model')!r} "
-            "(the run's main model: checkpointed, evaluated and exported)"
-        )
-    if bool(config.get("secagg")) or str(config.get("dp")) in ("central", "distributed"):
-        raise ConfigError(
-            "client-models aggregates each architecture from the individual client models, "
-            "which secure aggregation hides and central/distributed DP must not use"
-        )
-    if str(config.get("prune", "none")) != "none" or str(config.get("distill")) == "student":
-        raise ConfigError('client-models works with distill = "none" or "feddf", without prune')
-    assign_architectures(spec, int(config.get("num-clients", 1)), int(config.get("seed", 0)))

@@ -134,15 +134,16 @@ def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     import sys
 
     sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
     from inprocess import InProcessGrid
 
     from fedsqueeze.client.app import build_client_app
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 
-    import torch
-
     torch.set_num_threads(1)  # the machine is shared
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's
     grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
     return run_federation(grid, cfg, RunDir(run_dir))
 
