@@ -165,7 +165,7 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._note_holders(replies)
-        clients = self._client_models(replies) if self.mode == "feddf" else []
+        clients = client_models(replies, self.names) if self.mode == "feddf" else []
         agg, metrics = self.inner.aggregate_train(server_round, replies)
         self._row = {}
         teacher = from_record(agg) if agg is not None else self._global
@@ -176,17 +176,6 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         ):
             self._distill_student(server_round, teacher)
         return agg, metrics
-
-    def _client_models(self, replies: list[Message]) -> list[tuple[dict[str, np.ndarray], float]]:
-        """The round's decoded client models and their weights (``num-examples``)."""
-        out = []
-        for msg in replies:
-            if msg.has_error() or self.names.arrays not in msg.content.array_records:
-                continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            weight = float(metrics.get(self.names.weight, 1.0))  # type: ignore[arg-type]
-            out.append((from_record(msg.content.array_records[self.names.arrays]), weight))
-        return out
 
     def _feddf(
         self,
@@ -268,6 +257,20 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
             out["teacher_parameters"] = count_parameters(teacher)
             out["student_final_accuracy"] = evaluate(student, *self._test)[1]
         return out
+
+
+def client_models(
+    replies: Iterable[Message], names: RecordNames
+) -> list[tuple[dict[str, np.ndarray], float]]:
+    """The client models of decoded train replies and their weights (``num-examples``)."""
+    out = []
+    for msg in replies:
+        if msg.has_error() or names.arrays not in msg.content.array_records:
+            continue
+        metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+        weight = float(metrics.get(names.weight, 1.0))  # type: ignore[arg-type]
+        out.append((from_record(msg.content.array_records[names.arrays]), weight))
+    return out
 
 
 def ensemble_accuracy(models: list[Any], test: tuple[np.ndarray, np.ndarray]) -> float:

@@ -41,7 +41,7 @@ from fedsqueeze.federation import dataset_for
 from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.compose import DelegatingStrategy
-from fedsqueeze.server.distill import ensemble_accuracy
+from fedsqueeze.server.distill import client_models, ensemble_accuracy
 from fedsqueeze.server.grid import GridWrapper
 from fedsqueeze.server.hooks import RoundHook, hooks_in, strategy_chain
 
@@ -72,13 +72,7 @@ class ClientModels(DelegatingStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.last = []
-        for msg in replies:
-            if msg.has_error() or self.names.arrays not in msg.content.array_records:
-                continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            weight = float(metrics.get(self.names.weight, 1.0))  # type: ignore[arg-type]
-            self.last.append((from_record(msg.content.array_records[self.names.arrays]), weight))
+        self.last = client_models(replies, self.names)
         return self.inner.aggregate_train(server_round, replies)
 
 
