@@ -8,7 +8,7 @@ Each seed runs three real federations in Flower's Simulation Engine (cnn1d, 20 c
 Dirichlet alpha = 0.1, 10 per round):
 
 - ``student``: FedAvg; the server distills the global (teacher, cnn1d, 29.6k parameters)
-  into ``cnn1d-small`` (3.5k) on the built-in public transfer slice every 5 rounds and at
+  into ``cnn1d-small`` (5.1k) on the built-in public transfer slice every 5 rounds and at
   the end. The teacher *is* the FedAvg baseline (distillation never changes the global);
 - ``student-secagg``: the same under secure aggregation (post-processing of the sum);
 - ``feddf``: FedAvg + FedDF ensemble distillation every round.
@@ -16,6 +16,9 @@ Dirichlet alpha = 0.1, 10 per round):
 ``--point converged`` is the teacher -> student acceptance operating point instead: Dirichlet
 alpha = 0.5, 30 rounds, the student distilled every 5 rounds (1000 steps, lr 3e-3), so the
 teacher has converged when it is distilled (the alpha = 0.1 point is still rising at round 10).
+
+``--only hetero hetero-feddf``: clients of different sizes (half ``cnn1d``, half
+``cnn1d-small``), each architecture aggregated on its own, without and with FedDF across them.
 
 Then ``fedsqueeze export --int8`` on the student run (exports the student) and on the
 FedDF run (exports the cnn1d global). Prints markdown tables (mean ± sd over seeds) and
@@ -51,6 +54,13 @@ RUNS: dict[str, dict[str, Any]] = {
         "secagg-clip": 5.0,
     },
     "feddf": {"distill": "feddf", "distill-steps": 100},
+    # clients of different sizes: half cnn1d, half cnn1d-small, without and with FedDF
+    "hetero": {"client-models": "cnn1d:0.5,cnn1d-small:0.5"},
+    "hetero-feddf": {
+        "client-models": "cnn1d:0.5,cnn1d-small:0.5",
+        "distill": "feddf",
+        "distill-steps": 100,
+    },
 }
 _STUDENT_CONVERGED = {"distill-every": 5, "distill-steps": 1000, "distill-lr": 0.003}
 POINTS: dict[str, dict[str, Any]] = {
@@ -77,7 +87,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=0, help="0 = the point's (10 for alpha0.1)")
     parser.add_argument("--point", choices=list(POINTS), default="alpha0.1")
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument(
+        "--only", nargs="+", choices=list(RUNS), default=["student", "student-secagg", "feddf"]
+    )
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
     parser.add_argument("--out", default="")
     parser.add_argument(
@@ -91,7 +103,10 @@ def main() -> None:
     default_out = HERE.parent / "results" / "distill"
     suffix = "" if args.point == "alpha0.1" else f"-{args.point}"
     out = Path(args.out or f"{default_out}{suffix}")
-    show = tables if args.point == "alpha0.1" else acceptance_table
+    if set(args.only) <= {"hetero", "hetero-feddf"}:
+        show = hetero_table
+    else:
+        show = tables if args.point == "alpha0.1" else acceptance_table
     if args.table:
         print(show(_collect(out), args.seeds))
         return
@@ -120,7 +135,10 @@ def main() -> None:
             )
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             entry: dict[str, Any] = {"summary": summary, "rounds": rows}
-            if name != "student-secagg" or args.point != "alpha0.1":
+            exported = {"student", "feddf"} | (
+                {"student-secagg"} if args.point != "alpha0.1" else set()
+            )
+            if name in exported:
                 entry["export"] = export_run(run_dir, int8=True)
             (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
@@ -224,6 +242,22 @@ def acceptance_table(results: dict[str, Any], seeds: list[int]) -> str:
             f"{_ms([a['accuracy_onnxruntime'] for a in int8]) if int8 else '—'} | "
             f"{_ms([a['agreement_with_torch'] for a in int8]) if int8 else '—'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def hetero_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Each architecture's final accuracy with and without FedDF across architectures."""
+    lines = ["| run | seeds | cnn1d final acc | cnn1d-small final acc |", "|---|---|---|---|"]
+    for name, label in (("hetero", "per-architecture FedAvg"), ("hetero-feddf", "+ FedDF")):
+        done = [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
+        if done:
+            acc = {
+                arch: [float(r["summary"]["client_models"][arch]["final_accuracy"]) for r in done]
+                for arch in ("cnn1d", "cnn1d-small")
+            }
+            lines.append(
+                f"| {label} | {len(done)} | {_ms(acc['cnn1d'])} | {_ms(acc['cnn1d-small'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
