@@ -169,6 +169,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     ),
     "init-model": ("", str, None, "model.pt / run dir / export.json to start from ('' = fresh)"),
     "train-layers": ("all", str, None, "all | last | NAME,NAME: the tensors fine-tuning trains"),
+    "client-models": ("", str, None, "NAME:FRACTION,... architecture per client ('' = model)"),
 }
 
 DEFAULTS: dict[str, Value] = {k: spec[0] for k, spec in SCHEMA.items()}
@@ -256,14 +257,20 @@ def _check_names(config: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )
-    student = str(config["student-model"])
-    if student:
-        from fedsqueeze.distill.students import STUDENT_NAMES
+    if config["client-models"]:
+        from fedsqueeze.contracts.architectures import check_client_models, parse_client_models
 
-        if student not in STUDENT_NAMES:
-            raise ConfigError(
-                f"student-model = {student!r}: unknown model; valid: {', '.join(STUDENT_NAMES)}"
-            )
+        for name, _ in parse_client_models(str(config["client-models"])):
+            if name not in MODEL_NAMES:
+                raise ConfigError(
+                    f"client-models: unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}"
+                )
+        check_client_models(config)
+    student = str(config["student-model"])
+    if student and student not in MODEL_NAMES:
+        raise ConfigError(
+            f"student-model = {student!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
+        )
     from fedsqueeze.compression import CodecError, parse_codec
 
     for key in ("codec", "downlink-codec"):

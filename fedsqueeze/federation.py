@@ -69,10 +69,25 @@ def client_eval_data(
     return ds.x_test[partition_id::num_partitions], ds.y_test[partition_id::num_partitions]
 
 
-def new_model(config: Mapping[str, Any], seed: int | None = None) -> torch.nn.Module:
-    """A freshly initialized model for the run's dataset (seeded when ``seed`` is given)."""
+def model_name(config: Mapping[str, Any], partition_id: int | None = None) -> str:
+    """The registry model a partition trains: ``model``, or its ``client-models`` share."""
+    spec = str(config.get("client-models", ""))
+    if not spec or partition_id is None:
+        return str(config["model"])
+    from fedsqueeze.contracts.architectures import assign_architectures
+
+    names = assign_architectures(spec, int(config["num-clients"]), int(config["seed"]))
+    return names[partition_id]
+
+
+def new_model(
+    config: Mapping[str, Any], seed: int | None = None, partition_id: int | None = None
+) -> torch.nn.Module:
+    """A freshly initialized model for the run's dataset (seeded when ``seed`` is given):
+    ``model``, or with ``partition_id`` the architecture ``client-models`` gives it."""
     ds = dataset_for(config)
-    return build_model(str(config["model"]), ds.input_shape, ds.num_classes, seed=seed)
+    name = model_name(config, partition_id)
+    return build_model(name, ds.input_shape, ds.num_classes, seed=seed)
 
 
 def devices_bring_data(config: Mapping[str, Any]) -> bool:

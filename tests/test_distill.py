@@ -14,6 +14,7 @@ from inprocess import InProcessGrid
 
 from fedsqueeze.cli import EXIT_USAGE, main
 from fedsqueeze.client.app import build_client_app
+from fedsqueeze.client.student import held_student, student_mod, student_model
 from fedsqueeze.config import ConfigError, resolve_config
 from fedsqueeze.distill import (
     DistillError,
@@ -23,7 +24,7 @@ from fedsqueeze.distill import (
     teacher_probs,
 )
 from fedsqueeze.federation import dataset_for
-from fedsqueeze.models import build_model
+from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.server.distill import DistillStrategy
 from fedsqueeze.server.hooks import strategy_chain
 from fedsqueeze.server.rounds import run_federation
@@ -200,3 +201,85 @@ def test_feddf_fine_tunes_the_aggregate_towards_the_client_ensemble(tmp_path: Pa
         assert {"pre_distill_accuracy", "ensemble_accuracy", "distill_s"} <= row.keys()
         # the released model is the fine-tuned one, not the plain average
         assert row["accuracy"] != row["pre_distill_accuracy"]
+
+
+# --- the student on the downlink ------------------------------------------------------------
+
+
+def _run_grid(tmp_path: Path, name: str, **overrides: Any) -> tuple[InProcessGrid, RunDir]:
+    cfg = resolve_config(
+        {
+            "dataset": "digits",
+            "model": "mlp",
+            "num-clients": 3,
+            "clients-per-round": 3,
+            "local-epochs": 1,
+            "distill-data": _transfer(tmp_path),
+            "distill-steps": 60,
+            "distill-lr": 0.01,
+        },
+        {k.replace("_", "-"): v for k, v in overrides.items()},
+    )
+    run_dir = RunDir(tmp_path / name)
+    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
+    run_federation(grid, cfg, run_dir, node_timeout=5)
+    return grid, run_dir
+
+
+def test_clients_receive_the_student_once_per_version_and_pay_for_it(tmp_path: Path) -> None:
+    student = {"distill": "student", "student_model": "logreg", "distill_every": 2}
+    grid, run_dir = _run_grid(tmp_path, "student", num_rounds=4, **student)
+    _, plain_dir = _run_grid(tmp_path, "plain", num_rounds=4)
+    rows, plain = run_dir.read_metrics(), plain_dir.read_metrics()
+    # distilled after rounds 2 and 4: version 2 goes out with round 3's messages, once each
+    assert [r["student_downlink"] for r in rows] == [0, 0, 3, 0]
+    extra = [r["downlink_bytes"] - p["downlink_bytes"] for r, p in zip(rows, plain, strict=True)]
+    logreg_bytes = 4 * (64 * 10 + 10)
+    assert extra[0] == extra[1] == extra[3] == 0
+    assert 3 * logreg_bytes < extra[2] < 3 * logreg_bytes + 3 * 1024
+    for context in grid.contexts.values():
+        held = held_student(context)
+        assert held is not None and held[:2] == ("logreg", 2)
+        model = student_model(context, (1, 8, 8), 10)
+        assert model is not None and count_parameters(model) == 650
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_clients_hold_the_servers_final_student(tmp_path: Path, secagg: bool) -> None:
+    # With federated evaluation, the student distilled after the last round reaches the
+    # clients with that round's evaluation messages: they hold exactly the server's.
+    extra = {"secagg": True, "secagg_clip": 5.0} if secagg else {}
+    grid, run_dir = _run_grid(
+        tmp_path,
+        "student",
+        num_rounds=2,
+        fraction_evaluate=0.99,  # all 3 clients
+        distill="student",
+        student_model="logreg",
+        **extra,
+    )
+    ckpt = run_dir.load_checkpoint()
+    assert ckpt is not None
+    server = ckpt.extra["hooks"]["distill"]["student"]
+    assert [r["student_downlink"] for r in run_dir.read_metrics()] == [3, 3]
+    for context in grid.contexts.values():
+        held = held_student(context)
+        assert held is not None and held[1] == 2
+        for key, value in server.items():
+            np.testing.assert_array_equal(held[2][key], value)
+
+
+def test_student_record_that_does_not_decode_is_a_mod_error() -> None:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedsqueeze.contracts.records import STUDENT_KEY
+
+    bad = ConfigRecord(
+        {"payload": b"\x00garbage", "codec": "none", "seed": 0, "version": 1, "model": "mlp"}
+    )
+    msg = Message(RecordDict({STUDENT_KEY: bad}), dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    called = []
+    reply = student_mod(msg, context, lambda m, c: called.append(m) or m)
+    assert reply.has_error() and "student_mod" in reply.error.reason
+    assert not called and held_student(context) is None

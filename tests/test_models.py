@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedsqueeze.models import MODEL_NAMES, ModelError, build_model, count_parameters
+from fedsqueeze.models import MODEL_NAMES, SMALL_MODELS, ModelError, build_model, count_parameters
 
 DIGITS_SHAPE = (1, 8, 8)
 MNIST1D_SHAPE = (1, 40)
@@ -26,6 +26,8 @@ CASES = [
     ("mlp", MNIST1D_SHAPE),
     ("cnn1d", MNIST1D_SHAPE),
     ("cnn2d", DIGITS_SHAPE),
+    ("cnn1d-small", MNIST1D_SHAPE),
+    ("cnn2d-small", DIGITS_SHAPE),
 ]
 CASE_IDS = [f"{n}-{'x'.join(map(str, s))}" for n, s in CASES]
 
@@ -40,8 +42,19 @@ def _one_thread():
 
 
 def test_registry_names() -> None:
-    assert set(MODEL_NAMES) == {"logreg", "mlp", "cnn1d", "cnn2d"}
+    assert set(MODEL_NAMES) == {"logreg", "mlp", "cnn1d", "cnn2d", "cnn1d-small", "cnn2d-small"}
     assert {n for n, _ in CASES} == set(MODEL_NAMES)
+    assert set(SMALL_MODELS) <= set(MODEL_NAMES) and set(SMALL_MODELS.values()) <= set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize(("small", "full"), sorted(SMALL_MODELS.items()))
+def test_small_models_are_5x_smaller_on_the_same_inputs(small: str, full: str) -> None:
+    # A small model stands in for its full-size model (a student, a small device's model):
+    # it takes every input shape the full model takes, at >= 5x fewer parameters.
+    for shape in [s for n, s in CASES if n == full]:
+        big, little = build_model(full, shape, 10), build_model(small, shape, 10)
+        assert count_parameters(big) >= 5 * count_parameters(little), shape
+        assert little(torch.randn(2, *shape)).shape == (2, 10)
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=CASE_IDS)
@@ -147,7 +160,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> fl
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn2d"])
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn2d", "cnn2d-small"])
 def test_models_learn_digits_subset(name: str) -> None:
     from sklearn.datasets import load_digits
 
@@ -159,7 +172,8 @@ def test_models_learn_digits_subset(name: str) -> None:
     assert acc > max(0.9, chance + 0.5)
 
 
-def test_cnn1d_learns_position_task() -> None:
+@pytest.mark.parametrize("name", ["cnn1d", "cnn1d-small"])
+def test_cnn1d_learns_position_task(name: str) -> None:
     # Class = which quarter of the sequence holds a bump; needs spatial features.
     gen = torch.Generator().manual_seed(0)
     n, length = 128, 40
@@ -167,7 +181,7 @@ def test_cnn1d_learns_position_task() -> None:
     x = 0.3 * torch.randn(n, 1, length, generator=gen)
     centers = y * 10 + 2 + torch.randint(0, 6, (n,), generator=gen)
     x[torch.arange(n), 0, centers] += 3.0
-    acc = _train(build_model("cnn1d", (1, length), 4, seed=0), x, y, steps=40)
+    acc = _train(build_model(name, (1, length), 4, seed=0), x, y, steps=40)
     assert acc > 0.9
 
 
@@ -214,9 +228,9 @@ def test_bad_num_classes(num_classes: object) -> None:
     classes=st.integers(2, 12),
 )
 def test_any_valid_shape_gives_logits(name: str, channels: int, side: int, classes: int) -> None:
-    if name == "cnn2d":
+    if name.startswith("cnn2d"):
         shape: tuple[int, ...] = (channels, side, max(4, side // 2))
-    elif name == "cnn1d":
+    elif name.startswith("cnn1d"):
         shape = (channels, side * 2)
     else:
         shape = (channels, side)

@@ -57,6 +57,7 @@ from fedsqueeze.client.layers import layers_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod
+from fedsqueeze.client.student import student_mod
 from fedsqueeze.client.training import (
     evaluate,
     load_numpy_state,
@@ -71,8 +72,9 @@ from fedsqueeze.models.retrain import TRAIN_TENSORS, set_trainable
 
 log = logging.getLogger(__name__)
 
-MODS = (downlink_mod, secagg_mod, compress_mod, layers_mod, prune_mod)
-"""fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
+MODS = (student_mod, downlink_mod, secagg_mod, compress_mod, layers_mod, prune_mod)
+"""fedsqueeze's client mods, outermost first: a distilled student the server sends is kept
+and taken out of the message; the downlink is decoded before anything else
 sees the message; secure aggregation and compression each act on their own request; the
 layers and pruning mods are innermost, so only the handler sees full tensors (the others
 see the trained tensors / kept values only)."""

@@ -64,7 +64,7 @@ class Partition:
         return client_eval_data(self.cfg, self.pid, self.num_parts)
 
     def model(self) -> torch.nn.Module:
-        return new_model(self.cfg)
+        return new_model(self.cfg, partition_id=self.pid)
 
 
 @functools.lru_cache(maxsize=2)

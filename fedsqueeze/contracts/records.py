@@ -97,6 +97,11 @@ PRUNE_ACK_KEY = "fedsqueeze.prune-ack"
 """ConfigRecord in a reply: ``digest`` of the mask the client now holds."""
 PRUNE_STATE_KEY = "fedsqueeze.prune-state"
 """Client ``Context.state`` ConfigRecord: ``digest`` and ``mask`` of the mask last received."""
+STUDENT_KEY = "fedsqueeze.student"
+"""ConfigRecord in a train or evaluate message: the distilled student for on-device
+inference, sent only to a client that does not hold its current version: ``payload`` (the
+full model, :func:`fedsqueeze.downlink.encode`), ``codec``, ``seed``, ``version`` (the round
+it was distilled in) and ``model`` (its registry name)."""
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

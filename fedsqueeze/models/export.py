@@ -159,8 +159,8 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     """The model to export from ``run_dir`` (the student if the run has one), its run config,
     and which model it is (``"global"`` or ``"student"``)."""
     from fedsqueeze.config import ConfigError, load_toml, resolve_config
-    from fedsqueeze.distill.students import build_student
     from fedsqueeze.federation import dataset_for
+    from fedsqueeze.models import build_model
     from fedsqueeze.models.weights import load_numpy_state
 
     cfg_path, model_path = run_dir / "config.toml", run_dir / "model.pt"
@@ -180,7 +180,7 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
     else:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
         arrays = {k: v.numpy() for k, v in state.items()}
-    model = build_student(name, ds.input_shape, ds.num_classes)
+    model = build_model(name, ds.input_shape, ds.num_classes)
     load_numpy_state(model, arrays)
     return model.eval(), config, which
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from fedsqueeze.models.pruning import on_model_built
 
-__all__ = ["MODEL_NAMES", "ModelError", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "SMALL_MODELS", "ModelError", "build_model", "count_parameters"]
 
 
 class ModelError(ValueError):
@@ -64,67 +64,91 @@ _CNN1D_MAX_LEN = 10
 _CNN2D_MAX_SIDE = 4
 
 
-def _cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if len(input_shape) != 2:
-        raise ModelError(
-            f"model 'cnn1d' needs input_shape (channels, length), got {tuple(input_shape)}"
+def _cnn1d_layout(
+    name: str, width: int, hidden: int, max_len: int
+) -> Callable[[tuple[int, ...], int], nn.Module]:
+    """A conv-conv-conv-fc-fc classifier for ``(channels, length)`` inputs at a given size."""
+
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 2:
+            raise ModelError(
+                f"model {name!r} needs input_shape (channels, length), got {tuple(input_shape)}"
+            )
+        channels, length = input_shape
+        if length < 4:
+            raise ModelError(f"model {name!r} needs sequence length >= 4, got {length}")
+        # Two 2x poolings keep position information (MNIST-1D digits are position-dependent
+        # templates), so the head sees a short sequence rather than a global average.
+        out_len = min(length // 4, max_len)
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv1d(channels, width, kernel_size=5, padding=2)),
+                    ("act1", nn.ReLU()),
+                    ("pool1", nn.MaxPool1d(2)),
+                    ("conv2", nn.Conv1d(width, width, kernel_size=5, padding=2)),
+                    ("act2", nn.ReLU()),
+                    ("pool2", nn.MaxPool1d(2)),
+                    ("conv3", nn.Conv1d(width, width, kernel_size=3, padding=1)),
+                    ("act3", nn.ReLU()),
+                    ("pool3", nn.AdaptiveAvgPool1d(out_len)),
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(width * out_len, hidden)),
+                    ("act4", nn.ReLU()),
+                    ("fc2", nn.Linear(hidden, num_classes)),
+                ]
+            )
         )
-    channels, length = input_shape
-    if length < 4:
-        raise ModelError(f"model 'cnn1d' needs sequence length >= 4, got {length}")
-    # Two 2x poolings keep position information (MNIST-1D digits are position-dependent
-    # templates), so the head sees a short sequence rather than a global average.
-    out_len = min(length // 4, _CNN1D_MAX_LEN)
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("conv1", nn.Conv1d(channels, 32, kernel_size=5, padding=2)),
-                ("act1", nn.ReLU()),
-                ("pool1", nn.MaxPool1d(2)),
-                ("conv2", nn.Conv1d(32, 32, kernel_size=5, padding=2)),
-                ("act2", nn.ReLU()),
-                ("pool2", nn.MaxPool1d(2)),
-                ("conv3", nn.Conv1d(32, 32, kernel_size=3, padding=1)),
-                ("act3", nn.ReLU()),
-                ("pool3", nn.AdaptiveAvgPool1d(out_len)),
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(32 * out_len, 64)),
-                ("act4", nn.ReLU()),
-                ("fc2", nn.Linear(64, num_classes)),
-            ]
-        )
-    )
+
+    return factory
 
 
-def _cnn2d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if len(input_shape) != 3:
-        raise ModelError(
-            f"model 'cnn2d' needs input_shape (channels, height, width), got {tuple(input_shape)}"
+_cnn1d = _cnn1d_layout("cnn1d", width=32, hidden=64, max_len=_CNN1D_MAX_LEN)
+_cnn1d_small = _cnn1d_layout("cnn1d-small", width=16, hidden=32, max_len=_CNN1D_MAX_LEN // 2)
+
+
+def _cnn2d_layout(
+    name: str, widths: tuple[int, int, int], hidden: int, max_side: int
+) -> Callable[[tuple[int, ...], int], nn.Module]:
+    """A conv-conv-pool-conv-pool-fc-fc classifier for ``(channels, h, w)`` at a given size."""
+    c1, c2, c3 = widths
+
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ModelError(
+                f"model {name!r} needs input_shape (channels, height, width), "
+                f"got {tuple(input_shape)}"
+            )
+        channels, height, width = input_shape
+        if height < 4 or width < 4:
+            raise ModelError(f"model {name!r} needs height and width >= 4, got {height}x{width}")
+        out_h = min(height // 4, max_side)
+        out_w = min(width // 4, max_side)
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(channels, c1, kernel_size=3, padding=1)),
+                    ("act1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(c1, c2, kernel_size=3, padding=1)),
+                    ("act2", nn.ReLU()),
+                    ("pool1", nn.MaxPool2d(2)),
+                    ("conv3", nn.Conv2d(c2, c3, kernel_size=3, padding=1)),
+                    ("act3", nn.ReLU()),
+                    ("pool2", nn.MaxPool2d(2)),
+                    ("pool3", nn.AdaptiveAvgPool2d((out_h, out_w))),
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(c3 * out_h * out_w, hidden)),
+                    ("act4", nn.ReLU()),
+                    ("fc2", nn.Linear(hidden, num_classes)),
+                ]
+            )
         )
-    channels, height, width = input_shape
-    if height < 4 or width < 4:
-        raise ModelError(f"model 'cnn2d' needs height and width >= 4, got {height}x{width}")
-    out_h = min(height // 4, _CNN2D_MAX_SIDE)
-    out_w = min(width // 4, _CNN2D_MAX_SIDE)
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("conv1", nn.Conv2d(channels, 16, kernel_size=3, padding=1)),
-                ("act1", nn.ReLU()),
-                ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
-                ("act2", nn.ReLU()),
-                ("pool1", nn.MaxPool2d(2)),
-                ("conv3", nn.Conv2d(32, 32, kernel_size=3, padding=1)),
-                ("act3", nn.ReLU()),
-                ("pool2", nn.MaxPool2d(2)),
-                ("pool3", nn.AdaptiveAvgPool2d((out_h, out_w))),
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(32 * out_h * out_w, 64)),
-                ("act4", nn.ReLU()),
-                ("fc2", nn.Linear(64, num_classes)),
-            ]
-        )
-    )
+
+    return factory
+
+
+_cnn2d = _cnn2d_layout("cnn2d", widths=(16, 32, 32), hidden=64, max_side=_CNN2D_MAX_SIDE)
+_cnn2d_small = _cnn2d_layout("cnn2d-small", widths=(8, 8, 16), hidden=32, max_side=_CNN2D_MAX_SIDE)
 
 
 _REGISTRY: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
@@ -132,10 +156,18 @@ _REGISTRY: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mlp": _mlp,
     "cnn1d": _cnn1d,
     "cnn2d": _cnn2d,
+    "cnn1d-small": _cnn1d_small,
+    "cnn2d-small": _cnn2d_small,
 }
 
 #: Registered model names, in a stable order.
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+SMALL_MODELS: dict[str, str] = {"cnn1d-small": "cnn1d", "cnn2d-small": "cnn2d"}
+"""Compact registry models and the full-size model each one shrinks (same input shapes,
+>= 5x fewer parameters): distillation students (``student-model``) and the architecture
+of small devices (``client-models``). They are ordinary registry models: any role a
+model can take, they can take."""
 
 
 def build_model(

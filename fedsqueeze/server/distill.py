@@ -14,6 +14,14 @@ DP wrappers release (the noised aggregate) with it. It never sees anything else:
   individual models: refused under secure aggregation and central DP
   (:func:`fedsqueeze.contracts.checks.check_distill_config`).
 
+Clients receive the student (``student_mod`` on their side keeps it for on-device
+inference): from the round after each distillation, a train (or federated-evaluation)
+message carries the current student (``fedsqueeze.student``, the full model encoded with
+the run's downlink codec) to every client that does not hold that version yet — a client
+holds it once it answered a message that carried it without an error. The record travels in
+the Flower message, so its bytes are in ``downlink_bytes``; ``student_downlink`` counts the
+copies sent per round.
+
 Per round it adds ``distill_s`` (server time of the step), ``teacher_accuracy``,
 ``student_accuracy`` (student mode) or ``pre_distill_accuracy`` (FedDF: the aggregate's
 accuracy before fine-tuning; ``accuracy`` is after it) to ``metrics.jsonl``. The student's
@@ -28,15 +36,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.contracts.records import RecordNames, from_record, to_record
+from fedsqueeze import downlink
+from fedsqueeze.compression import parse_codec
+from fedsqueeze.contracts.records import STUDENT_KEY, RecordNames, from_record, to_record
+from fedsqueeze.contracts.streams import Stream, round_seed
 from fedsqueeze.distill import distill, ensemble_probs, load_transfer_data, teacher_probs
-from fedsqueeze.distill.students import build_student
 from fedsqueeze.federation import dataset_for
-from fedsqueeze.models import count_parameters
+from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.compose import DelegatingStrategy
 from fedsqueeze.server.hooks import RoundHook
@@ -67,7 +77,7 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self.transfer = load_transfer_data(
             str(config["distill-data"]), str(config["dataset"]), ds.input_shape
         )
-        self._build = lambda name, seed=None: build_student(
+        self._build = lambda name, seed=None: build_model(
             name, ds.input_shape, ds.num_classes, seed=seed
         )
         self.teacher_name = str(config["model"])
@@ -78,6 +88,13 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
             else None
         )
         self.names = RecordNames.of(inner)
+        self.codec = parse_codec(str(config["downlink-codec"]))
+        self.version = 0
+        """Round the current student was distilled in (0: none yet)."""
+        self._payload: ConfigRecord | None = None
+        self._held: dict[int, int] = {}
+        self._offered: dict[int, int] = {}
+        self._sent_copies = 0
         self._global: dict[str, np.ndarray] = {}
         self._row: dict[str, Any] = {}
 
@@ -90,14 +107,65 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = from_record(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._sent_copies = 0
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return self._offer_student(messages)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        return self._offer_student(messages)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._note_holders(replies)
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    # ---- the student on the downlink ------------------------------------------------------
+    def _offer_student(self, messages: list[Message]) -> list[Message]:
+        """Attach the current student to the messages of nodes that do not hold it."""
+        self._offered = {}
+        if self.student is None or self.version == 0:
+            return messages
+        if self._payload is None:
+            seed = round_seed(self.seed, self.version, Stream.DOWNLINK_CODEC)
+            self._payload = ConfigRecord(
+                {
+                    "payload": downlink.encode(self.codec, self.student, seed),
+                    "codec": self.codec.spec,
+                    "seed": seed,
+                    "version": self.version,
+                    "model": self.student_name,
+                }
+            )
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self._held.get(node) == self.version:
+                continue
+            content = RecordDict(dict(msg.content.items()))  # broadcasts share one RecordDict
+            content[STUDENT_KEY] = self._payload
+            msg.content = content
+            self._offered[node] = self.version
+            self._sent_copies += 1
+        return messages
+
+    def _note_holders(self, replies: list[Message]) -> None:
+        """A node that answered a message carrying the student without an error holds it."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node in self._offered and not msg.has_error():
+                self._held[node] = self._offered[node]
 
     # ---- the distillation step ------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        clients = self._client_models(replies) if self.mode == "feddf" else []
+        self._note_holders(replies)
+        clients = client_models(replies, self.names) if self.mode == "feddf" else []
         agg, metrics = self.inner.aggregate_train(server_round, replies)
         self._row = {}
         teacher = from_record(agg) if agg is not None else self._global
@@ -108,17 +176,6 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         ):
             self._distill_student(server_round, teacher)
         return agg, metrics
-
-    def _client_models(self, replies: list[Message]) -> list[tuple[dict[str, np.ndarray], float]]:
-        """The round's decoded client models and their weights (``num-examples``)."""
-        out = []
-        for msg in replies:
-            if msg.has_error() or self.names.arrays not in msg.content.array_records:
-                continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            weight = float(metrics.get(self.names.weight, 1.0))  # type: ignore[arg-type]
-            out.append((from_record(msg.content.array_records[self.names.arrays]), weight))
-        return out
 
     def _feddf(
         self,
@@ -136,7 +193,7 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         model = self._build(self.teacher_name)
         load_numpy_state(model, aggregate)
         self._row["pre_distill_accuracy"] = evaluate(model, *self._test)[1]
-        self._row["ensemble_accuracy"] = _ensemble_accuracy(models, self._test)
+        self._row["ensemble_accuracy"] = ensemble_accuracy(models, self._test)
         distill(model, self.transfer, target, **self._step_args(server_round))
         self._row["distill_s"] = round(time.process_time() - t0, 4)
         out = state_to_numpy(model)
@@ -158,6 +215,7 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self._row["teacher_accuracy"] = evaluate(teacher, *self._test)[1]
         self._row["student_accuracy"] = evaluate(student, *self._test)[1]
         self.student = state_to_numpy(student)
+        self.version, self._payload = server_round, None
 
     def _step_args(self, server_round: int) -> dict[str, Any]:
         return {
@@ -171,13 +229,22 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
     # ---- round hook -----------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         row.update(self._row)
+        if self.mode == "student":
+            row["student_downlink"] = self._sent_copies
 
     def state(self) -> dict[str, Any]:
-        return {STUDENT_STATE: self.student, "student_model": self.student_name}
+        # Which node holds which version is not kept: node ids are new after a restart, so a
+        # resumed run sends the student to each client once more.
+        return {
+            STUDENT_STATE: self.student,
+            "student_model": self.student_name,
+            "student_version": self.version,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get(STUDENT_STATE) is not None:
             self.student = state[STUDENT_STATE]
+            self.version = int(state.get("student_version", 0))
 
     def summary_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"distill": self.mode}
@@ -192,7 +259,22 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         return out
 
 
-def _ensemble_accuracy(models: list[Any], test: tuple[np.ndarray, np.ndarray]) -> float:
+def client_models(
+    replies: Iterable[Message], names: RecordNames
+) -> list[tuple[dict[str, np.ndarray], float]]:
+    """The client models of decoded train replies and their weights (``num-examples``)."""
+    out = []
+    for msg in replies:
+        if msg.has_error() or names.arrays not in msg.content.array_records:
+            continue
+        metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+        weight = float(metrics.get(names.weight, 1.0))  # type: ignore[arg-type]
+        out.append((from_record(msg.content.array_records[names.arrays]), weight))
+    return out
+
+
+def ensemble_accuracy(models: list[Any], test: tuple[np.ndarray, np.ndarray]) -> float:
+    """Test accuracy of the models' mean softmax."""
     import torch
 
     x, y = test

@@ -23,11 +23,13 @@ from flwr.serverapp.strategy import (
 
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.stages import ErrorFeedback
+from fedsqueeze.contracts.architectures import parse_client_models
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import devices_bring_data, partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.hetero import ClientModels, HeteroStrategy
 from fedsqueeze.server.layers import with_train_layers
 from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
@@ -144,13 +146,21 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
     ``TrainLayers([LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
-    strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
-    secagg = bool(config["secagg"])
-    if secagg:
-        strategy = _secure(strategy, config)
-    strategy = with_distill(strategy, config)  # inside: sees decoded replies / the release
-    strategy = CompressedStrategy(
-        strategy,
+    inner = inner if inner is not None else build_strategy(config)
+    if config["client-models"]:
+        strategy: Strategy = _heterogeneous(inner, config)
+    else:
+        strategy = _homogeneous(inner, config)
+    strategy = pruning_from_config(strategy, config)
+    if str(config["dp"]) == "local":
+        delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
+        strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
+    return with_train_layers(strategy, config)
+
+
+def _compressed(inner: Strategy, config: Mapping[str, Any], secagg: bool = False) -> Strategy:
+    return CompressedStrategy(
+        inner,
         codec="none" if secagg else str(config["codec"]),
         downlink_codec=str(config["downlink-codec"]),
         seed=int(config["seed"]),
@@ -158,8 +168,23 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         norm_factor=float(config["update-norm-factor"]),
         max_weight=weight_cap(config),
     )
-    strategy = pruning_from_config(strategy, config)
-    if str(config["dp"]) == "local":
-        delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
-        strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
-    return with_train_layers(strategy, config)
+
+
+def _heterogeneous(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
+    """One ``CompressedStrategy(ClientModels(...))`` per ``client-models`` architecture; the
+    run's ``model`` gets ``inner`` (whose state is checkpointed), the others a fresh copy."""
+    main = str(config["model"])
+    members = {
+        name: _compressed(ClientModels(inner if name == main else build_strategy(config)), config)
+        for name, _ in parse_client_models(str(config["client-models"]))
+    }
+    return HeteroStrategy(members, config)
+
+
+def _homogeneous(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
+    strategy = _dp_wrapper(inner, config)
+    secagg = bool(config["secagg"])
+    if secagg:
+        strategy = _secure(strategy, config)
+    strategy = with_distill(strategy, config)  # inside: sees decoded replies / the release
+    return _compressed(strategy, config, secagg)

@@ -2,15 +2,23 @@
 without SecAgg, and the int8 ONNX artifacts of the results.
 
     python simulations/distill/run.py [--seeds 0 1 2] [--rounds 10] [--out DIR]
+    python simulations/distill/run.py --point converged --seeds 0 1 2 --only student
 
 Each seed runs three real federations in Flower's Simulation Engine (cnn1d, 20 clients,
 Dirichlet alpha = 0.1, 10 per round):
 
 - ``student``: FedAvg; the server distills the global (teacher, cnn1d, 29.6k parameters)
-  into ``cnn1d-small`` (3.5k) on the built-in public transfer slice every 5 rounds and at
+  into ``cnn1d-small`` (5.1k) on the built-in public transfer slice every 5 rounds and at
   the end. The teacher *is* the FedAvg baseline (distillation never changes the global);
 - ``student-secagg``: the same under secure aggregation (post-processing of the sum);
 - ``feddf``: FedAvg + FedDF ensemble distillation every round.
+
+``--point converged`` is the teacher -> student acceptance operating point instead: Dirichlet
+alpha = 0.5, 30 rounds, the student distilled every 5 rounds (1000 steps, lr 3e-3), so the
+teacher has converged when it is distilled (the alpha = 0.1 point is still rising at round 10).
+
+``--only hetero hetero-feddf``: clients of different sizes (half ``cnn1d``, half
+``cnn1d-small``), each architecture aggregated on its own, without and with FedDF across them.
 
 Then ``fedsqueeze export --int8`` on the student run (exports the student) and on the
 FedDF run (exports the cnn1d global). Prints markdown tables (mean ± sd over seeds) and
@@ -46,26 +54,61 @@ RUNS: dict[str, dict[str, Any]] = {
         "secagg-clip": 5.0,
     },
     "feddf": {"distill": "feddf", "distill-steps": 100},
+    # clients of different sizes: half cnn1d, half cnn1d-small, without and with FedDF
+    "hetero": {"client-models": "cnn1d:0.5,cnn1d-small:0.5"},
+    "hetero-feddf": {
+        "client-models": "cnn1d:0.5,cnn1d-small:0.5",
+        "distill": "feddf",
+        "distill-steps": 100,
+    },
+}
+_STUDENT_CONVERGED = {"distill-every": 5, "distill-steps": 1000, "distill-lr": 0.003}
+POINTS: dict[str, dict[str, Any]] = {
+    # per point: its number of rounds, keys for every run, keys per run
+    "alpha0.1": {"rounds": 10, "all": {}},
+    "converged": {
+        "rounds": 30,
+        # one simulated client at a time: the machine is shared
+        "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
+        "student": _STUDENT_CONVERGED,
+        "student-secagg": _STUDENT_CONVERGED,
+    },
 }
 
 
-def _ms(values: list[float]) -> str:
+def _ms(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--rounds", type=int, default=0, help="0 = the point's (10 for alpha0.1)")
+    parser.add_argument("--point", choices=list(POINTS), default="alpha0.1")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(RUNS), default=["student", "student-secagg", "feddf"]
+    )
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
-    parser.add_argument("--out", default=str(HERE.parent / "results" / "distill"))
+    parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--engine",
+        choices=["ray", "inprocess"],
+        default="ray",
+        help="inprocess: the same ClientApp, strategy chain and round loop over the test "
+        "suite's in-process grid (one process; for a machine where Ray cannot start)",
+    )
     args = parser.parse_args()
-    out = Path(args.out)
+    default_out = HERE.parent / "results" / "distill"
+    suffix = "" if args.point == "alpha0.1" else f"-{args.point}"
+    out = Path(args.out or f"{default_out}{suffix}")
+    if set(args.only) <= {"hetero", "hetero-feddf"}:
+        show = hetero_table
+    else:
+        show = tables if args.point == "alpha0.1" else acceptance_table
     if args.table:
-        print(tables(_collect(out), args.seeds))
+        print(show(_collect(out), args.seeds))
         return
 
     from fedsqueeze.cli import _configure_environment, simulate
@@ -75,21 +118,52 @@ def main() -> None:
     _configure_environment(verbose=False)
     for seed in args.seeds:
         for name in args.only:
-            extra = RUNS[name]
-            cfg = resolve_config(BASE, extra, {"num-rounds": args.rounds, "seed": seed})
+            point = POINTS[args.point]
+            rounds = args.rounds or point["rounds"]
+            cfg = resolve_config(
+                BASE,
+                RUNS[name],
+                {**point["all"], **point.get(name, {})},
+                {"num-rounds": rounds, "seed": seed},
+            )
             run_dir = out / f"{name}-s{seed}"
             run_dir.mkdir(parents=True, exist_ok=False)
-            summary = simulate(cfg, run_dir, quiet=True)
+            summary = (
+                simulate(cfg, run_dir, quiet=True)
+                if args.engine == "ray"
+                else _simulate_inprocess(cfg, run_dir)
+            )
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             entry: dict[str, Any] = {"summary": summary, "rounds": rows}
-            if name in ("student", "feddf"):
+            exported = {"student", "feddf"} | (
+                {"student-secagg"} if args.point != "alpha0.1" else set()
+            )
+            if name in exported:
                 entry["export"] = export_run(run_dir, int8=True)
             (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
-    print(tables(_collect(out), args.seeds))
+    print(show(_collect(out), args.seeds))
 
 
 RESULT = "distill-result.json"
+
+
+def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    import sys
+
+    sys.path.insert(0, str(HERE.parents[1] / "tests"))
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+    from inprocess import InProcessGrid
+
+    from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.server.rounds import run_federation
+    from fedsqueeze.server.rundir import RunDir
+
+    torch.set_num_threads(1)  # the machine is shared
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's
+    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
+    return run_federation(grid, cfg, RunDir(run_dir))
 
 
 def _collect(out: Path) -> dict[str, Any]:
@@ -140,6 +214,49 @@ def tables(results: dict[str, Any], seeds: list[int]) -> str:
                 f"{rep['accuracy_torch']:.4f} | {art['accuracy_onnxruntime']:.4f} | "
                 f"{art['agreement_with_torch']:.4f} | {lat['batch1']['p50']:.4f} | "
                 f"{lat['batch32']['p50']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Teacher vs student per seed and mean ± sd, and the int8 export's agreement."""
+    lines = [
+        "| run | seeds | teacher (global) acc | student acc | teacher − student (pp) | "
+        "student / teacher params | int8 acc (onnxruntime) | int8 top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("student", "FedAvg + student"), ("student-secagg", "same, SecAgg")):
+        done = [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
+        if not done:
+            continue
+        teacher = [float(r["summary"]["final_accuracy"]) for r in done]
+        student = [float(r["summary"]["student_final_accuracy"]) for r in done]
+        gap = [100 * (t - s) for t, s in zip(teacher, student, strict=True)]
+        int8 = [r["export"]["artifacts"]["int8"] for r in done if "export" in r]
+        s0 = done[0]["summary"]
+        ratio = s0["teacher_parameters"] / s0["student_parameters"]
+        lines.append(
+            f"| {label} | {len(done)} | {_ms(teacher)} | {_ms(student)} | "
+            f"{_ms(gap, 2)} | {s0['student_parameters']:,} / "
+            f"{s0['teacher_parameters']:,} ({ratio:.1f}x fewer) | "
+            f"{_ms([a['accuracy_onnxruntime'] for a in int8]) if int8 else '—'} | "
+            f"{_ms([a['agreement_with_torch'] for a in int8]) if int8 else '—'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def hetero_table(results: dict[str, Any], seeds: list[int]) -> str:
+    """Each architecture's final accuracy with and without FedDF across architectures."""
+    lines = ["| run | seeds | cnn1d final acc | cnn1d-small final acc |", "|---|---|---|---|"]
+    for name, label in (("hetero", "per-architecture FedAvg"), ("hetero-feddf", "+ FedDF")):
+        done = [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
+        if done:
+            acc = {
+                arch: [float(r["summary"]["client_models"][arch]["final_accuracy"]) for r in done]
+                for arch in ("cnn1d", "cnn1d-small")
+            }
+            lines.append(
+                f"| {label} | {len(done)} | {_ms(acc['cnn1d'])} | {_ms(acc['cnn1d-small'])} |"
             )
     return "\n".join(lines) + "\n"
 
