@@ -5,7 +5,8 @@
 Each is a no-op unless the server's message asks for it.
 """
 
+from fedsqueeze.client.layers import layers_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.secure import secagg_mod
 
-__all__ = ["compress_mod", "downlink_mod", "secagg_mod"]
+__all__ = ["compress_mod", "downlink_mod", "layers_mod", "secagg_mod"]

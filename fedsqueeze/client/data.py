@@ -83,7 +83,7 @@ class DeviceFile:
         if spec is None:
             raise DatasetError(
                 f"device data {path}: the server did not announce the model's input shape "
-                "and classes (a fedsqueeze server older than device data?)"
+                "and classes: run with client-data = 'device'"
             )
         self.cfg, self.input_shape, self.num_classes = cfg, spec[0], spec[1]
         try:

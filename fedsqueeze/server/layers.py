@@ -1,6 +1,7 @@
 """Server side of retraining: announce the model's shape, and train only some tensors.
 
-:class:`TrainLayers` is the outermost wrapper of fedsqueeze's chain (``build_chain``):
+:class:`TrainLayers` is the outermost wrapper of fedsqueeze's chain (``build_chain``) when
+``train-layers`` is not ``"all"`` or ``client-data = "device"``:
 
 - every train and evaluate message's config carries the model's input shape and number of
   classes (``model-input-shape``, ``model-num-classes``), so a device with its own data
@@ -98,14 +99,17 @@ class TrainLayers(Strategy):
         self.inner.summary()
 
 
-def with_train_layers(inner: Strategy, config: Mapping[str, Any]) -> TrainLayers:
-    """``inner`` wrapped for the run config's model, ``train-layers`` and ``init-model``
-    (checked here, so a wrong one fails before the run starts)."""
-    from fedsqueeze.federation import dataset_for, initial_arrays, new_model
+def with_train_layers(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
+    """``inner`` wrapped when the run restricts ``train-layers`` or its devices bring their
+    own data (``client-data = "device"``), else ``inner`` itself. Checks ``train-layers`` and
+    ``init-model`` against the model, so a wrong one fails before the run starts."""
+    from fedsqueeze.federation import dataset_for, devices_bring_data, initial_arrays, new_model
 
     ds = dataset_for(config)
     model = new_model(config)
     initial_arrays(config)  # validates init-model against the model
     trained = model_train_layers(model, str(config.get("train-layers", "all")))
     everything = trained == list(model.state_dict())
+    if everything and not devices_bring_data(config):
+        return inner
     return TrainLayers(inner, ds.input_shape, ds.num_classes, None if everything else trained)

@@ -145,7 +145,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``TrainLayers([LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
+    ``[TrainLayers]([LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
     inner = inner if inner is not None else build_strategy(config)
     if config["client-models"]:
         strategy: Strategy = _heterogeneous(inner, config)
