@@ -93,8 +93,6 @@ PRUNE_KEY = "fedsqueeze.prune"
 mask and, unless the client acknowledged holding it, ``mask`` (bytes,
 :func:`fedsqueeze.compression.masked.encode_mask`); the message's weights are then the kept
 values only (:func:`~fedsqueeze.compression.masked.gather`), and so is a train reply's."""
-PRUNE_ACK_KEY = "fedsqueeze.prune-ack"
-"""ConfigRecord in a reply: ``digest`` of the mask the client now holds."""
 PRUNE_STATE_KEY = "fedsqueeze.prune-state"
 """Client ``Context.state`` ConfigRecord: ``digest`` and ``mask`` of the mask last received."""
 
