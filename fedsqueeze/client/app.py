@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedsqueeze.client.lowrank import lowrank_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod
@@ -52,7 +53,7 @@ from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.federation import client_eval_data, client_train_data, new_model
 
-MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod)
+MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod, lowrank_mod)
 """fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
 sees the message; secure aggregation and compression each act on their own request; pruning
 is innermost, so only the handler sees full tensors (the others see kept values only)."""

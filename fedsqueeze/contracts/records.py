@@ -95,6 +95,10 @@ mask and, unless the client acknowledged holding it, ``mask`` (bytes,
 values only (:func:`~fedsqueeze.compression.masked.gather`), and so is a train reply's."""
 PRUNE_STATE_KEY = "fedsqueeze.prune-state"
 """Client ``Context.state`` ConfigRecord: ``digest`` and ``mask`` of the mask last received."""
+LOWRANK_KEY = "fedsqueeze.lowrank"
+"""ConfigRecord in a train or evaluate message of a low-rank federation: ``layers`` (names)
+and ``ranks`` (ints); the message's weights are then the factors of those layers
+(:func:`fedsqueeze.models.lowrank.factorize`), and so is a train reply's."""
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -28,6 +28,7 @@ from fedsqueeze.federation import partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.lowrank import lowrank_from_config
 from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
@@ -137,7 +138,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))``."""
+    ``[LocalDP]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
     strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
     secagg = bool(config["secagg"])
     if secagg:
@@ -153,6 +154,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         max_weight=weight_cap(config),
     )
     strategy = pruning_from_config(strategy, config)
+    strategy = lowrank_from_config(strategy, config)
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
