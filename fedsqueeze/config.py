@@ -250,8 +250,9 @@ def resolve_config(*layers: Mapping[str, Any]) -> dict[str, Value]:
 def _check_names(config: Mapping[str, Value]) -> None:
     """Validate registry names and codec specs early, so a run fails before it starts."""
     from fedsqueeze.models import MODEL_NAMES
+    from fedsqueeze.models.user import is_user_model
 
-    if config["model"] not in MODEL_NAMES:
+    if config["model"] not in MODEL_NAMES and not is_user_model(str(config["model"])):
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )

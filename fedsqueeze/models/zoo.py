@@ -169,7 +169,10 @@ def build_model(
     ModelError
         Unknown name, malformed shape, or a shape the model cannot take.
     """
-    if name not in _REGISTRY:
+    from fedsqueeze.models.user import build_user_model, user_factory
+
+    user = user_factory(name) if name not in _REGISTRY else None
+    if name not in _REGISTRY and user is None:
         raise ModelError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
     try:
         shape = tuple(input_shape)
@@ -180,7 +183,11 @@ def build_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ModelError(f"num_classes must be an int >= 2, got {num_classes!r}")
 
-    factory = _REGISTRY[name]
+    def factory(shape: tuple[int, ...], classes: int) -> nn.Module:
+        if user is not None:  # a user's own model (fedsqueeze.models.user), checked
+            return build_user_model(name, user, shape, classes)
+        return _REGISTRY[name](shape, classes)
+
     if seed is None:
         model = factory(shape, num_classes)
     else:
