@@ -75,8 +75,8 @@ def test_register_model_names_a_factory() -> None:
     register_model("my-tiny", tiny)
     assert isinstance(build_model("my-tiny", (1, 8, 8), 10), Tiny)
     assert resolve_config({"model": "my-tiny"})["model"] == "my-tiny"
-    with pytest.raises(ModelError, match="built-in"):
-        register_model("mlp", tiny)
+    with pytest.raises(ModelError, match="has ':'"):
+        register_model("a:b", tiny)
 
 
 def test_a_users_model_is_factorized_and_an_unsupported_layer_is_named() -> None:

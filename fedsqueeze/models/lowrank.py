@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsqueeze.models.errors import ModelError
 from fedsqueeze.models.pruning import model_build_scope
-from fedsqueeze.models.zoo import ModelError
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 DOWN, UP = "down", "up"

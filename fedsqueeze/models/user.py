@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedsqueeze.models.zoo import ModelError
+from fedsqueeze.models.errors import ModelError
 
 Factory = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -26,11 +26,10 @@ _REGISTERED: dict[str, Factory] = {}
 
 
 def register_model(name: str, factory: Factory) -> None:
-    """Make ``model = name`` build ``factory(input_shape, num_classes)`` in this process."""
-    from fedsqueeze.models.zoo import MODEL_NAMES
-
-    if not name or ":" in name or name in MODEL_NAMES:
-        raise ModelError(f"cannot register model {name!r}: empty, has ':' or is a built-in name")
+    """Make ``model = name`` build ``factory(input_shape, num_classes)`` in this process
+    (a built-in name, such as ``mlp``, keeps building the built-in model)."""
+    if not name or ":" in name:
+        raise ModelError(f"cannot register model {name!r}: empty, or has ':'")
     if not callable(factory):
         raise ModelError(f"cannot register model {name!r}: the factory is not callable")
     _REGISTERED[name] = factory

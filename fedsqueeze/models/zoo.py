@@ -20,13 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedsqueeze.models.errors import ModelError
 from fedsqueeze.models.pruning import on_model_built
 
 __all__ = ["MODEL_NAMES", "ModelError", "build_model", "count_parameters"]
-
-
-class ModelError(ValueError):
-    """An unknown model name, or an input shape / class count the model cannot take."""
 
 
 def _flat_dim(input_shape: tuple[int, ...]) -> int:
