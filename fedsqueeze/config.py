@@ -56,6 +56,12 @@ def _fraction(v: Any) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _rank(v: Any) -> str | None:
+    if v == 0 or 0 < v < 1 or (v >= 1 and float(v).is_integer()):
+        return None
+    return "must be 0 (off), an integer rank >= 1 or a fraction in (0, 1)"
+
+
 def _choice(*options: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in options else f"must be one of: {', '.join(options)}"
@@ -136,6 +142,13 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "prune-end-round": (1, int, _positive_int, "round the final sparsity is reached"),
     "prune-scope": ("global", str, _choice("global", "layer"), "magnitude threshold scope"),
     "prune-biases": (False, bool, None, "also prune biases (1-D tensors)"),
+    "lowrank": (
+        0.0,
+        float,
+        _rank,
+        "low-rank layers: 0 = off, an integer rank, or a fraction of each layer's energy kept",
+    ),
+    "lowrank-start-round": (1, int, _positive_int, "first round trained on low-rank factors"),
     "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),
     "client-cpus": (1.0, float, _positive_float, "CPUs per simulated client (Ray)"),
     "node-timeout": (600.0, float, _timeout, "seconds to wait for nodes / replies"),
@@ -252,8 +265,9 @@ def resolve_config(*layers: Mapping[str, Any]) -> dict[str, Value]:
 def _check_names(config: Mapping[str, Value]) -> None:
     """Validate registry names and codec specs early, so a run fails before it starts."""
     from fedsqueeze.models import MODEL_NAMES
+    from fedsqueeze.models.user import is_user_model
 
-    if config["model"] not in MODEL_NAMES:
+    if config["model"] not in MODEL_NAMES and not is_user_model(str(config["model"])):
         raise ConfigError(
             f"model = {config['model']!r}: unknown model; valid models: {', '.join(MODEL_NAMES)}"
         )

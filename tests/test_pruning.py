@@ -361,23 +361,28 @@ def test_the_uplink_carries_only_kept_coordinates(secure: bool) -> None:
     assert saved_per_client == pytest.approx(4 * pruned, abs=16)
 
 
-def test_the_mask_is_sent_once_then_named_by_digest() -> None:
-    strategy = PruningStrategy(
-        CompressedStrategy(_fedavg()), sparsity=0.5, start_round=1, end_round=1
-    )
-    grid = InProcessGrid(_plain_app(), N)
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_mask_is_sent_once_then_named_by_digest(secure: bool) -> None:
+    """Also under SecAgg, whose mod rebuilds the train reply: the frozen mask travels once,
+    and from the next round on the downlink is smaller by the coded mask per client."""
+    inner: Any = _fedavg()
+    if secure:
+        inner = SecAggStrategy(inner, clip=100.0, bits=32)
+    strategy = PruningStrategy(CompressedStrategy(inner), sparsity=0.5, start_round=1, end_round=1)
+    grid = InProcessGrid(_plain_app(secure), N)
     arrays = _arrays(0, BIG)
-    sent = []
-    for rnd in (1, 2):
-        messages = list(
-            strategy.configure_train(
-                rnd, to_record(arrays), ConfigRecord(), CountingGrid(grid, NODES)
-            )
-        )
+    sent, downlink = [], []
+    for rnd in (1, 2, 3):
+        view = CountingGrid(grid, NODES)
+        messages = list(strategy.configure_train(rnd, to_record(arrays), ConfigRecord(), view))
         sent.append([("mask" in m.content[PRUNE_KEY]) for m in messages])
-        replies = grid.send_and_receive(messages)
+        replies = view.send_and_receive(messages)
         arrays = {k: v.numpy() for k, v in strategy.aggregate_train(rnd, replies)[0].items()}
-    assert sent == [[True] * N, [False] * N]
+        downlink.append(view.downlink_bytes)
+    assert sent == [[True] * N, [False] * N, [False] * N]
+    assert downlink[1] == downlink[2]
+    # the coded mask plus its field's framing in the record
+    assert downlink[0] - downlink[1] == pytest.approx(N * len(strategy.coded), abs=N * 32)
 
 
 def test_a_client_that_lost_the_mask_refuses_and_is_sent_it_again() -> None:

@@ -63,3 +63,32 @@ def test_an_unsupported_layer_is_a_one_line_error_naming_it() -> None:
     with pytest.raises(PruningError, match="'norm'") as err:
         shrink(model, kept_channels(state_to_numpy(model), 0.5))
     assert "\n" not in str(err.value)
+
+
+def test_the_export_model_of_a_channel_pruned_run_is_physically_smaller(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``load_run_model`` (what ``fedsqueeze export`` exports) drops the zero channels that
+    channel pruning left in ``model.pt``; the outputs are unchanged."""
+    import torch as _torch
+
+    from fedsqueeze.config import resolve_config, to_toml
+    from fedsqueeze.models import build_model as _build
+    from fedsqueeze.models.channels import channel_masks as _masks
+    from fedsqueeze.models.export import load_run_model
+    from fedsqueeze.models.weights import load_numpy_state, state_to_numpy
+
+    cfg = resolve_config({"dataset": "digits", "model": "cnn2d", "prune": "channel"})
+    dense = _build("cnn2d", (1, 8, 8), 10, seed=0)
+    arrays = state_to_numpy(dense)
+    masks = _masks(arrays, 0.5)
+    pruned = {k: v * masks[k] for k, v in arrays.items()}
+    load_numpy_state(dense, pruned)
+    (tmp_path / "config.toml").write_text(to_toml(cfg))
+    _torch.save({k: _torch.from_numpy(v) for k, v in pruned.items()}, tmp_path / "model.pt")
+    model, _, _ = load_run_model(tmp_path)
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_small = sum(p.numel() for p in model.parameters())
+    assert n_small == sum(int(m.sum()) for m in masks.values())
+    assert n_small < 0.5 * n_dense
+    x = _torch.randn(5, 1, 8, 8)
+    with _torch.no_grad():
+        _torch.testing.assert_close(model(x), dense.eval()(x), atol=1e-5, rtol=1e-4)

@@ -54,6 +54,7 @@ from flwr.common.constant import ErrorCode
 
 from fedsqueeze.client.data import data_source
 from fedsqueeze.client.layers import layers_mod
+from fedsqueeze.client.lowrank import lowrank_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.secure import secagg_mod
@@ -72,12 +73,20 @@ from fedsqueeze.models.retrain import TRAIN_TENSORS, set_trainable
 
 log = logging.getLogger(__name__)
 
-MODS = (student_mod, downlink_mod, secagg_mod, compress_mod, layers_mod, prune_mod)
+MODS = (
+    student_mod,
+    downlink_mod,
+    secagg_mod,
+    compress_mod,
+    layers_mod,
+    prune_mod,
+    lowrank_mod,
+)
 """fedsqueeze's client mods, outermost first: a distilled student the server sends is kept
 and taken out of the message; the downlink is decoded before anything else
 sees the message; secure aggregation and compression each act on their own request; the
-layers and pruning mods are innermost, so only the handler sees full tensors (the others
-see the trained tensors / kept values only)."""
+layers, pruning and low-rank mods are innermost, so only the handler sees full tensors (the others
+see the trained tensors / kept values / factors only)."""
 
 Handler = Callable[[Message, Context], Message]
 

@@ -12,7 +12,9 @@ full tensors exist:
   handler builds (:func:`fedsqueeze.models.pruning.masked_training`: masked gradients, and
   pruned weights and optimizer state set back to zero after every step);
 - on the way out, it replaces the handler's full weights by their kept values (the update
-  is mask-aligned by construction) and acknowledges the mask digest it holds.
+  is mask-aligned by construction). The mask is stored before the handler runs, so a reply
+  without error tells the server this client holds it (no acknowledgement record, which
+  outer mods such as ``secagg_mod`` would not forward).
 
 A handler built this way needs no pruning code: ``ClientApp(mods=[..., prune_mod])``.
 Why a mod rather than a model-factory argument: the mask arrives in the message, which only
@@ -29,7 +31,6 @@ from fedsqueeze.client.mods import ModPreconditionError, failed_precondition, si
 from fedsqueeze.compression.errors import CodecError
 from fedsqueeze.compression.masked import Masks, decode_mask, gather, mask_digest, scatter
 from fedsqueeze.contracts.records import (
-    PRUNE_ACK_KEY,
     PRUNE_KEY,
     PRUNE_STATE_KEY,
     from_record,
@@ -38,7 +39,7 @@ from fedsqueeze.contracts.records import (
 from fedsqueeze.models.pruning import PruningError, masked_training
 
 
-def _mask(record: ConfigRecord, context: Context) -> tuple[str, Masks]:
+def _mask(record: ConfigRecord, context: Context) -> Masks:
     """The mask the message names: sent along, or the one this client holds."""
     digest = str(record["digest"])
     payload = record.get("mask")
@@ -52,7 +53,7 @@ def _mask(record: ConfigRecord, context: Context) -> tuple[str, Masks]:
         raise ModPreconditionError("pruning mask does not match its digest")
     masks = decode_mask(payload)
     context.state[PRUNE_STATE_KEY] = ConfigRecord({"digest": digest, "mask": payload})
-    return digest, masks
+    return masks
 
 
 def prune_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -60,7 +61,7 @@ def prune_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if PRUNE_KEY not in msg.content.config_records:
         return call_next(msg, context)
     try:
-        digest, masks = _mask(msg.content.config_records[PRUNE_KEY], context)
+        masks = _mask(msg.content.config_records[PRUNE_KEY], context)
         name, kept = single_arrays(msg.content, "a pruned model message")
         full = scatter(from_record(kept), masks)
     except (ModPreconditionError, CodecError, KeyError, TypeError) as err:
@@ -81,5 +82,4 @@ def prune_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
             reply.content[out_name] = to_record(gather(from_record(local), masks))
         except (ModPreconditionError, CodecError) as err:
             return failed_precondition(msg, "prune_mod", str(err))
-    reply.content[PRUNE_ACK_KEY] = ConfigRecord({"digest": digest})
     return reply

@@ -79,8 +79,8 @@ def check_client_models(config: Mapping[str, Any]) -> None:
 
     The server aggregates within each architecture from the individual (decoded) client
     models: refused with secure aggregation and with central or distributed DP for the
-    reasons FedDF is, and with pruning (one mask per model) and teacher → student
-    distillation (one teacher per run).
+    reasons FedDF is, with pruning (one mask per model), teacher → student distillation (one
+    teacher per run) and the retraining keys (they name one architecture's tensors).
     """
     spec = str(config.get("client-models", ""))
     if not spec:
@@ -98,4 +98,13 @@ def check_client_models(config: Mapping[str, Any]) -> None:
         )
     if str(config.get("prune", "none")) != "none" or str(config.get("distill")) == "student":
         raise ConfigError('client-models works with distill = "none" or "feddf", without prune')
+    if (
+        str(config.get("train-layers", "all")) != "all"
+        or str(config.get("init-model", ""))
+        or str(config.get("client-data", "partition")) != "partition"
+    ):
+        raise ConfigError(
+            "client-models cannot be combined with train-layers, init-model or client-data = "
+            "'device' yet (each names one architecture's tensors)"
+        )
     assign_architectures(spec, int(config.get("num-clients", 1)), int(config.get("seed", 0)))

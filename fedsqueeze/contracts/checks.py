@@ -47,6 +47,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_dp_config(config)
     check_liveness_config(config)
     check_prune_config(config)
+    check_lowrank_config(config)
     check_distill_config(config)
     check_robust_config(config)
     check_retrain_config(config)
@@ -270,6 +271,23 @@ def check_prune_config(config: Mapping[str, Any]) -> None:
             f"codec stage {feedback.spec!r} keeps per-coordinate state, and the kept "
             "coordinates change while pruning: use prune-start-round = prune-end-round = 1 "
             "(one-shot pruning), or a codec without error feedback"
+        )
+
+
+def check_lowrank_config(config: Mapping[str, Any]) -> None:
+    """Low-rank layers: a stateless server strategy, and not together with pruning."""
+    if float(config.get("lowrank", 0.0)) == 0.0:
+        return
+    if str(config.get("prune", "none")) != "none":
+        raise ConfigError("lowrank and prune cannot be combined yet: use one of them")
+    if str(config.get("train-layers", "all")) != "all":
+        raise ConfigError("lowrank and train-layers cannot be combined yet: use one of them")
+    if str(config.get("client-models", "")):
+        raise ConfigError("lowrank and client-models cannot be combined yet: use one of them")
+    if str(config["strategy"]) not in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"lowrank needs strategy = 'fedavg' or 'fedprox', not {config['strategy']!r}: its "
+            "server state has the dense model's shapes, which the factors replace"
         )
 
 

@@ -93,8 +93,6 @@ PRUNE_KEY = "fedsqueeze.prune"
 mask and, unless the client acknowledged holding it, ``mask`` (bytes,
 :func:`fedsqueeze.compression.masked.encode_mask`); the message's weights are then the kept
 values only (:func:`~fedsqueeze.compression.masked.gather`), and so is a train reply's."""
-PRUNE_ACK_KEY = "fedsqueeze.prune-ack"
-"""ConfigRecord in a reply: ``digest`` of the mask the client now holds."""
 PRUNE_STATE_KEY = "fedsqueeze.prune-state"
 """Client ``Context.state`` ConfigRecord: ``digest`` and ``mask`` of the mask last received."""
 STUDENT_KEY = "fedsqueeze.student"
@@ -102,6 +100,10 @@ STUDENT_KEY = "fedsqueeze.student"
 inference, sent only to a client that does not hold its current version: ``payload`` (the
 full model, :func:`fedsqueeze.downlink.encode`), ``codec``, ``seed``, ``version`` (the round
 it was distilled in) and ``model`` (its registry name)."""
+LOWRANK_KEY = "fedsqueeze.lowrank"
+"""ConfigRecord in a train or evaluate message of a low-rank federation: ``layers`` (names)
+and ``ranks`` (ints); the message's weights are then the factors of those layers
+(:func:`fedsqueeze.models.lowrank.factorize`), and so is a train reply's."""
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -152,3 +152,20 @@ def shrink(model: nn.Sequential, kept: Mapping[str, np.ndarray]) -> nn.Sequentia
         prev_channels = module.weight.shape[0]
         in_idx = out_idx
     return nn.Sequential(OrderedDict(new_children))
+
+
+def shrink_zero_channels(model: nn.Sequential) -> nn.Sequential:
+    """:func:`shrink` with the kept channels read off the weights: a hidden channel whose weight
+    row and bias entry are exactly zero (what channel pruning leaves) is removed. This is how
+    the export of a channel-pruned run gets the physically smaller model from ``model.pt``."""
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    kept = {}
+    for layer in _layers(arrays)[:-1]:
+        w = arrays[f"{layer}.weight"].reshape(arrays[f"{layer}.weight"].shape[0], -1)
+        alive = w.any(axis=1)
+        if f"{layer}.bias" in arrays:
+            alive |= arrays[f"{layer}.bias"] != 0
+        if not alive.any():
+            alive[0] = True  # keep the layer connected
+        kept[layer] = np.flatnonzero(alive)
+    return shrink(model, kept)

@@ -182,6 +182,10 @@ def load_run_model(run_dir: Path) -> tuple[nn.Module, dict[str, Any], str]:
         arrays = {k: v.numpy() for k, v in state.items()}
     model = build_model(name, ds.input_shape, ds.num_classes)
     load_numpy_state(model, arrays)
+    if str(config["prune"]) == "channel" and which == "global":
+        from fedsqueeze.models.channels import shrink_zero_channels
+
+        model = shrink_zero_channels(model)  # pruned channels physically gone, same outputs
     return model.eval(), config, which
 
 

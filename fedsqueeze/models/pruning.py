@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -113,11 +113,32 @@ def sparsity_of(masks: Mapping[str, np.ndarray], include_biases: bool = False) -
     return pruned / total if total else 0.0
 
 
-# ---- client side: training with the mask installed ----------------------------------------
+# ---- client side: the model-build scope, and training with the mask installed ---------------
 
-_ACTIVE: contextvars.ContextVar[_MaskScope | None] = contextvars.ContextVar(
-    "fedsqueeze_pruning_mask", default=None
+ModelTransform = Callable[[nn.Module], nn.Module]
+
+_BUILD_SCOPE: contextvars.ContextVar[tuple[ModelTransform, ...]] = contextvars.ContextVar(
+    "fedsqueeze_model_build_scope", default=()
 )
+
+
+@contextlib.contextmanager
+def model_build_scope(transform: ModelTransform) -> Iterator[None]:
+    """Within this block, every model the zoo builds passes through ``transform`` (after
+    those of enclosing blocks). This is how a client mod changes the model its handler
+    trains — a pruning mask, low-rank factors — without a branch in the handler."""
+    token = _BUILD_SCOPE.set((*_BUILD_SCOPE.get(), transform))
+    try:
+        yield
+    finally:
+        _BUILD_SCOPE.reset(token)
+
+
+def on_model_built(model: nn.Module) -> nn.Module:
+    """Apply the active build scopes to a freshly built model; called by the model zoo."""
+    for transform in _BUILD_SCOPE.get():
+        model = transform(model)
+    return model
 
 
 class PruningError(ValueError):
@@ -130,7 +151,7 @@ class _MaskScope:
         # id(parameter) -> (parameter, its mask as a float tensor); lives as long as the scope.
         self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def install(self, model: nn.Module) -> None:
+    def install(self, model: nn.Module) -> nn.Module:
         state = model.state_dict(keep_vars=True)
         if list(state) != list(self.masks):
             raise PruningError(
@@ -150,6 +171,7 @@ class _MaskScope:
                 tensor.mul_(mask)
             tensor.register_hook(lambda g, m=mask: g * m)
             self.params[id(tensor)] = (tensor, mask)
+        return model
 
     def after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         """Pruned weights and their optimizer state back to exactly zero."""
@@ -166,14 +188,6 @@ class _MaskScope:
                             value.mul_(mask)
 
 
-def on_model_built(model: nn.Module) -> nn.Module:
-    """Install the active mask (if any) in a freshly built model; called by the model zoo."""
-    scope = _ACTIVE.get()
-    if scope is not None:
-        scope.install(model)
-    return model
-
-
 @contextlib.contextmanager
 def masked_training(masks: Mapping[str, np.ndarray]) -> Iterator[None]:
     """Within this block, every model built gets ``masks`` installed (see the module doc).
@@ -182,10 +196,9 @@ def masked_training(masks: Mapping[str, np.ndarray]) -> Iterator[None]:
     only on parameters of models built inside this block, and is removed on exit.
     """
     scope = _MaskScope(masks)
-    token = _ACTIVE.set(scope)
     handle = register_optimizer_step_post_hook(scope.after_step)
     try:
-        yield
+        with model_build_scope(scope.install):
+            yield
     finally:
         handle.remove()
-        _ACTIVE.reset(token)

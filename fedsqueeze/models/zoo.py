@@ -20,13 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedsqueeze.models.errors import ModelError
 from fedsqueeze.models.pruning import on_model_built
 
 __all__ = ["MODEL_NAMES", "SMALL_MODELS", "ModelError", "build_model", "count_parameters"]
-
-
-class ModelError(ValueError):
-    """An unknown model name, or an input shape / class count the model cannot take."""
 
 
 def _flat_dim(input_shape: tuple[int, ...]) -> int:
@@ -201,7 +198,10 @@ def build_model(
     ModelError
         Unknown name, malformed shape, or a shape the model cannot take.
     """
-    if name not in _REGISTRY:
+    from fedsqueeze.models.user import build_user_model, user_factory
+
+    user = user_factory(name) if name not in _REGISTRY else None
+    if name not in _REGISTRY and user is None:
         raise ModelError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
     try:
         shape = tuple(input_shape)
@@ -212,7 +212,11 @@ def build_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ModelError(f"num_classes must be an int >= 2, got {num_classes!r}")
 
-    factory = _REGISTRY[name]
+    def factory(shape: tuple[int, ...], classes: int) -> nn.Module:
+        if user is not None:  # a user's own model (fedsqueeze.models.user), checked
+            return build_user_model(name, user, shape, classes)
+        return _REGISTRY[name](shape, classes)
+
     if seed is None:
         model = factory(shape, num_classes)
     else:

@@ -13,8 +13,8 @@ chain (``CompressedStrategy(...)``, ``SecAggStrategy(...)`` inside it, ...). Eac
    (:func:`fedsqueeze.compression.masked.gather`), so the downlink codec, the uplink codec and
    secure aggregation all work on kept positions only, without knowing about pruning, and
    adds the mask to every train/evaluate message (``fedsqueeze.prune``): the coded mask, or
-   only its digest to a client that acknowledged holding it (the mask is counted in the
-   downlink bytes like everything else in the message);
+   only its digest to a client that holds it (the mask is counted in the downlink bytes like
+   everything else in the message);
 3. turns the aggregate of kept values back into the full model, exactly zero at every
    pruned position (:func:`~fedsqueeze.compression.masked.scatter`).
 
@@ -49,7 +49,6 @@ from fedsqueeze.compression.masked import (
 )
 from fedsqueeze.contracts.records import (
     DOWNLINK_ACK_KEY,
-    PRUNE_ACK_KEY,
     PRUNE_KEY,
     from_record,
     to_record,
@@ -159,17 +158,24 @@ class PruningStrategy(Strategy, RoundHook):
         return messages
 
     def _receive(self, replies: list[Message], server_round: int) -> list[Message]:
-        """Note which clients hold the mask; strip what the wrapped chain must not see."""
-        strip = {PRUNE_ACK_KEY} | ({DOWNLINK_ACK_KEY} if self._moving(server_round) else set())
+        """Note which clients hold the mask; strip what the wrapped chain must not see.
+
+        A reply without error is the acknowledgement: ``prune_mod`` stores the mask before
+        the handler runs and refuses a digest it does not hold, so a client that answered a
+        message naming this round's mask holds it. No acknowledgement record is needed —
+        one would not survive mods that rebuild the reply (``secagg_mod`` lets only protocol
+        fields out in the clear), and without it the full mask was resent every round under
+        secure aggregation.
+        """
         for msg in replies:
             if msg.has_error():
                 self._holds.pop(msg.metadata.src_node_id, None)
                 continue
-            ack = msg.content.config_records.get(PRUNE_ACK_KEY)
-            if ack is not None and str(ack.get("digest")) == self.digest:
-                self._holds[msg.metadata.src_node_id] = self.digest
-            if any(k in msg.content for k in strip):
-                msg.content = RecordDict({k: v for k, v in msg.content.items() if k not in strip})
+            self._holds[msg.metadata.src_node_id] = self.digest
+            if self._moving(server_round) and DOWNLINK_ACK_KEY in msg.content:
+                msg.content = RecordDict(
+                    {k: v for k, v in msg.content.items() if k != DOWNLINK_ACK_KEY}
+                )
         return replies
 
     # ---- training and evaluation ---------------------------------------------------------

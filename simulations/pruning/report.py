@@ -32,7 +32,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         s, last = r["summary"], r["rounds"][-1]
         dense = last.get("model_bytes_dense", 4 * s["num_parameters"])
-        stored = last.get("model_bytes_sparse", dense)
+        stored = last.get("model_bytes_sparse", last.get("model_bytes_lowrank", dense))
         reach = next((x["round"] for x in r["rounds"] if x["accuracy"] >= target), "not reached")
         lines.append(
             f"| {r['label']} | {s['final_accuracy']:.4f} | {last.get('sparsity', 0.0):.3f} | "

@@ -1,0 +1,46 @@
+"""Client mod for low-rank federations: the handler builds, trains and returns the factors.
+
+The server sends the factors of the global model (``fedsqueeze.lowrank`` record: which
+layers, at which rank). For the duration of the handler this mod makes every model the
+handler builds the factorized architecture
+(:func:`fedsqueeze.models.lowrank.factorized_models`), whose ``state_dict`` is exactly the
+factors: the handler loads them, trains them and replies with them like any weights, and
+every mod outside this one (the downlink decoder, secure aggregation, the uplink codec) sees
+only the smaller factor arrays. A handler built this way needs no low-rank code:
+``ClientApp(mods=[..., lowrank_mod])``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedsqueeze.client.mods import ModPreconditionError, failed_precondition
+from fedsqueeze.contracts.records import LOWRANK_KEY
+from fedsqueeze.models.lowrank import LowRankError, factorized_models
+
+
+def ranks_of(record: ConfigRecord) -> dict[str, int]:
+    """The ``{layer: rank}`` a ``fedsqueeze.lowrank`` record names (validated)."""
+    layers, ranks = record.get("layers"), record.get("ranks")
+    if not isinstance(layers, list) or not isinstance(ranks, list) or len(layers) != len(ranks):
+        raise ModPreconditionError("low-rank record needs equally long 'layers' and 'ranks'")
+    if not all(isinstance(r, int) and r >= 1 for r in ranks):
+        raise ModPreconditionError("low-rank ranks must be integers >= 1")
+    return {str(layer): int(r) for layer, r in zip(layers, ranks, strict=True)}
+
+
+def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Models built by the handler are the factorized ones the message names (module doc)."""
+    if LOWRANK_KEY not in msg.content.config_records:
+        return call_next(msg, context)
+    try:
+        ranks = ranks_of(msg.content.config_records[LOWRANK_KEY])
+    except ModPreconditionError as err:
+        return failed_precondition(msg, "lowrank_mod", str(err))
+    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != LOWRANK_KEY})
+    try:
+        with factorized_models(ranks):
+            return call_next(msg, context)
+    except LowRankError as err:
+        return failed_precondition(msg, "lowrank_mod", str(err))
