@@ -22,12 +22,14 @@ from flwr.serverapp.strategy import (
 )
 
 from fedsqueeze.compression import parse_codec
+from fedsqueeze.compression.dgc import DGCOptions
 from fedsqueeze.compression.stages import ErrorFeedback
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.feedback import server_feedback_from_config
 from fedsqueeze.server.pruning import pruning_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
@@ -137,8 +139,9 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))``."""
+    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner))))))``."""
     strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
+    strategy = server_feedback_from_config(strategy, config)
     secagg = bool(config["secagg"])
     if secagg:
         strategy = _secure(strategy, config)
@@ -151,6 +154,12 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         max_update_norm=float(config["max-update-norm"]),
         norm_factor=float(config["update-norm-factor"]),
         max_weight=weight_cap(config),
+        warmup=(int(config["dgc-warmup-rounds"]), float(config["dgc-warmup-start"])),
+        client_options=DGCOptions(
+            momentum=float(config["dgc-momentum"]),
+            masking=bool(config["dgc-masking"]),
+            clip=float(config["dgc-clip"]),
+        ),
     )
     strategy = pruning_from_config(strategy, config)
     if str(config["dp"]) == "local":
