@@ -6,7 +6,8 @@ runs a federation in Flower's Simulation Engine and writes the run directory;
 [--int8] [--out FILE]`` writes its ONNX artifact and ``export.json``; ``fedsqueeze predict
 ARTIFACT INPUT.npz`` runs an artifact with onnxruntime and numpy only; ``fedsqueeze device``,
 ``node-key`` and ``certs`` start a device's SuperNode and make its credentials
-(:mod:`fedsqueeze.device`).
+(:mod:`fedsqueeze.device`); ``fedsqueeze compare CONFIG.toml... [--seeds N] [--out DIR]`` runs
+methods on one federation and writes one table and plots (:mod:`fedsqueeze.compare`).
 
 Errors a user can cause print one line and exit with status 2, before any run
 directory is created.
@@ -89,7 +90,47 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("device", help="start this device's SuperNode (execs flower-supernode)")
     sub.add_parser("node-key", help="a SuperNode authentication key pair (on the device)")
     sub.add_parser("certs", help="CA + SuperLink TLS certificate (on the server)")
+    cmp = sub.add_parser("compare", help="run configs on one federation over seeds; one table")
+    cmp.add_argument("configs", nargs="+", metavar="CONFIG", help="CONFIG.toml per method")
+    cmp.add_argument("--seeds", type=int, default=1, help="seeds per config (default 1)")
+    cmp.add_argument("--out", help="output directory (default runs/compare-<timestamp>)")
+    cmp.add_argument(
+        "--target", type=float, default=0.95, help="fraction of the first config's accuracy"
+    )
+    cmp.add_argument(
+        "--engine",
+        choices=("simulation", "sequential"),
+        default="simulation",
+        help="Flower's Simulation Engine (default) or one process, node after node",
+    )
+    cmp.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return parser
+
+
+def compare(args: argparse.Namespace) -> int:
+    """``fedsqueeze compare``: every config and seed in the Simulation Engine, one table."""
+    import time
+
+    from fedsqueeze.compare import check_options, load_methods, sequential_runner
+    from fedsqueeze.compare import compare as run_compare
+
+    check_options(args.seeds, args.target)
+    for method in load_methods(args.configs):  # every config checked before anything runs
+        _preflight(method.config)
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def runner(config: Mapping[str, Any], run_dir: Path) -> Mapping[str, Any]:
+        _create_run_dir(run_dir, config)
+        if args.engine == "sequential":
+            return sequential_runner(config, run_dir)
+        return simulate(config, run_dir, quiet=True)
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    _configure_environment(args.verbose)
+    print(run_compare(args.configs, args.seeds, out, runner, args.target))
+    print(f"written to {out}")
+    return 0
 
 
 def export(args: argparse.Namespace) -> int:
@@ -360,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "export":
             return export(args)
+        if args.command == "compare":
+            return compare(args)
         if args.command == "report":
             print(_report(Path(args.run_dir)))
             return 0

@@ -62,6 +62,10 @@ def _rank(v: Any) -> str | None:
     return "must be 0 (off), an integer rank >= 1 or a fraction in (0, 1)"
 
 
+def _density(v: Any) -> str | None:
+    return None if math.isfinite(v) and 0 < v <= 1 else "must be in (0, 1]"
+
+
 def _choice(*options: str) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in options else f"must be one of: {', '.join(options)}"
@@ -117,6 +121,13 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     ),
     "byzantine-clients": (1, int, _non_negative_int, "f tolerated by krum/multikrum/bulyan"),
     "codec": ("none", str, None, "uplink codec spec, e.g. topk(0.01)+q4+ef"),
+    "dgc-momentum": (0.0, float, _fraction, "DGC momentum correction of ef codecs (0 = off)"),
+    "dgc-masking": (True, bool, None, "DGC momentum-factor masking (clear sent velocity)"),
+    "dgc-clip": (0.0, float, _non_negative_float, "DGC L2 clip of an update before ef (0 = off)"),
+    "dgc-warmup-rounds": (0, int, _non_negative_int, "DGC sparsity warm-up rounds (0 = off)"),
+    "dgc-warmup-start": (0.25, float, _density, "density of round 1 of the warm-up"),
+    "server-ef-momentum": (0.0, float, _fraction, "server-side DGC momentum (0 = off)"),
+    "server-ef-density": (1.0, float, _density, "server applies this top fraction (1 = all)"),
     "downlink-codec": ("none", str, None, "downlink codec spec, e.g. fp16, q8"),
     "secagg": (False, bool, None, "secure aggregation on/off"),
     "secagg-neighbours": (0, int, _non_negative_int, "SecAgg+ graph degree k (0 = all)"),

@@ -5,6 +5,8 @@
 Each TOML holds run-config keys (see DESIGN.md) and an optional ``label``. Results go to
 ``simulations/results/<suite>/``: one run directory per config, ``table.md`` (the table
 pasted into simulations/README.md), ``results.json`` and ``accuracy_vs_uplink.png``.
+For several seeds and the mean ± sd table use ``fedsqueeze compare simulations/<suite>/*.toml
+--seeds N`` (:mod:`fedsqueeze.compare`, which also holds the shared statistics).
 The first config (sorted by file name) is the baseline the ratios are taken against.
 """
 
@@ -17,23 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsqueeze.compare import cumulative_uplink, uplink_to_reach
+
 HERE = Path(__file__).resolve().parent
-
-
-def _cumulative(rows: list[dict[str, Any]], key: str) -> list[float]:
-    total, out = 0.0, []
-    for r in rows:
-        total += float(r[key])
-        out.append(total)
-    return out
-
-
-def uplink_to_reach(rows: list[dict[str, Any]], target: float) -> float | None:
-    """Cumulative uplink bytes when test accuracy first reaches ``target`` (None if never)."""
-    for r, cum in zip(rows, _cumulative(rows, "uplink_bytes"), strict=True):
-        if r["accuracy"] >= target:
-            return cum
-    return None
 
 
 def run_suite(suite: str, only: list[str], out_root: Path) -> list[dict[str, Any]]:
@@ -118,7 +106,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
-        cum = [c / 1e6 for c in _cumulative(r["rounds"], "uplink_bytes")]
+        cum = cumulative_uplink(r["rounds"]) / 1e6
         ax.plot(cum, [x["accuracy"] for x in r["rounds"]], marker=".", label=r["label"])
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink MB (log scale)")

@@ -9,8 +9,11 @@ gains compression by adding them (outermost first)::
   train or evaluate message) back into the ArrayRecord the handler expects, keeps it as the
   client's view in ``Context.state`` and acknowledges the version it now holds;
 - :func:`compress_mod` encodes a train reply as a compact delta when the server asks for it
-  (``fedsqueeze.codec`` record); codec state (error-feedback residuals) lives in
-  ``Context.state`` and so survives between rounds, in simulation and on a SuperNode;
+  (``fedsqueeze.codec`` record); codec state (error-feedback residuals, DGC's velocity)
+  lives in ``Context.state`` and so survives between rounds, in simulation and on a
+  SuperNode; the record may also ask for DGC's client-side fixes
+  (:mod:`fedsqueeze.compression.dgc`: momentum correction, masking, clipping) and change the
+  density from round to round (warm-up) without losing the residual;
 - ``secagg_mod`` (:mod:`fedsqueeze.client.secure`) runs the SecAgg+ stages.
 
 Each mod reads only its own record, so each is a no-op unless the server's message asks for
@@ -36,7 +39,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedsqueeze import downlink
-from fedsqueeze.compression import parse_codec
+from fedsqueeze.compression import Codec, parse_codec
+from fedsqueeze.compression.dgc import DGCOptions, encode_update
 from fedsqueeze.compression.errors import CodecError
 from fedsqueeze.contracts.records import (
     CODEC_KEY,
@@ -119,9 +123,17 @@ def downlink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
 # ---- uplink ------------------------------------------------------------------------------
 
 
-def _codec_state(context: Context, spec: str) -> dict[str, np.ndarray] | None:
+def _state_kind(codec: Codec) -> str:
+    """What the client's codec state is tied to: the feedback stage, not the whole spec, so
+    a residual survives the server changing the density from round to round (warm-up)."""
+    return codec.feedback.spec if codec.feedback is not None else "none"
+
+
+def _codec_state(context: Context, codec: Codec) -> dict[str, np.ndarray] | None:
     meta = context.state.config_records.get(CODEC_META_KEY)
-    if meta is None or meta.get("codec") != spec or CODEC_STATE_KEY not in context.state:
+    if meta is None or CODEC_STATE_KEY not in context.state:
+        return None
+    if meta.get("feedback") != _state_kind(codec):
         return None
     return from_record(context.state[CODEC_STATE_KEY])
 
@@ -140,15 +152,20 @@ def _encode_reply(
         raise ModPreconditionError("reply weights do not match the received model's names/shapes")
     delta = {k: local[k].astype(np.float32) - reference[k].astype(np.float32) for k in local}
     # The server sent the model, so it knows the layout: send its digest, not the table.
-    encoded = codec.encode(
+    # DGC's fixes (momentum correction, masking, clipping) act when the server asks for them.
+    encoded = encode_update(
+        codec,
         delta,
+        DGCOptions.from_record(instructions),
         seed=int(instructions["codec-seed"]),
-        state=_codec_state(context, codec.spec),
+        state=_codec_state(context, codec),
         layout="hash",
     )
     if encoded.state:
         context.state[CODEC_STATE_KEY] = to_record(encoded.state)
-        context.state[CODEC_META_KEY] = ConfigRecord({"codec": codec.spec})
+        context.state[CODEC_META_KEY] = ConfigRecord(
+            {"codec": codec.spec, "feedback": _state_kind(codec)}
+        )
     content = RecordDict({k: v for k, v in reply.content.items() if k != name})
     content[UPDATE_KEY] = ConfigRecord({"payload": encoded.payload})
     return content

@@ -95,6 +95,9 @@ class Encoded:
     payload: bytes
     #: client state to keep until next round (plain arrays; empty if stateless)
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    #: sorted flat positions the payload carries values for (``None``: every coordinate);
+    #: what momentum-factor masking (:mod:`fedsqueeze.compression.dgc`) clears
+    positions: np.ndarray | None = None
 
 
 @dataclass
@@ -237,7 +240,7 @@ class Codec:
             v = flat
         if not np.all(np.isfinite(v)):
             raise CodecError("update plus error-feedback state overflows float32")
-        body = self._encode_body(v, table, seed, rng)
+        body, positions = self._encode_body(v, table, seed, rng)
         new_state: dict[str, np.ndarray] = {}
         if self.feedback is not None:
             sent = self._decode_body(Reader(body, "body"), table, seed)
@@ -245,7 +248,9 @@ class Codec:
                 new_state[self.feedback.state_key] = v - sent
             else:
                 new_state[self.feedback.state_key] = previous + sent
-        return Encoded(payload=self._envelope(table, body, layout), state=new_state)
+        return Encoded(
+            payload=self._envelope(table, body, layout), state=new_state, positions=positions
+        )
 
     def _client_state(self, state: Mapping[str, np.ndarray] | None, layout: Layout) -> np.ndarray:
         d = layout.d
@@ -263,8 +268,9 @@ class Codec:
 
     def _encode_body(
         self, v: np.ndarray, layout: Layout, seed: int | None, rng: np.random.Generator
-    ) -> bytes:
+    ) -> tuple[bytes, np.ndarray | None]:
         w = Writer()
+        positions: np.ndarray | None = None
         if self.sparsifier is not None:
             positions = self.sparsifier.select(v, layout, seed)
             self.sparsifier.write(positions, layout, w)
@@ -275,7 +281,7 @@ class Codec:
             counts = layout.sizes
         starts = group_starts(counts, self.quantizer.grouping, self.quantizer.block)
         self.quantizer.encode(values, starts, w, rng)
-        return w.getvalue()
+        return w.getvalue(), positions
 
     def _decode_body(self, r: Reader, layout: Layout, seed: int | None) -> np.ndarray:
         bits = self.quantizer.bits

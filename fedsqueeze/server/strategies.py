@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedsqueeze.compression import parse_codec
+from fedsqueeze.compression.dgc import DGCOptions
 from fedsqueeze.compression.stages import ErrorFeedback
 from fedsqueeze.contracts.architectures import parse_client_models
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
@@ -29,6 +30,7 @@ from fedsqueeze.federation import devices_bring_data, partitions_for
 from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
+from fedsqueeze.server.feedback import server_feedback_from_config
 from fedsqueeze.server.hetero import ClientModels, HeteroStrategy
 from fedsqueeze.server.layers import with_train_layers
 from fedsqueeze.server.lowrank import lowrank_from_config
@@ -146,7 +148,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[TrainLayers]([LocalDP]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))))``."""
+    ``[TrainLayers]([LocalDP]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner))))))))``."""
     inner = inner if inner is not None else build_strategy(config)
     if config["client-models"]:
         strategy: Strategy = _heterogeneous(inner, config)
@@ -169,6 +171,12 @@ def _compressed(inner: Strategy, config: Mapping[str, Any], secagg: bool = False
         max_update_norm=float(config["max-update-norm"]),
         norm_factor=float(config["update-norm-factor"]),
         max_weight=weight_cap(config),
+        warmup=(int(config["dgc-warmup-rounds"]), float(config["dgc-warmup-start"])),
+        client_options=DGCOptions(
+            momentum=float(config["dgc-momentum"]),
+            masking=bool(config["dgc-masking"]),
+            clip=float(config["dgc-clip"]),
+        ),
     )
 
 
@@ -185,6 +193,7 @@ def _heterogeneous(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def _homogeneous(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
     strategy = _dp_wrapper(inner, config)
+    strategy = server_feedback_from_config(strategy, config)
     secagg = bool(config["secagg"])
     if secagg:
         strategy = _secure(strategy, config)

@@ -41,7 +41,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze import downlink
-from fedsqueeze.compression import CodecError, parse_codec
+from fedsqueeze.compression import Codec, CodecError, parse_codec
+from fedsqueeze.compression.dgc import DGCOptions, warmup_codec
 from fedsqueeze.contracts.records import (
     CODEC_KEY,
     DOWNLINK_ACK_KEY,
@@ -157,6 +158,12 @@ class CompressedStrategy(Strategy, RoundHook):
     max_weight
         The most examples any client can hold (the largest partition): a larger claimed
         ``num-examples`` counts as this much. ``None``: claims are not capped.
+    warmup
+        DGC's sparsity warm-up, ``(rounds, start density)``: round ``r``'s uplink codec is
+        :func:`~fedsqueeze.compression.dgc.warmup_codec` of ``codec`` (``(0, 1.0)``: off).
+    client_options
+        DGC's client-side fixes (:class:`~fedsqueeze.compression.dgc.DGCOptions`), sent to
+        ``compress_mod`` with the codec each round.
     """
 
     def __init__(
@@ -169,6 +176,8 @@ class CompressedStrategy(Strategy, RoundHook):
         max_update_norm: float = 0.0,
         norm_factor: float = 0.0,
         max_weight: int | None = None,
+        warmup: tuple[int, float] = (0, 1.0),
+        client_options: DGCOptions | None = None,
     ) -> None:
         if not (math.isfinite(max_update_norm) and max_update_norm >= 0):
             raise ValueError(f"max_update_norm must be finite and >= 0, not {max_update_norm}")
@@ -181,6 +190,9 @@ class CompressedStrategy(Strategy, RoundHook):
         self.max_weight = max_weight
         self.inner = inner
         self.codec = parse_codec(codec)
+        self.warmup = (int(warmup[0]), float(warmup[1]))
+        warmup_codec(self.codec, 1, *self.warmup)  # a bad schedule fails here, not in round 1
+        self.client_options = client_options or DGCOptions()
         self.downlink = parse_codec(downlink_codec)
         if self.downlink.stateful_client or self.downlink.stateful_server:
             raise CodecError("downlink-codec cannot keep state (error feedback is uplink-only)")
@@ -275,13 +287,18 @@ class CompressedStrategy(Strategy, RoundHook):
         if self.codec.spec != "none":
             instructions = ConfigRecord(
                 {
-                    "codec": self.codec.spec,
+                    "codec": self.codec_at(server_round).spec,
                     "codec-seed": round_seed(self.seed, server_round, Stream.UPLINK_CODEC),
+                    **self.client_options.to_record(),
                 }
             )
             for msg in messages:
                 msg.content[CODEC_KEY] = instructions
         return messages
+
+    def codec_at(self, server_round: int) -> Codec:
+        """The uplink codec of ``server_round`` (the warm-up's density, then ``codec``)."""
+        return warmup_codec(self.codec, server_round, *self.warmup)
 
     def _delta(self, msg: Message, server_round: int, layout: Layout) -> Arrays:
         """What the client's training changed, from its reply (raises ReplyError). Nothing
@@ -301,7 +318,7 @@ class CompressedStrategy(Strategy, RoundHook):
             # In the model's order, float32: what compress_mod encodes (layout="hash").
             expected = {k: (v.shape, "float32") for k, v in reference.items()}
             try:
-                decoded = self.codec.decode(
+                decoded = self.codec_at(server_round).decode(
                     payload,
                     seed=round_seed(self.seed, server_round, Stream.UPLINK_CODEC),
                     expected=expected,
