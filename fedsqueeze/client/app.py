@@ -40,6 +40,7 @@ from flwr.clientapp.typing import Mod
 
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
+from fedsqueeze.client.qat import qat_mod
 from fedsqueeze.client.secure import secagg_mod
 from fedsqueeze.client.training import (
     evaluate,
@@ -52,10 +53,11 @@ from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.federation import client_eval_data, client_train_data, new_model
 
-MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod)
+MODS = (downlink_mod, secagg_mod, compress_mod, prune_mod, qat_mod)
 """fedsqueeze's client mods, outermost first: the downlink is decoded before anything else
 sees the message; secure aggregation and compression each act on their own request; pruning
-is innermost, so only the handler sees full tensors (the others see kept values only)."""
+is inside them, so only the handler sees full tensors (the others see kept values only); QAT
+only wraps the handler's training in fake quantization."""
 
 
 def node_partition(context: Context) -> tuple[int, int]:

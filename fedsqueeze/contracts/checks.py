@@ -40,6 +40,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_dp_config(config)
     check_liveness_config(config)
     check_prune_config(config)
+    check_qat_config(config)
     check_distill_config(config)
     check_robust_config(config)
 
@@ -241,6 +242,16 @@ def check_prune_config(config: Mapping[str, Any]) -> None:
             f"codec stage {feedback.spec!r} keeps per-coordinate state, and the kept "
             "coordinates change while pruning: use prune-start-round = prune-end-round = 1 "
             "(one-shot pruning), or a codec without error feedback"
+        )
+
+
+def check_qat_config(config: Mapping[str, Any]) -> None:
+    """QAT trains through forward hooks that Opacus' per-sample gradients do not see."""
+    if str(config.get("qat", "none")) != "none" and str(config.get("dp", "none")) == "local":
+        raise ConfigError(
+            'qat = "int8" cannot be combined with dp = "local": Opacus computes per-sample '
+            "gradients from the layers' fp32 inputs, not the fake-quantized ones; use "
+            'dp = "central" or "distributed"'
         )
 
 

@@ -29,6 +29,7 @@ from fedsqueeze.privacy import default_delta
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
 from fedsqueeze.server.pruning import pruning_from_config
+from fedsqueeze.server.qat import qat_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
 
@@ -137,7 +138,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[LocalDP]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner)))))``."""
+    ``[LocalDP]([QATStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([CentralDP|DistributedDP](inner))))))``."""
     strategy = _dp_wrapper(inner if inner is not None else build_strategy(config), config)
     secagg = bool(config["secagg"])
     if secagg:
@@ -152,7 +153,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         norm_factor=float(config["update-norm-factor"]),
         max_weight=weight_cap(config),
     )
-    strategy = pruning_from_config(strategy, config)
+    strategy = qat_from_config(pruning_from_config(strategy, config), config)
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
