@@ -29,7 +29,6 @@ from fedsqueeze.models.qat import (
     qat_training,
     weight_scales,
 )
-from fedsqueeze.models.weights import load_numpy_state, state_to_numpy
 
 TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
 
@@ -245,6 +244,6 @@ def test_the_int8_artifact_matches_the_federations_int8_accuracy(
 
 
 def test_qat_under_secure_aggregation(tmp_path: Path) -> None:
-    run, rows = _federate(tmp_path, **{"num-rounds": 1, "secagg": True, "secagg-clip": 5.0})
+    _run, rows = _federate(tmp_path, **{"num-rounds": 1, "secagg": True, "secagg-clip": 5.0})
     assert rows[0]["clients"] == 3 and rows[0]["qat"] is True
     assert 0.3 < rows[0]["int8_accuracy"] <= 1
