@@ -143,13 +143,12 @@ def quantize(
 ) -> dict[str, Any]:
     """Write the int8 artifact ``out``; the report fields saying how it was made.
 
-    A run trained with QAT (``qat = "int8"``) is exported with its own scales
-    (:func:`quantize_qat`); any other run by onnxruntime's static QDQ quantization of the
+    The global model of a run trained with QAT (``qat = "int8"``; ``model`` and ``run_dir``
+    given) is exported with its own scales (:func:`quantize_qat`); any other model (a
+    distilled student was not trained with QAT) by onnxruntime's static QDQ quantization of the
     fp32 artifact ``fp32`` calibrated on the server's calibration data (:func:`quantize_static`).
     """
-    if str(config.get("qat", "none")) != "none":
-        if run_dir is None or model is None:
-            raise ExportError("a QAT run's int8 export needs its run directory and model")
+    if str(config.get("qat", "none")) != "none" and run_dir is not None and model is not None:
         return quantize_qat(run_dir, model, out, config)
     cal, source = calibration_data(config, calib)
     quantize_static(fp32, out, cal)
@@ -376,7 +375,8 @@ def export_run(
     }
     variants = [("fp32", fp32_path)]
     if int8:
-        report.update(quantize(fp32_path, target, config, calib, run_dir, model))
+        qat_model = model if which == "global" else None
+        report.update(quantize(fp32_path, target, config, calib, run_dir, qat_model))
         variants.append(("int8", target))
     sample = ds.x_test[:64]
     for kind, path in variants:
