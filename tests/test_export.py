@@ -124,7 +124,7 @@ def test_a_qat_run_without_its_scales_is_one_line_exit_2(
 
 
 def test_a_qat_runs_student_is_quantized_after_training(tmp_path: Path) -> None:
-    run, student = _run_dir(tmp_path, student=True, qat=True)
+    run, _ = _run_dir(tmp_path, student=True, qat=True)
     report = export_run(run, int8=True, latency_iters=2)
     assert report["model"] == "student"
     assert report["int8_method"].startswith("onnxruntime static QDQ")  # not the global's scales
