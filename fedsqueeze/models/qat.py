@@ -86,6 +86,13 @@ def _torchao() -> Any:
     return pt2e
 
 
+def _unsupported(layer: str) -> str:
+    return (
+        f"qat: layer {layer} has weights qat cannot quantize; supported: Linear, Conv1d, "
+        "Conv2d (and layers without weights)"
+    )
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`QATError` naming the first layer with weights QAT cannot quantize."""
     for name, module in model.named_modules():
@@ -97,10 +104,7 @@ def check_supported(model: nn.Module) -> None:
                 )
             continue
         if any(True for _ in module.parameters(recurse=False)):
-            raise QATError(
-                f"qat: layer {name!r} ({type(module).__name__}) has weights qat cannot "
-                "quantize; supported: Linear, Conv1d, Conv2d (and parameter-free layers)"
-            )
+            raise QATError(_unsupported(f"{name!r} ({type(module).__name__})"))
 
 
 def weight_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,7 @@ class _QATScope:
         if not isinstance(module, QUANTIZED):
             if id(module) not in self.checked:
                 if any(True for _ in module.parameters(recurse=False)):
-                    check_supported(module)
+                    raise QATError(_unsupported(type(module).__name__))
                 self.checked.add(id(module))
             return None
         # The layer's forward reads ``self.weight``: an instance attribute shadows the
