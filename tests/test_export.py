@@ -40,8 +40,10 @@ def _trained(name: str, cfg: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def _run_dir(tmp_path: Path, student: bool = False) -> tuple[Path, torch.nn.Module]:
-    overrides = {"dataset": "digits", "model": "mlp"}
+def _run_dir(
+    tmp_path: Path, student: bool = False, qat: bool = False
+) -> tuple[Path, torch.nn.Module]:
+    overrides = {"dataset": "digits", "model": "mlp", "qat": "int8" if qat else "none"}
     if student:
         np.savez(tmp_path / "t.npz", x=np.zeros((4, 64), np.float32))
         overrides |= {
@@ -110,6 +112,23 @@ def test_a_student_run_exports_the_student(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         run_onnx(out, ds.x_test), _logits(student, ds.x_test), atol=1e-4, rtol=1e-4
     )
+
+
+def test_a_qat_run_without_its_scales_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run, _ = _run_dir(tmp_path, qat=True)  # no checkpoint: the QAT scales are missing
+    assert main(["export", str(run), "--int8"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "QAT scales" in err[0]
+
+
+def test_a_qat_runs_student_is_quantized_after_training(tmp_path: Path) -> None:
+    run, _ = _run_dir(tmp_path, student=True, qat=True)
+    report = export_run(run, int8=True, latency_iters=2)
+    assert report["model"] == "student"
+    assert report["int8_method"].startswith("onnxruntime static QDQ")  # not the global's scales
+    assert "accuracy_int8_federation" not in report
 
 
 def test_predict_runs_without_torch_or_flower(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ from fedsqueeze.client.layers import layers_mod
 from fedsqueeze.client.lowrank import lowrank_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
+from fedsqueeze.client.qat import qat_mod
 from fedsqueeze.client.secure import secagg_mod
 from fedsqueeze.client.student import student_mod
 from fedsqueeze.client.training import (
@@ -81,12 +82,14 @@ MODS = (
     layers_mod,
     prune_mod,
     lowrank_mod,
+    qat_mod,
 )
 """fedsqueeze's client mods, outermost first: a distilled student the server sends is kept
 and taken out of the message; the downlink is decoded before anything else
 sees the message; secure aggregation and compression each act on their own request; the
 layers, pruning and low-rank mods are innermost, so only the handler sees full tensors (the others
-see the trained tensors / kept values / factors only)."""
+see the trained tensors / kept values / factors only); QAT only wraps the handler's training
+in fake quantization."""
 
 Handler = Callable[[Message, Context], Message]
 

@@ -102,9 +102,10 @@ def check_client_models(config: Mapping[str, Any]) -> None:
         str(config.get("train-layers", "all")) != "all"
         or str(config.get("init-model", ""))
         or str(config.get("client-data", "partition")) != "partition"
+        or str(config.get("qat", "none")) != "none"
     ):
         raise ConfigError(
-            "client-models cannot be combined with train-layers, init-model or client-data = "
-            "'device' yet (each names one architecture's tensors)"
+            "client-models cannot be combined with train-layers, init-model, qat or "
+            "client-data = 'device' yet (each is set up for one architecture)"
         )
     assign_architectures(spec, int(config.get("num-clients", 1)), int(config.get("seed", 0)))

@@ -48,6 +48,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_liveness_config(config)
     check_prune_config(config)
     check_lowrank_config(config)
+    check_qat_config(config)
     check_distill_config(config)
     check_robust_config(config)
     check_retrain_config(config)
@@ -284,10 +285,19 @@ def check_lowrank_config(config: Mapping[str, Any]) -> None:
         raise ConfigError("lowrank and train-layers cannot be combined yet: use one of them")
     if str(config.get("client-models", "")):
         raise ConfigError("lowrank and client-models cannot be combined yet: use one of them")
+    if str(config.get("qat", "none")) != "none":
+        raise ConfigError("lowrank and qat cannot be combined yet: use one of them")
     if str(config["strategy"]) not in ("fedavg", "fedprox"):
         raise ConfigError(
             f"lowrank needs strategy = 'fedavg' or 'fedprox', not {config['strategy']!r}: its "
             "server state has the dense model's shapes, which the factors replace"
+def check_qat_config(config: Mapping[str, Any]) -> None:
+    """QAT trains through forward hooks that Opacus' per-sample gradients do not see."""
+    if str(config.get("qat", "none")) != "none" and str(config.get("dp", "none")) == "local":
+        raise ConfigError(
+            'qat = "int8" cannot be combined with dp = "local": Opacus computes per-sample '
+            "gradients from the layers' fp32 inputs, not the fake-quantized ones; use "
+            'dp = "central" or "distributed"'
         )
 
 

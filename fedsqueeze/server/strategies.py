@@ -35,6 +35,7 @@ from fedsqueeze.server.hetero import ClientModels, HeteroStrategy
 from fedsqueeze.server.layers import with_train_layers
 from fedsqueeze.server.lowrank import lowrank_from_config
 from fedsqueeze.server.pruning import pruning_from_config
+from fedsqueeze.server.qat import qat_from_config
 from fedsqueeze.server.secure import SecAggStrategy, protocol_params
 from fedsqueeze.server.strategy import CompressedStrategy
 
@@ -148,7 +149,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[TrainLayers]([LocalDP]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner))))))))``."""
+    ``[TrainLayers]([LocalDP]([QATStrategy]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner)))))))))``."""
     inner = inner if inner is not None else build_strategy(config)
     if config["client-models"]:
         strategy: Strategy = _heterogeneous(inner, config)
@@ -156,6 +157,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
         strategy = _homogeneous(inner, config)
     strategy = pruning_from_config(strategy, config)
     strategy = lowrank_from_config(strategy, config)
+    strategy = qat_from_config(strategy, config)
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
