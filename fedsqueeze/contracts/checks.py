@@ -291,6 +291,9 @@ def check_lowrank_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"lowrank needs strategy = 'fedavg' or 'fedprox', not {config['strategy']!r}: its "
             "server state has the dense model's shapes, which the factors replace"
+        )
+
+
 def check_qat_config(config: Mapping[str, Any]) -> None:
     """QAT trains through forward hooks that Opacus' per-sample gradients do not see."""
     if str(config.get("qat", "none")) != "none" and str(config.get("dp", "none")) == "local":
