@@ -324,69 +324,8 @@ def compare(
 # ------------------------------------------------------------------------ sequential engine
 
 
-class SequentialGrid:
-    """A Flower ``Grid`` that runs each message through ``app`` in this process, one node
-    after the other (one ``Context`` per node, a deep copy of each message as the wire would
-    make). For measurements on a machine too loaded for Ray's process pool: the ClientApp,
-    its mods, the strategy chain, the byte accounting and the seeds are the same, so a run is
-    the Simulation Engine's run (``tests/test_compare.py`` checks this on a small federation).
-    """
-
-    def __new__(cls, app: Any, num_nodes: int) -> Any:
-        import copy
-
-        from flwr.app import Context, Error, Message, RecordDict
-        from flwr.serverapp import Grid
-
-        class _Grid(Grid):
-            def __init__(self) -> None:
-                self.app = app
-                self.contexts = {
-                    1000 + i: Context(
-                        run_id=1,
-                        node_id=1000 + i,
-                        node_config={"partition-id": i, "num-partitions": num_nodes},
-                        state=RecordDict(),
-                        run_config={},
-                    )
-                    for i in range(num_nodes)
-                }
-
-            def get_node_ids(self) -> list[int]:
-                return list(self.contexts)
-
-            def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-                replies = []
-                for msg in messages:
-                    wire = copy.deepcopy(msg)
-                    try:
-                        reply = self.app(wire, self.contexts[msg.metadata.dst_node_id])
-                    except Exception as exc:  # the engine replies with an error instead
-                        reply = Message(Error(code=0, reason=str(exc)), reply_to=wire)
-                    replies.append(reply)
-                return replies
-
-            def set_run(self, run_id: int) -> None:  # type: ignore[override]
-                return None
-
-            def create_message(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-                raise NotImplementedError
-
-            def push_messages(self, messages: Any) -> Any:  # type: ignore[override]
-                raise NotImplementedError
-
-            def pull_messages(self, message_ids: Any) -> Any:  # type: ignore[override]
-                raise NotImplementedError
-
-            @property
-            def run(self) -> Any:  # type: ignore[override]
-                return None
-
-        return _Grid()
-
-
 def sequential_runner(config: Mapping[str, Any], run_dir: Path) -> Mapping[str, Any]:
-    """Run one federation on a :class:`SequentialGrid` (no Ray); its summary."""
+    """Run one federation on an :class:`~fedsqueeze.inprocess.InProcessGrid` (no Ray)."""
     from fedsqueeze.client.app import build_client_app
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
@@ -397,5 +336,7 @@ def sequential_runner(config: Mapping[str, Any], run_dir: Path) -> Mapping[str, 
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     except ImportError:  # older Flower: Messages need no task identity
         pass
-    grid = SequentialGrid(build_client_app(dict(config)), int(config["num-clients"]))
+    from fedsqueeze.inprocess import InProcessGrid
+
+    grid = InProcessGrid(build_client_app(dict(config)), int(config["num-clients"]))
     return run_federation(grid, config, RunDir(run_dir), node_timeout=float(config["node-timeout"]))

@@ -24,6 +24,14 @@ class EdgeError(ValueError):
     """An artifact or input file that cannot be used (one line, names the file)."""
 
 
+SESSION_CONFIG = {"session.x64quantprecision": "1"}
+"""onnxruntime session settings of every measurement here. On x86 CPUs without VNNI,
+onnxruntime's default int8 GEMM multiplies u8 activations by s8 weights with pairwise int16
+sums that saturate (measured: a QDQ MLP's logits off by up to 0.58, 4% of its predictions
+changed, against 0.004 and none with this setting); ``x64quantprecision`` selects its
+non-saturating path. It has no effect on ARM or VNNI CPUs, whose kernels do not saturate."""
+
+
 def load(artifact: str | Path, threads: int = 1) -> Any:
     """An onnxruntime session for ``artifact`` (CPU, ``threads`` intra-op threads)."""
     import onnxruntime as ort
@@ -34,6 +42,8 @@ def load(artifact: str | Path, threads: int = 1) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsqueeze.edge import SESSION_CONFIG
+
 __all__ = [
     "ExportError",
     "calibration_data",
@@ -100,14 +102,6 @@ def compact_onnx(path: Path) -> Path:
             used.add(node.input[i])
     onnx.save(model, str(path))
     return path
-
-
-SESSION_CONFIG = {"session.x64quantprecision": "1"}
-"""onnxruntime session settings of every measurement here. On x86 CPUs without VNNI,
-onnxruntime's default int8 GEMM multiplies u8 activations by s8 weights with pairwise int16
-sums that saturate (measured: a QDQ MLP's logits off by up to 0.58, 4% of its predictions
-changed, against 0.004 and none with this setting); ``x64quantprecision`` selects its
-non-saturating path. It has no effect on ARM or VNNI CPUs, whose kernels do not saturate."""
 
 
 def _session(path: Path, threads: int = 1) -> Any:

@@ -149,14 +149,12 @@ RESULT = "distill-result.json"
 
 
 def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    import sys
 
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
     import torch
     from flwr.supercore.task_identity import TaskIdentity
-    from inprocess import InProcessGrid
 
     from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.inprocess import InProcessGrid
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 

@@ -4,7 +4,7 @@
     python simulations/poisoning/run.py --set partition=dirichlet --set dirichlet-alpha=0.5
 
 Runs the real ClientApp (training, mods) and the server's round loop and strategy chain
-(``run_federation``) over the in-process grid the tests use (``tests/inprocess.py``: every
+(``run_federation``) over the in-process grid the tests use (``fedsqueeze/inprocess.py``: every
 message goes to the ClientApp in this process; no Ray), on digits / mlp with 10 clients, all
 sampled every round. Client 0 carries an outermost mod that rewrites its train reply:
 
@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process grid
 
 ATTACKS = ("none", "norm", "weight")
 
@@ -62,9 +58,9 @@ def hostile_mod(attack: str) -> Any:
 
 def run(config: dict[str, Any], attack: str) -> float:
     from flwr.supercore.task_identity import TaskIdentity
-    from inprocess import InProcessGrid
 
     from fedsqueeze.client.app import build_client_app
+    from fedsqueeze.inprocess import InProcessGrid
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 

@@ -21,16 +21,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process grid of the test suite
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run_config(path: Path, overrides: dict[str, str]) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
-    from inprocess import InProcessGrid
 
     from fedsqueeze.client.app import build_client_app
     from fedsqueeze.config import load_toml, resolve_config
+    from fedsqueeze.inprocess import InProcessGrid
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process grid of the test suite
 
 TASKS: dict[str, dict[str, Any]] = {
     "digits-mlp": {"dataset": "digits", "model": "mlp", "local-epochs": 2},
@@ -41,10 +40,10 @@ RESULTS = ROOT / "simulations" / "results" / "qat" / "results.json"
 
 def run_one(task: str, qat: str, seed: int, rounds: int, runs: Path) -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity
-    from inprocess import InProcessGrid
 
     from fedsqueeze.client.app import build_client_app
     from fedsqueeze.config import resolve_config
+    from fedsqueeze.inprocess import InProcessGrid
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 DEVICES = 5
 ROUNDS = 3
@@ -145,10 +143,9 @@ def pretrain(deploy: Path, seed: int, out: Path) -> None:
 
 
 def federate(config: dict[str, Any], out: Path, node_configs: dict[int, dict[str, Any]]) -> Any:
-    from inprocess import InProcessGrid
-
     from fedsqueeze.client.app import build_client_app
     from fedsqueeze.config import resolve_config
+    from fedsqueeze.inprocess import InProcessGrid
     from fedsqueeze.server.rounds import run_federation
     from fedsqueeze.server.rundir import RunDir
 
