@@ -26,10 +26,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.compression.dgc import ServerAccumulator
 from fedsqueeze.contracts.records import from_record, to_record
+from fedsqueeze.server.compose import DelegatingStrategy
 from fedsqueeze.server.hooks import RoundHook
 
 
-class ServerFeedback(Strategy, RoundHook):
+class ServerFeedback(DelegatingStrategy, RoundHook):
     """Apply the wrapped strategy's aggregate through a server-side DGC accumulator.
 
     Parameters
@@ -80,16 +81,6 @@ class ServerFeedback(Strategy, RoundHook):
             out[k] = (g + step[start : start + g.size].reshape(g.shape)).astype(g.dtype)
             start += g.size
         return out
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     # ---- round hook ----------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:

@@ -29,11 +29,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.contracts.records import RecordNames, from_record, to_record
 from fedsqueeze.models.retrain import FROZEN_KEY, encode_arrays, model_train_layers, spec_config
+from fedsqueeze.server.compose import DelegatingStrategy
 
 log = logging.getLogger(__name__)
 
 
-class TrainLayers(Strategy):
+class TrainLayers(DelegatingStrategy):
     """Wrap ``inner`` so that only ``trained`` tensors are trained (None: all of them)."""
 
     def __init__(
@@ -87,11 +88,6 @@ class TrainLayers(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, self._config(config), grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         which = "all" if self.trained is None else ", ".join(self.trained)
