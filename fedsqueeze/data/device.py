@@ -23,15 +23,13 @@ message is one line naming the file.
 from __future__ import annotations
 
 import math
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedsqueeze.data.core import DatasetError
-from fedsqueeze.data.loaders import _as_features, _as_int_ids
+from fedsqueeze.data.loaders import _as_features, _as_int_ids, read_npz
 
 __all__ = ["DeviceData", "load_device_data"]
 
@@ -96,28 +94,9 @@ def load_device_data(
             f"{where}: " + ("not a regular file" if p.exists() else "file not found")
         )
     input_shape = tuple(int(d) for d in input_shape)
-    raw: dict[str, np.ndarray] = {}
-    try:
-        npz = np.load(p, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise DatasetError(f"{where}: not an .npz archive (it is a single .npy array)")
-        with npz:
-            missing = [k for k in ("x_train", "y_train") if k not in npz.files]
-            if missing:
-                raise DatasetError(
-                    f"{where}: missing array(s) {', '.join(missing)} "
-                    f"(found: {', '.join(sorted(npz.files)) or 'none'})"
-                )
-            if ("x_test" in npz.files) != ("y_test" in npz.files):
-                raise DatasetError(f"{where}: x_test and y_test must come together")
-            for key in ("x_train", "y_train", "x_test", "y_test"):
-                if key in npz.files:
-                    raw[key] = npz[key]
-    except DatasetError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DatasetError(f"{where}: not a valid .npz archive ({reason})") from exc
+    raw = read_npz(p, where, ("x_train", "y_train"), ("x_test", "y_test"))
+    if ("x_test" in raw) != ("y_test" in raw):
+        raise DatasetError(f"{where}: x_test and y_test must come together")
 
     x_train = _features(raw["x_train"], "x_train", where, input_shape)
     y_train = _labels(raw["y_train"], "y_train", where, len(x_train), num_classes)

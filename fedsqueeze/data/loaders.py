@@ -247,26 +247,25 @@ def _as_features(arr: np.ndarray, key: str, where: str) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _load_npz(path: Path) -> Dataset:
-    where = f"dataset file {path}"
-    if not path.exists():
-        raise DatasetError(f"{where}: file not found")
-    if not path.is_file():
-        raise DatasetError(f"{where}: not a regular file")
-
+def read_npz(
+    path: Path, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """The ``required`` and present ``optional`` arrays of the ``.npz`` at ``path``, without
+    unpickling anything; any unreadable archive or missing array is one :class:`DatasetError`
+    line starting with ``where``."""
     raw: dict[str, np.ndarray] = {}
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise DatasetError(f"{where}: not a valid .npz archive (it is a single .npy array)")
         with npz:
-            missing = [k for k in _REQUIRED_KEYS if k not in npz.files]
+            missing = [k for k in required if k not in npz.files]
             if missing:
                 raise DatasetError(
                     f"{where}: missing array(s) {', '.join(missing)} "
                     f"(found: {', '.join(sorted(npz.files)) or 'none'})"
                 )
-            for key in (*_REQUIRED_KEYS, "client_train"):
+            for key in (*required, *optional):
                 if key in npz.files:
                     raw[key] = npz[key]
     except DatasetError:
@@ -274,6 +273,17 @@ def _load_npz(path: Path) -> Dataset:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(f"{where}: not a valid .npz archive ({reason})") from exc
+    return raw
+
+
+def _load_npz(path: Path) -> Dataset:
+    where = f"dataset file {path}"
+    if not path.exists():
+        raise DatasetError(f"{where}: file not found")
+    if not path.is_file():
+        raise DatasetError(f"{where}: not a regular file")
+
+    raw = read_npz(path, where, _REQUIRED_KEYS, ("client_train",))
 
     x_tr, x_te = raw["x_train"], raw["x_test"]
     if x_tr.ndim < 2:
