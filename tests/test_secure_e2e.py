@@ -40,7 +40,9 @@ def test_secagg_run_learns_with_uplink_near_bits_times_d(tmp_path: Path) -> None
     rows = _metrics(tmp_path / "run")
     d = _num_params(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"] and rows[-1]["accuracy"] > 0.8
+    # An untrained model is at chance (~0.1); the rounds' accuracy may dip by a point between
+    # rounds (the secure sum's rounding draws secret randomness), so no round-to-round order.
+    assert rows[-1]["accuracy"] > 0.8
     for row in rows:
         assert row["clients"] == 5 and row["dropped_clients"] == 0
         bits = row["secagg_bits"]
