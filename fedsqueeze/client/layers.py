@@ -15,11 +15,11 @@ No-op for messages without the frozen record.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition, single_arrays
-from fedsqueeze.contracts.records import from_record, to_record
+from fedsqueeze.contracts.records import from_record, to_record, without
 from fedsqueeze.models.retrain import FROZEN_KEY, TRAIN_TENSORS, decode_arrays
 
 
@@ -38,7 +38,7 @@ def layers_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             raise ModPreconditionError("a tensor is both trained and frozen")
     except (ModPreconditionError, KeyError, TypeError, ValueError) as err:
         return failed_precondition(msg, "layers_mod", str(err))
-    content = RecordDict({k: v for k, v in msg.content.items() if k not in (FROZEN_KEY, name)})
+    content = without(msg.content, FROZEN_KEY, name)
     content[name] = to_record({**trained, **frozen})
     old = content.config_records.get("config")
     content["config"] = ConfigRecord({**(dict(old) if old else {}), TRAIN_TENSORS: list(trained)})

@@ -12,11 +12,11 @@ only the smaller factor arrays. A handler built this way needs no low-rank code:
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition
-from fedsqueeze.contracts.records import LOWRANK_KEY
+from fedsqueeze.contracts.records import LOWRANK_KEY, without
 from fedsqueeze.models.lowrank import LowRankError, factorized_models
 
 
@@ -38,7 +38,7 @@ def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         ranks = ranks_of(msg.content.config_records[LOWRANK_KEY])
     except ModPreconditionError as err:
         return failed_precondition(msg, "lowrank_mod", str(err))
-    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != LOWRANK_KEY})
+    msg.content = without(msg.content, LOWRANK_KEY)
     try:
         with factorized_models(ranks):
             return call_next(msg, context)

@@ -53,6 +53,7 @@ from fedsqueeze.contracts.records import (
     VIEW_META_KEY,
     from_record,
     to_record,
+    without,
 )
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def downlink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         arrays, version = _rebuild(record, context)
     except (ModPreconditionError, CodecError, KeyError, ValueError, TypeError) as err:
         return failed_precondition(msg, "downlink_mod", str(err))
-    content = RecordDict({k: v for k, v in msg.content.items() if k != DOWNLINK_KEY})
+    content = without(msg.content, DOWNLINK_KEY)
     content[str(record.get("arrays", "arrays"))] = to_record(arrays)
     msg.content = content
     reply = call_next(msg, context)
@@ -166,7 +167,7 @@ def _encode_reply(
         context.state[CODEC_META_KEY] = ConfigRecord(
             {"codec": codec.spec, "feedback": _state_kind(codec)}
         )
-    content = RecordDict({k: v for k, v in reply.content.items() if k != name})
+    content = without(reply.content, name)
     content[UPDATE_KEY] = ConfigRecord({"payload": encoded.payload})
     return content
 

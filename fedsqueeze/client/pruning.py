@@ -24,7 +24,7 @@ Flower's own mods do for secure aggregation and DP.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition, single_arrays
@@ -35,6 +35,7 @@ from fedsqueeze.contracts.records import (
     PRUNE_STATE_KEY,
     from_record,
     to_record,
+    without,
 )
 from fedsqueeze.models.pruning import PruningError, masked_training
 
@@ -66,7 +67,7 @@ def prune_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         full = scatter(from_record(kept), masks)
     except (ModPreconditionError, CodecError, KeyError, TypeError) as err:
         return failed_precondition(msg, "prune_mod", str(err))
-    content = RecordDict({k: v for k, v in msg.content.items() if k not in (PRUNE_KEY, name)})
+    content = without(msg.content, PRUNE_KEY, name)
     content[name] = to_record(full)
     msg.content = content
     try:

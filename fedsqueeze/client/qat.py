@@ -12,10 +12,11 @@ naming the layer.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import failed_precondition
+from fedsqueeze.contracts.records import without
 from fedsqueeze.models.qat import QAT_KEY, QATError, qat_training
 
 SCHEMES = ("int8",)
@@ -28,7 +29,7 @@ def qat_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     scheme = str(msg.content.config_records[QAT_KEY].get("scheme", ""))
     if scheme not in SCHEMES:
         return failed_precondition(msg, "qat_mod", f"unknown qat scheme {scheme!r}")
-    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != QAT_KEY})
+    msg.content = without(msg.content, QAT_KEY)
     try:
         with qat_training():
             return call_next(msg, context)

@@ -16,14 +16,14 @@ between rounds (or ``fedsqueeze export``'s ONNX artifact of the same weights).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze import downlink
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.errors import CodecError
-from fedsqueeze.contracts.records import STUDENT_KEY, from_record, to_record
+from fedsqueeze.contracts.records import STUDENT_KEY, from_record, to_record, without
 
 STUDENT_STATE_KEY = "fedsqueeze.student-weights"
 """Client ``Context.state`` ArrayRecord: the student's weights."""
@@ -46,7 +46,7 @@ def student_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return failed_precondition(msg, "student_mod", str(err))
     context.state[STUDENT_STATE_KEY] = to_record(arrays)
     context.state[STUDENT_META_KEY] = meta
-    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != STUDENT_KEY})
+    msg.content = without(msg.content, STUDENT_KEY)
     return call_next(msg, context)
 
 

@@ -30,6 +30,12 @@ def serialized_size(content: RecordDict) -> int:
     return int(recorddict_to_proto(content).ByteSize())
 
 
+def without(content: RecordDict, *names: str) -> RecordDict:
+    """``content`` minus the records ``names``: what a mod or wrapper consumed (its own
+    record) before the next layer sees the message."""
+    return RecordDict({k: v for k, v in content.items() if k not in names})
+
+
 @dataclass(frozen=True)
 class RecordNames:
     """The record names and weight key an app's strategy uses, with Flower's defaults.

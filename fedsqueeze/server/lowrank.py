@@ -32,11 +32,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.contracts.records import DOWNLINK_ACK_KEY, LOWRANK_KEY, from_record, to_record
+from fedsqueeze.contracts.records import (
+    DOWNLINK_ACK_KEY,
+    LOWRANK_KEY,
+    from_record,
+    to_record,
+    without,
+)
 from fedsqueeze.models.lowrank import (
     check_supported,
     choose_ranks,
@@ -128,9 +134,7 @@ class LowRankStrategy(Strategy, RoundHook):
         if server_round + 1 == self.start_round:  # next round's weights have other shapes
             for msg in replies:
                 if not msg.has_error() and DOWNLINK_ACK_KEY in msg.content:
-                    msg.content = RecordDict(
-                        {k: v for k, v in msg.content.items() if k != DOWNLINK_ACK_KEY}
-                    )
+                    msg.content = without(msg.content, DOWNLINK_ACK_KEY)
         return replies
 
     # ---- training and evaluation ---------------------------------------------------------

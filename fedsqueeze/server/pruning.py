@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi, Strategy
 
@@ -52,6 +52,7 @@ from fedsqueeze.contracts.records import (
     PRUNE_KEY,
     from_record,
     to_record,
+    without,
 )
 from fedsqueeze.models.channels import channel_masks
 from fedsqueeze.models.pruning import cubic_sparsity, magnitude_masks, sparsity_of
@@ -173,9 +174,7 @@ class PruningStrategy(Strategy, RoundHook):
                 continue
             self._holds[msg.metadata.src_node_id] = self.digest
             if self._moving(server_round) and DOWNLINK_ACK_KEY in msg.content:
-                msg.content = RecordDict(
-                    {k: v for k, v in msg.content.items() if k != DOWNLINK_ACK_KEY}
-                )
+                msg.content = without(msg.content, DOWNLINK_ACK_KEY)
         return replies
 
     # ---- training and evaluation ---------------------------------------------------------

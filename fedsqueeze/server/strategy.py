@@ -52,6 +52,7 @@ from fedsqueeze.contracts.records import (
     from_record,
     single_metrics,
     to_record,
+    without,
 )
 from fedsqueeze.contracts.streams import Stream, round_seed
 from fedsqueeze.server.compose import StrategyCompositionError, below, refuse_flower_dp_caller
@@ -246,7 +247,7 @@ class CompressedStrategy(Strategy, RoundHook):
                     full = (payload, reference)
             self._sent[node] = _Sent(version, reference)
             name = next(k for k, v in msg.content.items() if isinstance(v, ArrayRecord))
-            content = RecordDict({k: v for k, v in msg.content.items() if k != name})
+            content = without(msg.content, name)
             content[DOWNLINK_KEY] = ConfigRecord(
                 {
                     "payload": payload,
@@ -269,9 +270,7 @@ class CompressedStrategy(Strategy, RoundHook):
             ack = None if msg.has_error() else msg.content.config_records.get(DOWNLINK_ACK_KEY)
             if sent is not None and ack is not None and ack.get("version") == sent.version:
                 self._views[node] = sent
-                msg.content = RecordDict(
-                    {k: v for k, v in msg.content.items() if k != DOWNLINK_ACK_KEY}
-                )
+                msg.content = without(msg.content, DOWNLINK_ACK_KEY)
             elif ack is None:
                 self._views.pop(node, None)  # it may hold anything now: send it the full model
         return replies
