@@ -23,7 +23,7 @@ from fedsqueeze.config import resolve_config
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 3
-NODE_TIMEOUT = 60.0
+NODE_TIMEOUT = 40.0
 """Generous for the honest clients' first train message (data loading, a few seconds on an idle
 machine); the sleeper is past it by construction."""
 SLEEP_CAP_S = 3 * NODE_TIMEOUT
