@@ -181,7 +181,7 @@ def test_make_setup_installs_everything_with_the_cpu_torch_first() -> None:
 # --------------------------------------------------------------------------- torch per message
 
 # A deployed SuperNode starts a fresh ClientApp process for every message, and importing torch
-# is about half of that process's start. Only a message that builds a model (train, evaluate,
+# is most of that process's start. Only a message that builds a model (train, evaluate,
 # SecAgg+ `setup`) may import it: the handshake and the later SecAgg+ stages must not.
 NO_MODEL_STAGES = """
 import pickle, sys

@@ -40,7 +40,7 @@ torch (and Opacus, torchao) is imported by the two handlers that build a model â
 and ``evaluate`` â€” and by a mod only when its record is in the message, never by importing
 this module: a SuperNode starts a fresh process for every message (Flower 1.42 has no warm
 ClientApp), and the handshake and the SecAgg+ stages after ``setup`` need no model, so they
-run without torch's import (about half of the process's start; docs/deployment.md).
+run without torch's import (most of the process's start; docs/deployment.md).
 
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
