@@ -13,8 +13,9 @@ with ``PYTHONPATH=<code>`` that starts the code's own deployment harness
 interleaved (rep 1: A plain, B plain, A secagg, B secagg; rep 2: ...) so that a change in
 the machine's load hits both sides alike. Per-round time is the ServerApp's ``wall_s`` of
 each round in ``metrics.jsonl`` (send → all replies aggregated → evaluated); the table
-gives the median over all rounds of all reps and each code's ratio to the first
-``--code``. Wall-clock numbers are only comparable side by side on one machine.
+gives the median over all rounds of all reps, its ratio to the first ``--code``'s, and
+the paired ratio (each rep's mean round time over the first code's in the same rep; mean ±
+sd over reps). Wall-clock numbers are only comparable side by side on one machine.
 """
 
 from __future__ import annotations
@@ -73,15 +74,23 @@ def run_child(code: Path, mode: str, nodes: int, rounds: int) -> dict[str, Any]:
 
 
 def summary(results: list[dict[str, Any]], codes: list[str], modes: list[str]) -> str:
-    lines = ["| mode | code | per-round s (median) | ratio to first | runs |"]
-    lines.append("|---|---|---|---|---|")
+    lines = ["| mode | code | per-round s (median) | ratio to first | paired ratio | runs |"]
+    lines.append("|---|---|---|---|---|---|")
     for mode in modes:
-        medians = {}
+        medians, per_rep = {}, {}
         for code in codes:
             runs = [r for r in results if r["code"] == code and r["mode"] == mode]
             medians[code] = statistics.median(s for r in runs for s in r["round_s"])
+            per_rep[code] = {r["rep"]: statistics.mean(r["round_s"]) for r in runs}
+        for code in codes:
             ratio = medians[code] / medians[codes[0]]
-            lines.append(f"| {mode} | {code} | {medians[code]:.1f} | {ratio:.2f} | {len(runs)} |")
+            # the same rep of two codes ran back to back, under about the same load
+            paired = [t / per_rep[codes[0]][rep] for rep, t in per_rep[code].items()]
+            sd = statistics.stdev(paired) if len(paired) > 1 else 0.0
+            lines.append(
+                f"| {mode} | {code} | {medians[code]:.1f} | {ratio:.2f} | "
+                f"{statistics.mean(paired):.2f} ± {sd:.2f} | {len(paired)} |"
+            )
     return "\n".join(lines)
 
 
