@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedsqueeze.data import Dataset, load_dataset, partition_indices, partition_stats
-from fedsqueeze.models import build_model
+
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,6 +86,8 @@ def new_model(
 ) -> torch.nn.Module:
     """A freshly initialized model for the run's dataset (seeded when ``seed`` is given):
     ``model``, or with ``partition_id`` the architecture ``client-models`` gives it."""
+    from fedsqueeze.models import build_model  # torch: only where a model is built
+
     ds = dataset_for(config)
     name = model_name(config, partition_id)
     return build_model(name, ds.input_shape, ds.num_classes, seed=seed)

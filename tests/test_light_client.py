@@ -176,3 +176,90 @@ def test_make_setup_installs_everything_with_the_cpu_torch_first() -> None:
     torch_line = makefile.index("torch==2.13.0")
     all_line = makefile.index("-e '.[all]'")
     assert torch_line < all_line
+
+
+# --------------------------------------------------------------------------- torch per message
+
+# A deployed SuperNode starts a fresh ClientApp process for every message, and importing torch
+# is most of that process's start. Only a message that builds a model (train, evaluate,
+# SecAgg+ `setup`) may import it: the handshake and the later SecAgg+ stages must not.
+NO_MODEL_STAGES = """
+import pickle, sys
+for name in ("torch", "opacus", "torchao"):
+    sys.modules[name] = None  # as if not installed: any import of them raises
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import context_from_proto, message_from_proto
+from flwr.proto.message_pb2 import Context as ContextProto, Message as MessageProto
+from flwr.supercore.task_identity import TaskIdentity
+from fedsqueeze.client.app import app  # what `flwr-clientapp` loads on a SuperNode
+TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1  # as a SuperNode sets
+ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 5},
+              state=RecordDict(), run_config={})
+query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=7,
+                message_type=MessageType.QUERY)
+reply = app(query, ctx)
+assert not reply.has_error(), reply.error
+print("query", dict(reply.content["node"]))
+for stage, raw_msg, raw_ctx in pickle.load(open(sys.argv[1], "rb")):
+    msg = message_from_proto(MessageProto.FromString(raw_msg))
+    ctx = context_from_proto(ContextProto.FromString(raw_ctx))
+    reply = app(msg, ctx)
+    assert not reply.has_error(), (stage, reply.error)
+    print(stage, sorted(reply.content.config_records))
+"""
+
+
+def test_handshake_and_secagg_stages_after_setup_run_without_torch(tmp_path: Path) -> None:
+    """Replays one node's SecAgg+ ``share``/``mask``/``check``/``unmask`` messages, each
+    with the ``Context`` it had (serialized as Flower passes them to a ClientApp process),
+    in a fresh interpreter where torch, Opacus and torchao cannot be imported."""
+    import pickle
+
+    from flwr.common.serde import context_to_proto, message_to_proto
+    from test_secure_glue import InProcessGrid, _run
+
+    from fedsqueeze.contracts.secure_wire import SECAGG_KEY, SETUP, STAGES
+
+    class Recorder(InProcessGrid):
+        """Keeps node 1000's stage messages after setup, with its state before each."""
+
+        def __init__(self, config: dict, num_nodes: int) -> None:
+            super().__init__(config, num_nodes)
+            self.kept: list[tuple[str, bytes, bytes]] = []
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            messages = list(messages)
+            for msg in messages:
+                stage = str(msg.content.config_records[SECAGG_KEY]["stage"])
+                if msg.metadata.dst_node_id == 1000 and stage != SETUP:
+                    ctx = context_to_proto(self.contexts[1000]).SerializeToString()
+                    self.kept.append((stage, message_to_proto(msg).SerializeToString(), ctx))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    run = _run({}, grid_type=Recorder)
+    assert run.rounds[0].row["secagg_included"] == 5  # the recorded round completed
+    kept = run.grid.kept
+    assert [stage for stage, _, _ in kept] == [s for s in STAGES if s != SETUP]
+    (tmp_path / "stages.pkl").write_bytes(pickle.dumps(kept))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", NO_MODEL_STAGES, str(tmp_path / "stages.pkl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "query {'partition-id': 0, 'num-partitions': 5}"
+    assert [line.split()[0] for line in lines[1:]] == [s for s, _, _ in kept]
+    assert all("'sa'" in line for line in lines[1:])  # each stage replied with its record
+
+
+def test_the_torch_blocker_really_blocks() -> None:
+    """The test above would pass vacuously if a stage could import torch anyway."""
+    out = _python(NO_MODEL_STAGES.split("from flwr.app")[0] + "import fedsqueeze.models.zoo\n")
+    assert out.returncode != 0
+    assert "ModuleNotFoundError: import of torch halted" in out.stderr

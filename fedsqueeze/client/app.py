@@ -36,6 +36,12 @@ With ``train-layers`` other than ``"all"``, :func:`~fedsqueeze.client.layers.lay
 hands the handler the full model and the names it may train (``train-tensors`` in the
 message's config); the handler freezes the rest, so DP-SGD clips and noises only those.
 
+torch (and Opacus, torchao) is imported by the two handlers that build a model — ``train``
+and ``evaluate`` — and by a mod only when its record is in the message, never by importing
+this module: a SuperNode starts a fresh process for every message (Flower 1.42 has no warm
+ClientApp), and the handshake and the SecAgg+ stages after ``setup`` need no model, so they
+run without torch's import (most of the process's start; docs/deployment.md).
+
 The run config comes from ``context.run_config`` (``flwr run``) or, when the app is
 built by ``fedsqueeze simulate``, from the resolved config passed to ``build_client_app``.
 """
@@ -60,13 +66,6 @@ from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.qat import qat_mod
 from fedsqueeze.client.secure import secagg_mod
 from fedsqueeze.client.student import student_mod
-from fedsqueeze.client.training import (
-    evaluate,
-    load_numpy_state,
-    make_generator,
-    state_to_numpy,
-    train_local,
-)
 from fedsqueeze.config import resolve_config
 from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.data import DatasetError
@@ -153,6 +152,13 @@ def build_client_app(
     @app.train()
     @reports_data_errors
     def train(msg: Message, context: Context) -> Message:
+        from fedsqueeze.client.training import (
+            load_numpy_state,
+            make_generator,
+            state_to_numpy,
+            train_local,
+        )
+
         cfg = run_config(context)
         pid, num_parts = node_partition(context)
         round_cfg = msg.content["config"]
@@ -196,6 +202,8 @@ def build_client_app(
     @app.evaluate()
     @reports_data_errors
     def evaluate_handler(msg: Message, context: Context) -> Message:
+        from fedsqueeze.client.training import evaluate, load_numpy_state
+
         cfg = run_config(context)
         source = data_source(
             cfg, context.node_config, msg.content["config"], node_partition(context)

@@ -22,16 +22,17 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from fedsqueeze.data import DatasetError
 from fedsqueeze.data.device import DeviceData, load_device_data
 from fedsqueeze.federation import client_eval_data, client_train_data, new_model
-from fedsqueeze.models import build_model
 from fedsqueeze.models.retrain import read_spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DATA_PATH", "DataSource", "DeviceFile", "Partition", "data_source"]
 
@@ -103,6 +104,8 @@ class DeviceFile:
         return self.data.x_test, self.data.y_test
 
     def model(self) -> torch.nn.Module:
+        from fedsqueeze.models import build_model  # torch: only where a model is built
+
         return build_model(str(self.cfg["model"]), self.input_shape, self.num_classes)
 
 

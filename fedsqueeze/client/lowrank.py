@@ -17,7 +17,6 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition
 from fedsqueeze.contracts.records import LOWRANK_KEY, without
-from fedsqueeze.models.lowrank import LowRankError, factorized_models
 
 
 def ranks_of(record: ConfigRecord) -> dict[str, int]:
@@ -39,6 +38,8 @@ def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     except ModPreconditionError as err:
         return failed_precondition(msg, "lowrank_mod", str(err))
     msg.content = without(msg.content, LOWRANK_KEY)
+    from fedsqueeze.models.lowrank import LowRankError, factorized_models  # torch: only when asked
+
     try:
         with factorized_models(ranks):
             return call_next(msg, context)

@@ -37,7 +37,6 @@ from fedsqueeze.contracts.records import (
     to_record,
     without,
 )
-from fedsqueeze.models.pruning import PruningError, masked_training
 
 
 def _mask(record: ConfigRecord, context: Context) -> Masks:
@@ -70,6 +69,8 @@ def prune_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     content = without(msg.content, PRUNE_KEY, name)
     content[name] = to_record(full)
     msg.content = content
+    from fedsqueeze.models.pruning import PruningError, masked_training  # torch: only when asked
+
     try:
         with masked_training(masks):
             reply = call_next(msg, context)

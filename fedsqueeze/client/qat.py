@@ -16,8 +16,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import failed_precondition
-from fedsqueeze.contracts.records import without
-from fedsqueeze.models.qat import QAT_KEY, QATError, qat_training
+from fedsqueeze.contracts.records import QAT_KEY, without
 
 SCHEMES = ("int8",)
 
@@ -30,6 +29,8 @@ def qat_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     if scheme not in SCHEMES:
         return failed_precondition(msg, "qat_mod", f"unknown qat scheme {scheme!r}")
     msg.content = without(msg.content, QAT_KEY)
+    from fedsqueeze.models.qat import QATError, qat_training  # torch: only when asked
+
     try:
         with qat_training():
             return call_next(msg, context)

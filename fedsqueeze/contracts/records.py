@@ -110,6 +110,9 @@ LOWRANK_KEY = "fedsqueeze.lowrank"
 """ConfigRecord in a train or evaluate message of a low-rank federation: ``layers`` (names)
 and ``ranks`` (ints); the message's weights are then the factors of those layers
 (:func:`fedsqueeze.models.lowrank.factorize`), and so is a train reply's."""
+QAT_KEY = "fedsqueeze.qat"
+"""ConfigRecord in a train message asking the client to train with fake quantization
+(``scheme``: ``"int8"``; :mod:`fedsqueeze.models.qat`)."""
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

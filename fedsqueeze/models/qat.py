@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsqueeze.contracts.records import QAT_KEY
 from fedsqueeze.models.zoo import ModelError
 
 __all__ = [
@@ -60,9 +61,6 @@ __all__ = [
     "qat_training",
     "weight_scales",
 ]
-
-QAT_KEY = "fedsqueeze.qat"
-"""ConfigRecord in a train message asking the client to train with fake quantization."""
 
 QUANTIZED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 WEIGHT_RANGE = (-127, 127)

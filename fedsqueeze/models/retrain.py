@@ -36,12 +36,14 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from fedsqueeze.contracts.checks import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "FROZEN_KEY",
@@ -95,6 +97,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: np.asarray(npz[k]) for k in npz.files}
+        import torch  # only a model.pt needs it; the ClientApp imports this module torch-free
+
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
