@@ -512,7 +512,8 @@ class SecAggClient:
         receive key of each failed kind (``complaint_b`` / ``complaint_s``, empty bytes for a
         kind that opened) and this client does not mask with it. The result's ``masked``
         field is ``y = x + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^b`` bit-packed at ``bits``
-        bits, over the senders it does not complain about.
+        bits, over the senders it does not complain about; empty (no input) when fewer than
+        ``t - 1`` of them are left, so that the complaints still reach the server.
         """
         self._expect("shared")
         x = self._check_vector(vector)
@@ -549,16 +550,26 @@ class SecAggClient:
                     revealed.append(raw)
             if any(revealed):
                 complaints[sender] = revealed
-        mask_peers = sorted(set(senders) - set(complaints))
-        if len(mask_peers) < self.config.threshold - 1:
+        if len(senders) < self.config.threshold - 1:
             # With fewer pairwise masks than t - 1 the server could strip this input: with
             # none at all only PRG(b_u) covers it, and the neighbours reveal b_u at unmask.
             raise SecAggProtocolError(
-                f"refusing to mask: only {len(mask_peers)} neighbours dealt valid shares, fewer "
-                f"than t - 1 = {self.config.threshold - 1}"
+                f"refusing to mask: only {len(senders)} neighbours' shares arrived, fewer than "
+                f"t - 1 = {self.config.threshold - 1}"
             )
-        self._mask_peers = mask_peers
         self._complained = sorted(complaints)
+        filed = {
+            "complaint_ids": self._complained,
+            "complaint_b": [complaints[v][0] for v in self._complained],
+            "complaint_s": [complaints[v][1] for v in self._complained],
+        }
+        mask_peers = sorted(set(senders) - set(complaints))
+        if len(mask_peers) < self.config.threshold - 1:
+            # Too few valid deals to mask safely: send the complaints (so the cheating owners
+            # are convicted) but no input; the server counts this client as dropped.
+            self.stage = "masked"
+            return {"masked": b"", **filed}
+        self._mask_peers = mask_peers
         bits, d = self.config.bits, self.config.vector_len
         acc = x.astype(crypto.word_dtype(bits))
         acc += crypto.prg_words(crypto.self_mask_key(self._b_seed, self.session), d, bits)
@@ -573,12 +584,7 @@ class SecAggClient:
                 acc -= crypto.prg_words(key, d, bits)
         acc &= acc.dtype.type((1 << bits) - 1)
         self.stage = "masked"
-        return {
-            "masked": pack_bits(acc, bits),
-            "complaint_ids": self._complained,
-            "complaint_b": [complaints[v][0] for v in self._complained],
-            "complaint_s": [complaints[v][1] for v in self._complained],
-        }
+        return {"masked": pack_bits(acc, bits), **filed}
 
     # -- stage 4: consistency check ------------------------------------------------------
 

@@ -344,10 +344,12 @@ class SecAggServer:
         complaints: dict[int, list[tuple[int, list[bytes]]]] = {}
         for cid, msg in self._valid(msgs, self._u2, "masked_input"):
             try:
-                payloads[cid] = get_bytes(msg, "masked", size)
                 complaints[cid] = self._complaints(cid, msg)
+                if complaints[cid] and get_bytes(msg, "masked") == b"":
+                    continue  # complaints only: too few valid deals left to mask safely
+                payloads[cid] = get_bytes(msg, "masked", size)
             except SecAggError as exc:
-                payloads.pop(cid, None)
+                complaints.pop(cid, None)
                 self._reject(cid, "masked_input", exc)
         convicted = set()
         for holder, filed in complaints.items():
