@@ -62,13 +62,13 @@ def test_empty_or_short_sender_list_at_mask_is_refused() -> None:
     # The attack: the target masks with PRG(b) only, and its neighbours would then hand over
     # b's shares on an ordinary unmask request.
     with pytest.raises(SecAggProtocolError, match="refusing to mask"):
-        clients[1].masked_input({"sender_ids": [], "ciphertexts": []}, x)
+        clients[1].masked_input({"sender_ids": [], "deals": []}, x)
     msg = out[1]
-    short = {"sender_ids": msg["sender_ids"][:1], "ciphertexts": msg["ciphertexts"][:1]}  # t-2
+    short = {"sender_ids": msg["sender_ids"][:1], "deals": msg["deals"][:1]}  # t-2
     with pytest.raises(SecAggProtocolError, match=r"t - 1 = 2"):
         clients[1].masked_input(short, x)
     # Exactly t - 1 senders is what an honest server may send after dropouts: accepted.
-    ok = {"sender_ids": msg["sender_ids"][:2], "ciphertexts": msg["ciphertexts"][:2]}
+    ok = {"sender_ids": msg["sender_ids"][:2], "deals": msg["deals"][:2]}
     assert "masked" in clients[1].masked_input(ok, x)
 
 
@@ -77,7 +77,16 @@ def test_share_stage_refuses_fewer_than_t_minus_1_peers() -> None:
     client = SecAggClient(1, server.setup()[1])
     client.advertise_keys()
     with pytest.raises(SecAggAbort, match="threshold is 3"):
-        client.share_keys({"peer_ids": [], "peer_c_pks": [], "peer_s_pks": [], "peer_id_pks": []})
+        client.share_keys(
+            {
+                "peer_ids": [],
+                "peer_c_pks": [],
+                "peer_s_pks": [],
+                "peer_id_pks": [],
+                "peer_recv_pks": [],
+                "peer_recv_sigs": [],
+            }
+        )
 
 
 # --- 2. the security floor is the device's, not the server's (finding 5) ---------------------
@@ -326,7 +335,7 @@ def test_substituted_keys_are_refused_with_a_roster() -> None:
     clients = {c: SecAggClient(c, setup[c], policy=policy) for c in ids}
     out = server.collect_keys({c: clients[c].advertise_keys(ident[c]) for c in ids})
     # The honest server forwards the signed advertisements: the round runs, sum exact.
-    out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in ids})
+    out = server.collect_shares({c: clients[c].share_keys(out[c], ident[c]) for c in ids})
     x = {c: np.full(8, c, dtype=np.uint64) for c in ids}
     out = signed(
         server,
@@ -347,11 +356,11 @@ def test_substituted_keys_are_refused_with_a_roster() -> None:
     forged = {**msg, "peer_c_pks": list(msg["peer_c_pks"]), "peer_s_pks": list(msg["peer_s_pks"])}
     forged["peer_c_pks"][i] = forged["peer_s_pks"][i] = crypto.public_key_bytes(mine)
     with pytest.raises(SecAggProtocolError, match="client 2 is not signed"):
-        clients[1].share_keys(forged)
+        clients[1].share_keys(forged, ident[1])
     # Stripping the signatures, or signing with a key outside the roster, does not help.
     unsigned = {k: v for k, v in forged.items() if k not in ("peer_id_pks", "peer_sigs")}
     with pytest.raises(SecAggProtocolError, match="unauthenticated"):
-        clients[1].share_keys(unsigned)
+        clients[1].share_keys(unsigned, ident[1])
     sybil = Ed25519PrivateKey.generate()
     resigned = {
         **forged,
@@ -363,9 +372,9 @@ def test_substituted_keys_are_refused_with_a_roster() -> None:
         sybil, clients[1].session, 2, forged["peer_c_pks"][i], forged["peer_s_pks"][i]
     )
     with pytest.raises(SecAggProtocolError, match="not in the roster"):
-        clients[1].share_keys(resigned)
+        clients[1].share_keys(resigned, ident[1])
     # The untouched message is accepted.
-    assert clients[1].share_keys(msg)["recipients"] == [2, 3, 4, 5]
+    assert clients[1].share_keys(msg, ident[1])["recipients"] == [2, 3, 4, 5]
 
 
 def test_roster_and_identity_from_the_node_config(tmp_path) -> None:

@@ -58,7 +58,7 @@ def _at_check(
     clients = {c: SecAggClient(c, setup[c], policy=policy) for c in ids}
     ident = identities or {}
     out = server.collect_keys({c: clients[c].advertise_keys(ident.get(c)) for c in ids})
-    out = server.collect_shares({c: clients[c].share_keys(out[c]) for c in out})
+    out = server.collect_shares({c: clients[c].share_keys(out[c], ident.get(c)) for c in out})
     x = {c: np.full(8, c, dtype=np.uint64) for c in ids}
     masked = {c: clients[c].masked_input(out[c], x[c]) for c in out if c not in set(drop)}
     return server, clients, server.collect_masked(masked), x

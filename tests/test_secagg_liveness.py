@@ -20,8 +20,8 @@ from test_secure_glue import SMALL, InProcessGrid, _plain_fedavg_delta, _run
 import fedsqueeze.client.secure as client_secure
 from fedsqueeze.contracts.secure_wire import COMMIT_BYTES, REPLY_KEY, SECAGG_KEY, WIRE_FIELD
 from fedsqueeze.contracts.summable import choose_integer_encoding
-from fedsqueeze.secagg.client import SHARE_CIPHERTEXT_BYTES
-from fedsqueeze.secagg.shamir import SHARE_BYTES
+from fedsqueeze.secagg.crypto import KEY_BYTES
+from fedsqueeze.secagg.deals import DEAL_BYTES
 from fedsqueeze.server.secure import outside_honest_range
 
 Tamper = Callable[[bytes], bytes]
@@ -57,24 +57,24 @@ def _zero_key(blob: bytes) -> bytes:
 
 
 def _same_ciphertext(blob: bytes) -> bytes:
-    first = blob[COMMIT_BYTES : COMMIT_BYTES + SHARE_CIPHERTEXT_BYTES]
-    count = (len(blob) - COMMIT_BYTES) // SHARE_CIPHERTEXT_BYTES
+    first = blob[COMMIT_BYTES : COMMIT_BYTES + DEAL_BYTES]
+    count = (len(blob) - COMMIT_BYTES) // DEAL_BYTES
     return blob[:COMMIT_BYTES] + first * count
 
 
 def _flip_last_share(blob: bytes) -> bytes:
-    # The share of the highest survivor id: outside the first t + 1 shares the server used
-    # to reconstruct, so the old server never looked at it.
-    last = int.from_bytes(blob[-SHARE_BYTES:], "big") ^ 1
-    return blob[:-SHARE_BYTES] + last.to_bytes(SHARE_BYTES, "big")
+    # The receive key of the highest survivor id's share: outside the first t + 1 shares
+    # the server uses to reconstruct (the old server, revealing shares, never looked at it).
+    last = int.from_bytes(blob[-KEY_BYTES:], "big") ^ 1
+    return blob[:-KEY_BYTES] + last.to_bytes(KEY_BYTES, "big")
 
 
 @pytest.mark.parametrize(
     ("stage", "tamper", "reason"),
     [
         ("setup", _zero_key, "low-order"),
-        ("share", _same_ciphertext, "same ciphertext"),
-        ("unmask", _flip_last_share, "wrong share"),
+        ("share", _same_ciphertext, "not signed"),
+        ("unmask", _flip_last_share, "not the advertised receive key"),
     ],
 )
 def test_one_misbehaving_client_is_named_and_the_round_goes_on(

@@ -48,10 +48,11 @@ def test_secagg_run_learns_with_uplink_near_bits_times_d(tmp_path: Path) -> None
         bits = row["secagg_bits"]
         per_client = row["uplink_bytes"] / 5
         masked = bits * (d + 1) / 8  # the masked vector: d values and the hidden weight
-        # Protocol overhead: 3 public keys, 4 encrypted share pairs (94 B each), the
-        # consistency signature (64 B), 4 shares to unmask (33 B each), protobuf framing of
-        # five replies and the train-loss metric.
-        assert masked < per_client < masked + 1500
+        # Protocol overhead: 3 public keys and 4 signed receive-key pairs (128 B each), 4
+        # signed deals (186 B each), the consistency signature (64 B), its own share and 4
+        # receive keys to unmask (33 + 4 x 32 B), protobuf framing of five replies and the
+        # train-loss metric.
+        assert masked < per_client < masked + 2400
         assert per_client < 0.55 * 4 * d  # about half of sending the fp32 weights at 16 bits
     assert summary["dropped_clients"] == 0
 

@@ -454,26 +454,31 @@ def test_compact_replies_round_trip_and_reject_bad_lengths() -> None:
     req_share = {"peer_ids": [30, 10, 20]}
     out = {
         "recipients": [10, 20, 30],
-        "ciphertexts": [rng.bytes(94) for _ in range(3)],
+        "deals": [rng.bytes(186) for _ in range(3)],
         "b_commit": rng.bytes(32),
     }
     blob = pack_reply(SHARE, out, req_share)
-    assert len(blob) == 32 + 3 * 94  # no ids, no list framing
+    assert len(blob) == 32 + 3 * 186  # no ids, no list framing
     assert unpack_reply(SHARE, blob, req_share) == out
-    with pytest.raises(SecureWireError, match="encrypted shares"):
+    with pytest.raises(SecureWireError, match="deals"):
         unpack_reply(SHARE, blob[:-1], req_share)
     with pytest.raises(SecureWireError, match="recipients"):
         pack_reply(SHARE, out, {"peer_ids": [10, 20]})
     req_unmask = {"survivor_ids": [5, 1], "dropped_ids": [9]}
     out = {
         "b_ids": [1, 5],
-        "b_shares": [rng.bytes(33), rng.bytes(33)],
+        "own_b": rng.bytes(33),
+        "b_keys": [rng.bytes(32)],
         "s_ids": [9],
-        "s_shares": [rng.bytes(33)],
+        "s_keys": [rng.bytes(32)],
     }
     blob = pack_reply(UNMASK, out, req_unmask)
-    assert len(blob) == 3 * 33 and unpack_reply(UNMASK, blob, req_unmask) == out
-    keys = {"c_pk": rng.bytes(32), "s_pk": rng.bytes(32), "id_pk": rng.bytes(32)}
+    assert len(blob) == 33 + 2 * 32 and unpack_reply(UNMASK, blob, req_unmask) == out
+    with pytest.raises(SecureWireError, match="unmask keys"):
+        unpack_reply(UNMASK, blob[:-1], req_unmask)
+    receive = {"recv_pks": [rng.bytes(64) for _ in range(4)], "recv_sigs": [rng.bytes(64)] * 4}
+    keys = {"c_pk": rng.bytes(32), "s_pk": rng.bytes(32), "id_pk": rng.bytes(32), **receive}
+    assert len(pack_reply(SETUP, keys, {})) == 96 + 4 * 128
     assert unpack_reply(SETUP, pack_reply(SETUP, keys, {}), {}) == keys
     signed_keys = {**keys, "sig": rng.bytes(64)}
     assert unpack_reply(SETUP, pack_reply(SETUP, signed_keys, {}), {}) == signed_keys
@@ -481,7 +486,19 @@ def test_compact_replies_round_trip_and_reject_bad_lengths() -> None:
     assert unpack_reply(CHECK, pack_reply(CHECK, sig, {}), {}) == sig
     with pytest.raises(SecureWireError, match="consistency signature"):
         unpack_reply(CHECK, sig["sig"][:-1], {})
-    assert unpack_reply(MASK, b"xyz", {}) == {"masked": b"xyz"}
+    quiet = {"masked": b"xyz", "complaint_ids": [], "complaint_b": [], "complaint_s": []}
+    assert pack_reply(MASK, quiet, {}) == bytes(2) + b"xyz"
+    assert unpack_reply(MASK, pack_reply(MASK, quiet, {}), {}) == quiet
+    loud = {
+        "masked": b"xyz",
+        "complaint_ids": [7, 2**64 - 1],
+        "complaint_b": [rng.bytes(32), b""],
+        "complaint_s": [b"", rng.bytes(32)],
+    }
+    blob = pack_reply(MASK, loud, {})
+    assert len(blob) == 2 + 2 * (8 + 1 + 32) + 3 and unpack_reply(MASK, blob, {}) == loud
+    with pytest.raises(SecureWireError, match="complaint"):
+        unpack_reply(MASK, blob[:20], {})
     with pytest.raises(SecureWireError, match="public keys"):
         unpack_reply(SETUP, b"short", {})
 
@@ -492,10 +509,11 @@ def test_uplink_overhead_is_close_to_the_cryptographic_minimum() -> None:
     d = sum(v.size for v in run.start.values())
     per_client = r.view.uplink_bytes / 5
     masked = 16 * (d + 1) / 8
-    # Full graph on 5 clients: 3 keys (96 B), commitment (32 B), 4 encrypted share pairs
-    # (94 B), the consistency signature (64 B), 5 shares to unmask (33 B); the rest is
-    # framing and the metrics record (~150 B measured over five replies).
-    crypto_min = 96 + 32 + 4 * 94 + 64 + 5 * 33
+    # Full graph on 5 clients: 3 keys (96 B) and 4 signed receive-key pairs (128 B),
+    # commitment (32 B) and 4 signed deals (186 B), the complaint count (2 B), the
+    # consistency signature (64 B), its own share (33 B) and 4 receive keys (32 B) to unmask;
+    # the rest is framing and the metrics record (~150 B measured over five replies).
+    crypto_min = 96 + 4 * 128 + 32 + 4 * 186 + 2 + 64 + 33 + 4 * 32
     assert masked + crypto_min < per_client < masked + crypto_min + 190
 
 

@@ -245,7 +245,7 @@ def _later_stage(msg: Message, context: Context, record: ConfigRecord, stage: st
     _maybe_drop(glue, stage)
     request = from_fields(record)
     if stage == SHARE:
-        out = client.share_keys(request)
+        out = client.share_keys(request, load_identity(context.node_config))
     elif stage == MASK:
         x = np.frombuffer(bytes(glue["input"]), dtype="<u8").astype(np.uint64)
         out = client.masked_input(request, x)

@@ -3,11 +3,11 @@
 Stages, in order (each method may be called only in its stage)::
 
     SecAggClient(cid, setup_msg)   verifies the parameters and recomputes its neighbours
-    advertise_keys()               -> {"c_pk", "s_pk"}
-    share_keys(msg)                -> {"recipients", "ciphertexts", "b_commit"}
-    masked_input(msg, vector)      -> {"masked"}
+    advertise_keys()               -> {"c_pk", "s_pk", "id_pk", "recv_pks", "recv_sigs"}
+    share_keys(msg)                -> {"recipients", "deals", "b_commit"}
+    masked_input(msg, vector)      -> {"masked", "complaint_ids", "complaint_b", "complaint_s"}
     check_survivors(msg)           -> {"sig"}        (consistency check: signs U3)
-    unmask(msg)                    -> {"b_ids", "b_shares", "s_ids", "s_shares"}
+    unmask(msg)                    -> {"b_ids", "own_b", "b_keys", "s_ids", "s_keys"}
 
 Between stages the whole state machine can be saved with :meth:`SecAggClient.to_state`
 (a flat dict of ints, bools, strs, bytes and lists of them, so it fits a Flower
@@ -44,6 +44,14 @@ al.). A client reveals shares only after seeing ``t`` valid signatures over the 
 so a server that tells two neighbours different survivor sets is caught before any share
 leaves.
 
+Verifiable deals (:mod:`fedsqueeze.secagg.deals`): each share travels in its own ciphertext
+under a receive key the holder made for that owner and kind, and the owner signs the deal.
+At ``mask`` the client refuses a deal its owner did not sign (the server forged or altered
+it) and complains, revealing the receive key, about a signed one that does not open; it then
+does not mask with that owner. At ``unmask`` it reveals receive keys instead of shares, so
+the server opens exactly what the owner dealt: a bad share convicts its owner, not this
+client.
+
 Key authentication: with a roster in its policy the client accepts only peer keys signed by
 a distinct roster identity key (Ed25519), and the consistency signatures are made with the
 same identity keys, so they authenticate the device. Without an identity key the client
@@ -63,7 +71,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsqueeze.compression.bitpack import pack_bits
-from fedsqueeze.secagg import crypto, shamir
+from fedsqueeze.secagg import crypto, deals, shamir
 from fedsqueeze.secagg.config import (
     CONFIG_FIELDS,
     PROTOCOL,
@@ -82,16 +90,14 @@ from fedsqueeze.secagg.config import (
 from fedsqueeze.secagg.errors import (
     SecAggAbort,
     SecAggConfigError,
+    SecAggDecryptionError,
     SecAggInputError,
     SecAggProtocolError,
 )
 
-SHARE_PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
-SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + 16
-
 STAGES = ("setup", "keys", "shared", "masked", "checked", "unmasked")
 """The client's stages, in order (:attr:`SecAggClient.stage`)."""
-STATE_VERSION = 2
+STATE_VERSION = 3
 """Format version of :meth:`SecAggClient.to_state`."""
 
 StateValue: TypeAlias = int | bool | str | bytes | list[int] | list[bytes]
@@ -110,9 +116,10 @@ _STATE_KEYS = frozenset(
         "peer_ids",
         "peer_c_pks",
         "peer_s_pks",
-        "held_ids",
-        "held_b",
-        "held_s",
+        "recv_keys",
+        "own_b",
+        "own_s",
+        "complained",
         "revealed_b",
         "revealed_s",
         "mask_peers",
@@ -192,7 +199,9 @@ class SecAggClient:
         self._entropy = entropy or os.urandom
         self.stage = "setup"
         self._peers: dict[int, tuple[bytes, bytes]] = {}
-        self._held: dict[int, tuple[int, int]] = {}  # peer -> (b share, s share)
+        self._recv: dict[int, bytes] = {}  # neighbour -> r_b || r_s (private receive keys)
+        self._own: tuple[int, int] | None = None  # this client's own b and s shares
+        self._complained: list[int] = []  # owners whose deal did not open (stage 3)
         self._revealed: dict[int, str] = {}  # peer -> "b" or "s"
         self._mask_peers: list[int] = []  # set at stage 3: the peers this client masked with
         self._id_pk = b""  # the Ed25519 key this client signs with (identity or per-round)
@@ -231,10 +240,11 @@ class SecAggClient:
         state["peer_c_pks"] = [self._peers[p][0] for p in peers]
         state["peer_s_pks"] = [self._peers[p][1] for p in peers]
         state["peer_id_pks"] = [self._peer_id_pks[p] for p in peers]
-        held = sorted(self._held)
-        state["held_ids"] = held
-        state["held_b"] = [shamir.encode_share(self._held[h][0]) for h in held]
-        state["held_s"] = [shamir.encode_share(self._held[h][1]) for h in held]
+        if self.stage != "setup":
+            state["recv_keys"] = [self._recv[v] for v in self.neighbours]
+        if self._own is not None:
+            state["own_b"], state["own_s"] = (shamir.encode_share(y) for y in self._own)
+        state["complained"] = list(self._complained)
         state["revealed_b"] = sorted(v for v, kind in self._revealed.items() if kind == "b")
         state["revealed_s"] = sorted(v for v, kind in self._revealed.items() if kind == "s")
         state["mask_peers"] = list(self._mask_peers)
@@ -306,7 +316,10 @@ class SecAggClient:
             ("c_key", "keys"),
             ("s_key", "keys"),
             ("id_pk", "keys"),
+            ("recv_keys", "keys"),
             ("b_seed", "shared"),
+            ("own_b", "shared"),
+            ("own_s", "shared"),
         ):
             if (key in state) != (order >= STAGES.index(from_stage)):
                 raise SecAggProtocolError(f"field {key!r} does not match stage {stage!r}")
@@ -314,6 +327,10 @@ class SecAggClient:
             client._c_key = crypto.load_private_key(get_bytes(state, "c_key"))
             client._s_key = crypto.load_private_key(get_bytes(state, "s_key"))
             client._id_pk = get_bytes(state, "id_pk", crypto.KEY_BYTES)
+            recv = get_bytes_list(state, "recv_keys", deals.RECEIVE_BYTES)
+            if len(recv) != len(client.neighbours):
+                raise SecAggProtocolError("recv_keys must hold one pair per neighbour")
+            client._recv = dict(zip(client.neighbours, recv, strict=True))
             if "sign_key" in state:
                 sign_key = crypto.load_identity_key(get_bytes(state, "sign_key", crypto.KEY_BYTES))
                 if crypto.identity_public_bytes(sign_key) != client._id_pk:
@@ -323,6 +340,10 @@ class SecAggClient:
             raise SecAggProtocolError(f"field 'sign_key' does not match stage {stage!r}")
         if order >= STAGES.index("shared"):
             client._b_seed = get_bytes(state, "b_seed", shamir.SECRET_BYTES)
+            client._own = (
+                shamir.decode_share(get_bytes(state, "own_b", shamir.SHARE_BYTES)),
+                shamir.decode_share(get_bytes(state, "own_s", shamir.SHARE_BYTES)),
+            )
 
         peer_ids = get_id_list(state, "peer_ids")
         c_pks = get_bytes_list(state, "peer_c_pks", crypto.KEY_BYTES)
@@ -332,23 +353,19 @@ class SecAggClient:
             raise SecAggProtocolError("peer_ids and the peers' keys differ in length")
         if not set(peer_ids) <= set(client.neighbours):
             raise SecAggProtocolError("peer_ids holds clients that are not neighbours")
-        held_ids = get_id_list(state, "held_ids")
-        held_b = get_bytes_list(state, "held_b", shamir.SHARE_BYTES)
-        held_s = get_bytes_list(state, "held_s", shamir.SHARE_BYTES)
-        if not len(held_ids) == len(held_b) == len(held_s):
-            raise SecAggProtocolError("held_ids, held_b and held_s differ in length")
-        if not set(held_ids) <= {client_id, *peer_ids}:
-            raise SecAggProtocolError("held_ids holds clients that are not live peers")
+        complained = get_id_list(state, "complained")
+        if not set(complained) <= set(peer_ids):
+            raise SecAggProtocolError("complained holds clients that are not live peers")
         revealed_b = get_id_list(state, "revealed_b")
         revealed_s = get_id_list(state, "revealed_s")
         if set(revealed_b) & set(revealed_s):
             raise SecAggProtocolError("a peer is marked as revealed both ways")
         mask_peers = get_id_list(state, "mask_peers")
-        if not set(mask_peers) <= set(peer_ids):
+        if not set(mask_peers) <= set(peer_ids) - set(complained):
             raise SecAggProtocolError("mask_peers holds clients that are not live peers")
-        if order < STAGES.index("shared") and (peer_ids or held_ids):
-            raise SecAggProtocolError(f"peers or shares saved before stage 'shared' ({stage!r})")
-        if order < STAGES.index("masked") and mask_peers:
+        if order < STAGES.index("shared") and peer_ids:
+            raise SecAggProtocolError(f"peers saved before stage 'shared' ({stage!r})")
+        if order < STAGES.index("masked") and (mask_peers or complained):
             raise SecAggProtocolError(f"mask_peers saved before stage 'masked' ({stage!r})")
         checked = get_id_list(state, "checked_ids")
         if (order >= STAGES.index("checked")) != bool(checked):
@@ -359,10 +376,7 @@ class SecAggClient:
         client._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
         client._peer_id_pks = dict(zip(peer_ids, id_pks, strict=True))
         client._checked = sorted(checked)
-        client._held = {
-            h: (shamir.decode_share(b), shamir.decode_share(s))
-            for h, b, s in zip(held_ids, held_b, held_s, strict=True)
-        }
+        client._complained = sorted(complained)
         client._revealed = {v: "b" for v in revealed_b} | {v: "s" for v in revealed_s}
         client._mask_peers = sorted(mask_peers)
         client.stage = stage
@@ -373,16 +387,18 @@ class SecAggClient:
     def advertise_keys(self, identity: Ed25519PrivateKey | None = None) -> dict[str, Any]:
         """Generate this round's two X25519 key pairs and return the public keys.
 
-        Also returns ``id_pk``, the Ed25519 key this client signs the consistency check
-        with. With ``identity`` (this device's Ed25519 key) that is the identity key and the
-        advertisement carries ``sig``, a signature over the session, this client's id and
-        both X25519 keys, which peers holding a roster check
+        Also returns ``id_pk``, the Ed25519 key this client signs with (consistency check,
+        deals, receive keys). With ``identity`` (this device's Ed25519 key) that is the
+        identity key and the advertisement carries ``sig``, a signature over the session,
+        this client's id and both X25519 keys, which peers holding a roster check
         (:class:`~fedsqueeze.secagg.config.ClientPolicy`); without it a fresh per-round key.
+        ``recv_pks`` / ``recv_sigs``: per neighbour (in the order of :attr:`neighbours`) the
+        signed receive keys ``R_b || R_s`` that neighbour encrypts its shares to
+        (:mod:`~fedsqueeze.secagg.deals`).
         """
         self._expect("setup")
         self._c_key = crypto.generate_private_key(self._entropy)  # encrypts shares
         self._s_key = crypto.generate_private_key(self._entropy)  # pairwise masks
-        self.stage = "keys"
         out: dict[str, Any] = {
             "c_pk": crypto.public_key_bytes(self._c_key),
             "s_pk": crypto.public_key_bytes(self._s_key),
@@ -394,17 +410,32 @@ class SecAggClient:
         else:
             self._sign_key = identity = crypto.generate_signing_key(self._entropy)
         self._id_pk = out["id_pk"] = crypto.identity_public_bytes(identity)
+        out["recv_pks"], out["recv_sigs"] = [], []
+        for v in self.neighbours:
+            private, pair, sig = deals.receive_keys(
+                identity, self.session, self.client_id, v, self._entropy
+            )
+            self._recv[v] = b"".join(private)
+            out["recv_pks"].append(pair)
+            out["recv_sigs"].append(sig)
+        self.stage = "keys"
         return out
 
     # -- stage 2 -------------------------------------------------------------------------
 
-    def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        """Shamir-share ``b_u`` and ``s_u`` among the live neighbours and encrypt the shares.
+    def share_keys(
+        self, msg: Mapping[str, Any], identity: Ed25519PrivateKey | None = None
+    ) -> dict[str, Any]:
+        """Shamir-share ``b_u`` and ``s_u`` among the live neighbours and deal the shares.
 
-        ``msg`` holds ``peer_ids``, ``peer_c_pks``, ``peer_s_pks`` and ``peer_id_pks`` (the
-        neighbours that advertised keys; the last are their consistency-check keys).
+        ``msg`` holds ``peer_ids``, ``peer_c_pks``, ``peer_s_pks``, ``peer_id_pks`` (the
+        neighbours that advertised keys; the last are their signing keys) and
+        ``peer_recv_pks`` / ``peer_recv_sigs`` (the receive keys each made for this client,
+        signed). Each deal is signed with ``identity`` if this client advertised it, else
+        with its per-round key.
         """
         self._expect("keys")
+        sign_key = self._signing_key(identity)
         peer_ids = get_id_list(msg, "peer_ids")
         c_pks = get_bytes_list(msg, "peer_c_pks", crypto.KEY_BYTES)
         s_pks = get_bytes_list(msg, "peer_s_pks", crypto.KEY_BYTES)
@@ -415,8 +446,15 @@ class SecAggClient:
         if self.policy.roster is not None:
             self._check_signatures(msg, peer_ids, c_pks, s_pks)
         id_pks = get_bytes_list(msg, "peer_id_pks", crypto.KEY_BYTES)
-        if len(id_pks) != len(peer_ids):
-            raise SecAggProtocolError("peer_ids and peer_id_pks differ in length")
+        pairs = get_bytes_list(msg, "peer_recv_pks", deals.RECEIVE_BYTES)
+        pair_sigs = get_bytes_list(msg, "peer_recv_sigs", crypto.SIGNATURE_BYTES)
+        if not len(peer_ids) == len(id_pks) == len(pairs) == len(pair_sigs):
+            raise SecAggProtocolError("peer_ids, peer_id_pks and receive keys differ in length")
+        for peer, id_pk, pair, sig in zip(peer_ids, id_pks, pairs, pair_sigs, strict=True):
+            if not deals.verify_receive_keys(id_pk, sig, self.session, peer, self.client_id, pair):
+                raise SecAggProtocolError(
+                    f"the receive keys of client {peer} are not signed by it (substituted?)"
+                )
         own_c = crypto.public_key_bytes(self._c_key)
         own_s = crypto.public_key_bytes(self._s_key)
         all_keys = [own_c, own_s, *c_pks, *s_pks]
@@ -430,51 +468,88 @@ class SecAggClient:
             )
         self._peers = dict(zip(peer_ids, zip(c_pks, s_pks, strict=True), strict=True))
         self._peer_id_pks = dict(zip(peer_ids, id_pks, strict=True))
+        receive = dict(zip(peer_ids, pairs, strict=True))
         self._b_seed = self._entropy(shamir.SECRET_BYTES)
         xs = [share_position(h) for h in holders]
         t = self.config.threshold
         b_shares = shamir.split_secret(self._b_seed, t, xs, self._entropy)
         s_shares = shamir.split_secret(crypto.private_key_bytes(self._s_key), t, xs, self._entropy)
-        recipients, ciphertexts = [], []
+        recipients, dealt = [], []
         for holder, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
             if holder == self.client_id:
-                self._held[holder] = (b_share, s_share)
+                self._own = (b_share, s_share)
                 continue
-            key = crypto.pairwise_key(
-                self._c_key, self._peers[holder][0], self.session, b"enc", self.client_id, holder
-            )
-            plaintext = shamir.encode_share(b_share) + shamir.encode_share(s_share)
             recipients.append(holder)
-            ciphertexts.append(
-                crypto.encrypt_share(
-                    key, plaintext, self.session, self.client_id, holder, self._entropy
+            dealt.append(
+                deals.make_deal(
+                    self._c_key,
+                    sign_key,
+                    self.session,
+                    self.client_id,
+                    holder,
+                    receive[holder],
+                    (b_share, s_share),
+                    self._entropy,
                 )
             )
         self.stage = "shared"
         return {
             "recipients": recipients,
-            "ciphertexts": ciphertexts,
+            "deals": dealt,
             "b_commit": b_commitment(self.session, self.client_id, self._b_seed),
         }
 
     # -- stage 3 -------------------------------------------------------------------------
 
     def masked_input(self, msg: Mapping[str, Any], vector: np.ndarray) -> dict[str, Any]:
-        """Decrypt the shares addressed to this client and return the masked input.
+        """Check the deals addressed to this client and return the masked input.
 
-        ``msg`` holds ``sender_ids`` and ``ciphertexts``; ``vector`` is a 1-D integer array
-        of length ``vector_len`` with values in ``[0, 2^bits)`` (see
-        :func:`fedsqueeze.secagg.field.to_field`). The result's ``masked`` field is
-        ``y = x + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^b`` bit-packed at ``bits`` bits.
+        ``msg`` holds ``sender_ids`` and ``deals``; ``vector`` is a 1-D integer array of
+        length ``vector_len`` with values in ``[0, 2^bits)`` (see
+        :func:`fedsqueeze.secagg.field.to_field`). A deal not signed by its sender is
+        refused (the server forged or altered it). A signed deal whose ciphertext of either
+        kind does not open is a complaint: the sender goes to ``complaint_ids`` with the
+        receive key of each failed kind (``complaint_b`` / ``complaint_s``, empty bytes for a
+        kind that opened) and this client does not mask with it. The result's ``masked``
+        field is ``y = x + PRG(b_u) + sum_v ±PRG(s_uv) mod 2^b`` bit-packed at ``bits``
+        bits, over the senders it does not complain about; empty (no input) when fewer than
+        ``t - 1`` of them are left, so that the complaints still reach the server.
         """
         self._expect("shared")
         x = self._check_vector(vector)
         senders = get_id_list(msg, "sender_ids")
-        blobs = get_bytes_list(msg, "ciphertexts")
+        blobs = get_bytes_list(msg, "deals")
         if len(senders) != len(blobs):
-            raise SecAggProtocolError("sender_ids and ciphertexts differ in length")
+            raise SecAggProtocolError("sender_ids and deals differ in length")
         if not set(senders) <= set(self._peers):
             raise SecAggProtocolError("received shares from clients that were not live peers")
+        complaints: dict[int, list[bytes]] = {}
+        for sender, deal in zip(senders, blobs, strict=True):
+            if not deals.verify_deal(
+                self._peer_id_pks[sender], self.session, sender, self.client_id, deal
+            ):
+                raise SecAggProtocolError(
+                    f"the deal from client {sender} is not signed by it (forged or altered on "
+                    "the way): refusing to mask"
+                )
+            revealed = []
+            for i, kind in enumerate(deals.KINDS):
+                raw = self._recv[sender][i * crypto.KEY_BYTES : (i + 1) * crypto.KEY_BYTES]
+                try:
+                    deals.open_share(
+                        crypto.load_private_key(raw),
+                        self._peers[sender][0],
+                        self.session,
+                        kind,
+                        sender,
+                        self.client_id,
+                        deal,
+                    )
+                    revealed.append(b"")
+                except SecAggDecryptionError:
+                    revealed.append(raw)
+            if any(revealed):
+                complaints[sender] = revealed
         if len(senders) < self.config.threshold - 1:
             # With fewer pairwise masks than t - 1 the server could strip this input: with
             # none at all only PRG(b_u) covers it, and the neighbours reveal b_u at unmask.
@@ -482,18 +557,19 @@ class SecAggClient:
                 f"refusing to mask: only {len(senders)} neighbours' shares arrived, fewer than "
                 f"t - 1 = {self.config.threshold - 1}"
             )
-        for sender, blob in zip(senders, blobs, strict=True):
-            key = crypto.pairwise_key(
-                self._c_key, self._peers[sender][0], self.session, b"enc", self.client_id, sender
-            )
-            plain = crypto.decrypt_share(key, blob, self.session, sender, self.client_id)
-            if len(plain) != SHARE_PLAINTEXT_BYTES:
-                raise SecAggProtocolError(f"share pair from client {sender} has the wrong size")
-            self._held[sender] = (
-                shamir.decode_share(plain[: shamir.SHARE_BYTES]),
-                shamir.decode_share(plain[shamir.SHARE_BYTES :]),
-            )
-        self._mask_peers = sorted(senders)
+        self._complained = sorted(complaints)
+        filed = {
+            "complaint_ids": self._complained,
+            "complaint_b": [complaints[v][0] for v in self._complained],
+            "complaint_s": [complaints[v][1] for v in self._complained],
+        }
+        mask_peers = sorted(set(senders) - set(complaints))
+        if len(mask_peers) < self.config.threshold - 1:
+            # Too few valid deals to mask safely: send the complaints (so the cheating owners
+            # are convicted) but no input; the server counts this client as dropped.
+            self.stage = "masked"
+            return {"masked": b"", **filed}
+        self._mask_peers = mask_peers
         bits, d = self.config.bits, self.config.vector_len
         acc = x.astype(crypto.word_dtype(bits))
         acc += crypto.prg_words(crypto.self_mask_key(self._b_seed, self.session), d, bits)
@@ -508,7 +584,7 @@ class SecAggClient:
                 acc -= crypto.prg_words(key, d, bits)
         acc &= acc.dtype.type((1 << bits) - 1)
         self.stage = "masked"
-        return {"masked": pack_bits(acc, bits)}
+        return {"masked": pack_bits(acc, bits), **filed}
 
     # -- stage 4: consistency check ------------------------------------------------------
 
@@ -545,9 +621,7 @@ class SecAggClient:
                 "refusing to unmask: the included clients' graph is disconnected, the server "
                 "would learn the sum of each component"
             )
-        key = identity if identity is not None else self._sign_key
-        if key is None or crypto.identity_public_bytes(key) != self._id_pk:
-            raise SecAggProtocolError("the signing key is not the one this client advertised")
+        key = self._signing_key(identity)
         self._checked = included
         self.stage = "checked"
         return {"sig": crypto.sign_survivors(key, self.session, included)}
@@ -555,7 +629,12 @@ class SecAggClient:
     # -- stage 5 -------------------------------------------------------------------------
 
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        """Reveal the shares the server needs: ``b_v`` of survivors, ``s_v`` of dropped peers.
+        """Reveal what the server needs: ``b_v`` of survivors, ``s_v`` of dropped peers.
+
+        This client's own ``b`` share in the clear (``own_b``); for the peers' shares, the
+        receive keys of their ciphertexts (``b_keys`` for the survivors other than itself,
+        ``s_keys`` for the dropped, in ascending id order), so the server opens the owners'
+        signed deals itself (:mod:`~fedsqueeze.secagg.deals`).
 
         ``msg`` holds ``signer_ids`` and ``signatures``: the consistency-check signatures of
         clients of this client's closed neighbourhood. Every one must verify over the
@@ -598,14 +677,27 @@ class SecAggClient:
         self.stage = "unmasked"
         survivors.sort()
         dropped.sort()
+        assert self._own is not None
         return {
             "b_ids": survivors,
-            "b_shares": [shamir.encode_share(self._held[v][0]) for v in survivors],
+            "own_b": shamir.encode_share(self._own[0]),
+            "b_keys": [self._receive_key(v, "b") for v in survivors if v != self.client_id],
             "s_ids": dropped,
-            "s_shares": [shamir.encode_share(self._held[v][1]) for v in dropped],
+            "s_keys": [self._receive_key(v, "s") for v in dropped],
         }
 
+    def _receive_key(self, owner: int, kind: str) -> bytes:
+        i = deals.KINDS.index(kind)
+        return self._recv[owner][i * crypto.KEY_BYTES : (i + 1) * crypto.KEY_BYTES]
+
     # -- helpers -------------------------------------------------------------------------
+
+    def _signing_key(self, identity: Ed25519PrivateKey | None) -> Ed25519PrivateKey:
+        """``identity`` if given, else the per-round key; it must be the advertised one."""
+        key = identity if identity is not None else self._sign_key
+        if key is None or crypto.identity_public_bytes(key) != self._id_pk:
+            raise SecAggProtocolError("the signing key is not the one this client advertised")
+        return key
 
     def _check_signatures(
         self, msg: Mapping[str, Any], peer_ids: list[int], c_pks: list[bytes], s_pks: list[bytes]

@@ -323,6 +323,24 @@ def _hypergeom_log_pmf(total: int, marked: int, sampled: int) -> tuple[int, list
     ]
 
 
+def _hypergeom_log_tails(total: int, marked: int, sampled: int) -> tuple[list[float], list[float]]:
+    """``(below, above)``: ``ln P[X <= x]`` and ``ln P[X > x]`` for ``x = 0..sampled``.
+
+    X ~ Hypergeometric(total, marked, sampled), as in :func:`_hypergeom_log_pmf`.
+    """
+    lo, pmf = _hypergeom_log_pmf(total, marked, sampled)
+    point = [pmf[x - lo] if 0 <= x - lo < len(pmf) else -math.inf for x in range(sampled + 1)]
+    below, acc = [], -math.inf
+    for value in point:
+        acc = _log_add(acc, value)
+        below.append(acc)
+    above, acc = [-math.inf] * (sampled + 1), -math.inf
+    for x in range(sampled, -1, -1):
+        above[x] = acc
+        acc = _log_add(acc, point[x])
+    return below, above
+
+
 def _ln_harary_disconnected(n: int, k: int, removed: int) -> float:
     """ln of Bell et al.'s union bound on a random Harary graph H(n, k) falling apart.
 
@@ -390,14 +408,9 @@ def bell_threshold_range(
         return None
     t1 = _bell_t1(n, k, gamma, sigma, semi_malicious)
     ln_cor = -eta * math.log(2) - math.log(n)
-    lo, pmf = _hypergeom_log_pmf(n, survivors, k)
-    t2, head = 0, -math.inf  # largest x with P[Y <= x - 1] < 2^-η / n
-    for x in range(1, k + 1):
-        if 0 <= x - 1 - lo < len(pmf):
-            head = _log_add(head, pmf[x - 1 - lo])
-        if head >= ln_cor:
-            break
-        t2 = x
+    below = _hypergeom_log_tails(n, survivors, k)[0]
+    # Largest x with P[Y <= x - 1] < 2^-η / n (the condition holds for a prefix of x).
+    t2 = max((x for x in range(1, k + 1) if below[x - 1] < ln_cor), default=0)
     # Their acceptance rule, kept so the reference table reproduces; when t1 = 0 and t2 = 1
     # the range is (2, 1): callers that need a live threshold check t <= t_max themselves.
     return (max(t1 + 1, 2), t2) if t2 > t1 else None
@@ -413,14 +426,9 @@ def bell_privacy_floor(
 def _bell_t1(n: int, k: int, gamma: float, sigma: float, semi_malicious: bool) -> int:
     adversarial = math.floor((gamma + _SMALL) * n)
     ln_sec = -(sigma + 1) * math.log(2) - math.log(n)
-    lo, pmf = _hypergeom_log_pmf(n, adversarial, k)
-    t1, tail = k, -math.inf  # smallest x with P[X > x] < 2^-(σ+1) / n
-    for x in range(k - 1, -1, -1):
-        if 0 <= x + 1 - lo < len(pmf):
-            tail = _log_add(tail, pmf[x + 1 - lo])
-        if tail >= ln_sec:
-            break
-        t1 = x
+    above = _hypergeom_log_tails(n, adversarial, k)[1]
+    # Smallest x with P[X > x] < 2^-(σ+1) / n (the condition holds for a suffix of x).
+    t1 = min((x for x in range(k) if above[x] < ln_sec), default=k)
     if semi_malicious:
         t1 = math.ceil((t1 + k - 1.25) / 2)
     return t1

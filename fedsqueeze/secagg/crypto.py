@@ -70,6 +70,16 @@ def load_public_key(data: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(data)
 
 
+def _agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """X25519 shared secret; a malformed or low-order peer key is a protocol error."""
+    try:
+        return private.exchange(load_public_key(peer_public))
+    except ValueError as exc:  # e.g. a low-order point giving an all-zero secret
+        if isinstance(exc, SecAggProtocolError):
+            raise
+        raise SecAggProtocolError(f"X25519 key agreement failed: {exc}") from exc
+
+
 def pairwise_key(
     private: X25519PrivateKey,
     peer_public: bytes,
@@ -82,14 +92,25 @@ def pairwise_key(
 
     Symmetric in the two ids, so both ends derive the same key.
     """
-    try:
-        shared = private.exchange(load_public_key(peer_public))
-    except ValueError as exc:  # e.g. a low-order point giving an all-zero secret
-        if isinstance(exc, SecAggProtocolError):
-            raise
-        raise SecAggProtocolError(f"X25519 key agreement failed: {exc}") from exc
     lo, hi = sorted((id_a, id_b))
-    info = _TAG + purpose + id_bytes(lo) + id_bytes(hi)
+    return directed_key(private, peer_public, session, purpose, lo, hi)
+
+
+def directed_key(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    session: bytes,
+    purpose: bytes,
+    sender: int,
+    recipient: int,
+) -> bytes:
+    """32-byte key for one direction, ``sender -> recipient``, and one ``purpose``.
+
+    Unlike :func:`pairwise_key` the ids are not sorted: the key of ``u -> v`` differs from
+    that of ``v -> u``, so revealing one opens nothing sent the other way.
+    """
+    shared = _agree(private, peer_public)
+    info = _TAG + purpose + id_bytes(sender) + id_bytes(recipient)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=session, info=info).derive(shared)
 
 
@@ -172,27 +193,42 @@ def identity_public_bytes(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _advertisement(session: bytes, client_id: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    return _TAG + b"advertise" + session + id_bytes(client_id) + c_pk + s_pk
+def _signed(label: bytes, session: bytes, *parts: bytes) -> bytes:
+    """The byte string an Ed25519 signature covers: domain tag, purpose, session, parts.
+
+    Every part has a fixed length (ids, keys) or is a length-prefixed blob, so two
+    different messages never encode to the same string.
+    """
+    return _TAG + label + session + b"".join(parts)
+
+
+def sign(key: Ed25519PrivateKey, label: bytes, session: bytes, *parts: bytes) -> bytes:
+    """Ed25519 signature over ``(label, session, parts)`` (see :func:`_signed`)."""
+    return key.sign(_signed(label, session, *parts))
+
+
+def verify(public: bytes, signature: bytes, label: bytes, session: bytes, *parts: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s over ``(label, session, parts)``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(
+            signature, _signed(label, session, *parts)
+        )
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def sign_advertisement(
     identity: Ed25519PrivateKey, session: bytes, client_id: int, c_pk: bytes, s_pk: bytes
 ) -> bytes:
     """Ed25519 signature binding both public keys to the client id and the session."""
-    return identity.sign(_advertisement(session, client_id, c_pk, s_pk))
+    return sign(identity, b"advertise", session, id_bytes(client_id), c_pk, s_pk)
 
 
 def verify_advertisement(
     identity_pk: bytes, signature: bytes, session: bytes, client_id: int, c_pk: bytes, s_pk: bytes
 ) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(identity_pk).verify(
-            signature, _advertisement(session, client_id, c_pk, s_pk)
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return verify(identity_pk, signature, b"advertise", session, id_bytes(client_id), c_pk, s_pk)
 
 
 def generate_signing_key(entropy: Callable[[int], bytes]) -> Ed25519PrivateKey:
@@ -206,25 +242,19 @@ def signing_key_bytes(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def _survivors(session: bytes, included: list[int]) -> bytes:
-    return _TAG + b"consistency" + session + b"".join(id_bytes(v) for v in sorted(included))
+def _survivor_ids(included: list[int]) -> bytes:
+    return b"".join(id_bytes(v) for v in sorted(included))
 
 
 def sign_survivors(key: Ed25519PrivateKey, session: bytes, included: list[int]) -> bytes:
     """Signature over the survivor set U3 of the session (the consistency-check message)."""
-    return key.sign(_survivors(session, included))
+    return sign(key, b"consistency", session, _survivor_ids(included))
 
 
 def verify_survivors(
     signer_pk: bytes, signature: bytes, session: bytes, included: list[int]
 ) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(signer_pk).verify(
-            signature, _survivors(session, included)
-        )
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return verify(signer_pk, signature, b"consistency", session, _survivor_ids(included))
 
 
 def is_low_order(public: bytes) -> bool:
