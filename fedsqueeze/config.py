@@ -124,7 +124,7 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "dgc-momentum": (0.0, float, _fraction, "DGC momentum correction of ef codecs (0 = off)"),
     "dgc-masking": (True, bool, None, "DGC momentum-factor masking (clear sent velocity)"),
     "dgc-clip": (0.0, float, _non_negative_float, "DGC L2 clip of an update before ef (0 = off)"),
-    "dgc-warmup-rounds": (0, int, _non_negative_int, "DGC sparsity warm-up rounds (0 = off)"),
+    "dgc-warmup-rounds": (4, int, _non_negative_int, "DGC sparsity warm-up rounds (0 = off)"),
     "dgc-warmup-start": (0.25, float, _density, "density of round 1 of the warm-up"),
     "server-ef-momentum": (0.0, float, _fraction, "server-side DGC momentum (0 = off)"),
     "server-ef-density": (1.0, float, _density, "server applies this top fraction (1 = all)"),

@@ -205,8 +205,12 @@ def test_strategy_sends_the_round_codec_and_the_options() -> None:
     assert strategy.codec_at(1).spec == "topk(0.25)+q4+ef"
     assert strategy.codec_at(5).spec == "topk(0.01)+q4+ef"
     assert strategy.client_options == DGCOptions(momentum=0.9, masking=True, clip=10.0)
-    off = build_chain(resolve_config({"codec": "topk(0.01)+q4+ef"}))  # the defaults: all off
-    assert off.client_options == DGCOptions(momentum=0.0, masking=True, clip=0.0)
+    # The defaults (measured, simulations/README.md): warm-up on, momentum and clipping off.
+    default = build_chain(resolve_config({"codec": "topk(0.01)+q4+ef"}))
+    assert default.client_options == DGCOptions(momentum=0.0, masking=True, clip=0.0)
+    assert default.codec_at(1).spec == "topk(0.25)+q4+ef"
+    assert default.codec_at(5).spec == "topk(0.01)+q4+ef"
+    off = build_chain(resolve_config({"codec": "topk(0.01)+q4+ef", "dgc-warmup-rounds": 0}))
     assert off.codec_at(1).spec == "topk(0.01)+q4+ef"
     with pytest.raises(ConfigError):
         resolve_config({"server-ef-density": 1.5})

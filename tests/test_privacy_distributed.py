@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays, integer_dtypes
 
+from fedsqueeze.compression.hadamard import MIN_BLOCK, auto_block
 from fedsqueeze.privacy import (
     BitWidthTooSmall,
     DistributedDPClient,
@@ -17,6 +18,7 @@ from fedsqueeze.privacy import (
     InvalidPrivacyParameter,
     NonFiniteUpdateError,
     PrivacyError,
+    RandomizedHadamard,
     ShapeMismatchError,
     bits_for_noise,
     choose_scale,
@@ -24,6 +26,7 @@ from fedsqueeze.privacy import (
     decode_sum,
     rounded_l2_sensitivity,
 )
+from fedsqueeze.privacy.distributed import noisy_sum_coordinate_std
 from fedsqueeze.secagg.field import from_field, to_field
 
 DIM = 300  # padded to 512
@@ -275,3 +278,96 @@ def test_encode_is_unbiased_at_coarse_scale(conditional: bool) -> None:
     # with d = 8 and this bound the retries are rare, so allow a small slack.
     slack = 0.02 if conditional else 0.0
     assert np.all(np.abs(decoded.mean(axis=0) - x) < 5 * se + slack)
+
+
+# ---------------------------------------------------------------- block-wise rotation (issue 14)
+
+
+def test_block_rotation_pads_only_the_last_block() -> None:
+    # digits/mlp: 17,226 parameters were padded to 32,768 by one power-of-two rotation.
+    params = DistributedDPParams.for_bits(17_226, 0.3, 16, 10, 1.0)
+    assert params.block == 1024
+    assert params.padded_dim == 17_408
+    assert RandomizedHadamard(17_226, 0).padded_dim == 32_768  # the classic single block
+
+
+@settings(max_examples=60, deadline=None)
+@given(dim=st.integers(1, 70_000))
+def test_auto_block_bounds_the_padding(dim: int) -> None:
+    block = auto_block(dim)
+    assert block & (block - 1) == 0
+    padded = DistributedDPParams(dim, 1.0, 1.0, 20, 2, 1.0).padded_dim
+    assert padded % block == 0 and padded - dim < block
+    if dim > MIN_BLOCK:
+        assert block >= MIN_BLOCK
+    else:
+        assert padded < 2 * dim or dim == 1
+
+
+def _worst_cases(dim: int, block: int, clip: float) -> list[np.ndarray]:
+    """Inputs that put all their mass where a wrong block accounting would show: one-hot at
+    the first and the last real coordinate (the last, padded block), one whole block, the
+    real part of the last block, and mass split evenly over the blocks."""
+    cases = []
+    for sl in (slice(0, 1), slice(dim - 1, dim), slice(0, block), slice(dim // block * block, dim)):
+        x = np.zeros(dim)
+        x[sl] = 1.0
+        if np.any(x):
+            cases.append(x * clip / np.linalg.norm(x))
+    ones = np.ones(dim)
+    cases.append(ones * clip / np.linalg.norm(ones))
+    return cases
+
+
+@pytest.mark.parametrize("dim", [300, 1000, 17_226])
+def test_block_rotation_is_orthonormal_and_linear(dim: int) -> None:
+    rot = RandomizedHadamard(dim, 5, block=0)
+    rng = np.random.default_rng(dim)
+    for x in [*_worst_cases(dim, rot.block, 1.0), rng.normal(size=dim)]:
+        y = rot.rotate(x)
+        assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+        np.testing.assert_allclose(rot.unrotate(y), x, atol=1e-10)
+    a, b = rng.normal(size=(2, dim))
+    np.testing.assert_allclose(rot.rotate(a + b), rot.rotate(a) + rot.rotate(b), atol=1e-10)
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_block_rotation_keeps_the_sensitivity_bound_on_worst_case_inputs(conditional: bool) -> None:
+    """Attack on the accounting: every worst-case clipped input, rotated block-wise, scaled and
+    rounded, stays within the Δ₂ the accountant is given. A block normalised by anything but
+    1/√B (e.g. by the real coordinates of the padded last block) would lengthen such inputs
+    past γC and break the unconditional bound γC + √padded_dim."""
+    dim, clip = 1000, 2.0  # 4 blocks of 256, the last one 232 real + 24 padded coordinates
+    params = DistributedDPParams(
+        dim, clip, scale=40.0, bits=24, num_clients=1, noise_multiplier=1.0,
+        conditional_rounding=conditional, block=256,
+    )  # fmt: skip
+    assert (params.block, params.padded_dim) == (256, 1024)
+    client = DistributedDPClient(params)
+    rng = np.random.default_rng(0)
+    rot = RandomizedHadamard(dim, 3, params.block)
+    for x in _worst_cases(dim, params.block, clip * 10):  # clipped to `clip` like encode does
+        scaled = rot.rotate(x * clip / np.linalg.norm(x)) * params.scale
+        assert np.linalg.norm(scaled) <= params.scale * clip * (1 + 1e-12)
+        for _ in range(50):
+            rounded = client._round(scaled, rng)
+            assert np.linalg.norm(rounded) <= params.l2_sensitivity + 1e-9
+
+
+def test_field_is_sized_for_mass_in_one_block() -> None:
+    """Attack on the field width: n clients send the same one-hot update (all the mass in one
+    block, aligned — the worst case for blocks). Each coordinate of that block of the sum is
+    then exactly γnC/√B, far above what a width sized for the whole padded length (√d) would
+    hold; the width sized per block must still decode the sum."""
+    dim, n, clip, z = 4096, 100, 1.0, 0.05
+    params = DistributedDPParams.for_bits(dim, clip, 12, n, z, block=64)
+    assert params.block == 64
+    x = np.zeros(dim)
+    x[70] = clip
+    plain, secure = _run_round(params, np.tile(x, (n, 1)), seed=9)
+    wrong = noisy_sum_coordinate_std(dim, clip, n, z, params.scale, block=dim)
+    assert np.abs(plain).max() > 4 * wrong  # a whole-length width would have wrapped
+    np.testing.assert_array_equal(plain, secure)  # the block width did not
+    decoded = decode_sum(secure, n, params, rotation_seed=9)
+    assert decoded[70] == pytest.approx(n * clip, abs=0.05 * n * clip)
+    assert np.abs(np.delete(decoded, 70)).max() < 0.05 * n * clip

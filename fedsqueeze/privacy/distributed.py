@@ -1,11 +1,20 @@
 """Distributed DP under secure aggregation: the client and server halves (numpy only).
 
-Each client clips its flat update, rotates it with a shared-seed randomized Hadamard
-transform, scales it by γ (``scale``), rounds it to integers without bias and adds its share
-of discrete noise — Skellam (Agarwal et al., NeurIPS 2021) or discrete Gaussian (Kairouz,
-Liu & Steinke, ICML 2021). Secure aggregation then sums the integer vectors in Z_{2^b}, so
-the server only ever sees the noised sum; :func:`decode_sum` turns the centred signed sum
+Each client clips its flat update, rotates it with a shared-seed block-wise randomized
+Hadamard transform (:mod:`fedsqueeze.compression.hadamard`: equal power-of-two blocks, only
+the last one padded, so the integer vector is barely longer than the update), scales it by
+γ (``scale``), rounds it to integers without bias and adds its share of discrete noise —
+Skellam (Agarwal et al., NeurIPS 2021) or discrete Gaussian (Kairouz, Liu & Steinke, ICML
+2021). Secure aggregation then sums the integer vectors in Z_{2^b}, so the server only ever
+sees the noised sum; :func:`decode_sum` turns the centred signed sum
 back into a float sum of updates.
+
+Why the blocks leave the accounting unchanged: the rotation is block-diagonal with orthonormal
+blocks, hence orthonormal on the padded space — ``‖Rx‖ = ‖x‖ ≤ C`` for every clipped x, however
+its mass is split among blocks — and rounding moves each of the ``padded_dim`` coordinates by
+less than one unit, so Δ₂ below is the same function of the rounded length as for one block.
+The block size enters only the *field width* (how large one coordinate can get: ``‖x‖/√B`` in
+the worst case), in :func:`noisy_sum_coordinate_std`.
 
 Accounting
 ----------
@@ -33,6 +42,8 @@ from typing import Literal
 
 import numpy as np
 
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.compression.hadamard import padded_length, resolve_block
 from fedsqueeze.secagg.field import MAX_BITS
 
 from .errors import (
@@ -46,7 +57,6 @@ from .mechanisms import (
     RandomizedHadamard,
     discrete_gaussian,
     discrete_gaussian_variance,
-    next_power_of_two,
     skellam_noise,
 )
 
@@ -59,6 +69,7 @@ __all__ = [
     "choose_scale_and_bits",
     "decode_sum",
     "noisy_sum_coordinate_std",
+    "rotation_block",
     "rounded_l2_sensitivity",
 ]
 
@@ -88,6 +99,15 @@ def _check_bits(bits: int) -> int:
     if not 2 <= bits <= MAX_BITS:
         raise InvalidPrivacyParameter(f"bits must be in [2, {MAX_BITS}], got {bits}")
     return bits
+
+
+def rotation_block(dim: int, block: int = 0) -> int:
+    """Block size of the rotation of a ``dim``-long update (0 = the automatic choice of
+    :func:`~fedsqueeze.compression.hadamard.auto_block`: only the last block is padded)."""
+    try:
+        return resolve_block(_positive_int("dim", dim), block)
+    except CodecError as err:
+        raise InvalidPrivacyParameter(str(err)) from None
 
 
 def rounded_l2_sensitivity(
@@ -122,16 +142,22 @@ def rounded_l2_sensitivity(
 
 
 def noisy_sum_coordinate_std(
-    dim: int, clip: float, num_clients: int, noise_multiplier: float, scale: float
+    dim: int,
+    clip: float,
+    num_clients: int,
+    noise_multiplier: float,
+    scale: float,
+    block: int = 0,
 ) -> float:
     """Sub-Gaussian scale of one coordinate of the summed, rotated, scaled, noised vector.
 
-    After the random rotation a vector of norm r has coordinates with variance proxy r²/d;
-    the sum of n clipped updates has norm at most nC (all aligned, the worst case), so its
-    signal part contributes (γnC)²/d. Each client's unbiased rounding adds at most 1/4 of
-    variance per coordinate, and the discrete noise adds (zγC)².
+    After the block-wise random rotation a coordinate of block j of a vector x has variance
+    proxy ‖x_j‖²/B ≤ ‖x‖²/B (B the block size: the worst case puts all the mass in one
+    block); the sum of n clipped updates has norm at most nC (all aligned, the worst case),
+    so its signal part contributes (γnC)²/B. Each client's unbiased rounding adds at most 1/4
+    of variance per coordinate, and the discrete noise adds (zγC)².
     """
-    d = next_power_of_two(_positive_int("dim", dim))
+    d = rotation_block(dim, block)
     n = _positive_int("num_clients", num_clients)
     c = _positive("clip", clip)
     g = _positive("scale", scale)
@@ -148,6 +174,7 @@ def choose_scale(
     noise_multiplier: float,
     bits: int,
     k_sigma: float = 4.0,
+    block: int = 0,
 ) -> float:
     """Largest γ such that k_sigma standard deviations of a summed coordinate fit in Z_{2^b}.
 
@@ -160,7 +187,7 @@ def choose_scale(
     BitWidthTooSmall
         If even γ → 0 does not fit: the rounding noise of n clients alone needs more bits.
     """
-    d = next_power_of_two(_positive_int("dim", dim))
+    d = rotation_block(dim, block)
     n = _positive_int("num_clients", num_clients)
     c = _positive("clip", clip)
     b = _check_bits(bits)
@@ -172,7 +199,7 @@ def choose_scale(
     if budget <= 0:
         raise BitWidthTooSmall(
             f"{b} bits cannot hold the rounding noise of {n} clients at {k} sigma; "
-            f"need at least {bits_for_noise(dim, clip, n, z, 1e-12, k)} bits"
+            f"need at least {bits_for_noise(dim, clip, n, z, 1e-12, k, block)} bits"
         )
     # Shave a hair off so float rounding never lands the bound just above 2^(b-1), which
     # would make bits_for_noise() of the result report b + 1.
@@ -186,6 +213,7 @@ def bits_for_noise(
     noise_multiplier: float,
     scale: float,
     k_sigma: float = 4.0,
+    block: int = 0,
 ) -> int:
     """Smallest b with ``k_sigma * noisy_sum_coordinate_std <= 2^(b-1)`` (at least 2).
 
@@ -195,7 +223,7 @@ def bits_for_noise(
         If that exceeds :data:`MAX_BITS`.
     """
     k = _positive("k_sigma", k_sigma)
-    bound = k * noisy_sum_coordinate_std(dim, clip, num_clients, noise_multiplier, scale)
+    bound = k * noisy_sum_coordinate_std(dim, clip, num_clients, noise_multiplier, scale, block)
     bits = max(2, math.ceil(math.log2(bound)) + 1)
     if bits > MAX_BITS:
         raise BitWidthTooSmall(f"configuration needs {bits} bits, more than {MAX_BITS}")
@@ -249,6 +277,12 @@ class DistributedDPParams:
         Retry stochastic rounding until the Kairouz et al. norm bound holds (tighter Δ₂).
     beta
         Per-attempt failure probability of that bound.
+    block
+        Block size of the shared rotation (a power of two; 0 = the automatic choice,
+        :func:`rotation_block`, resolved at construction so that clients and server agree).
+        The rotation is orthonormal whatever the blocks, so the sensitivity bound is the
+        same function of the rounded length ``padded_dim``; the block size only sets how
+        far one coordinate can reach (the field width).
     """
 
     dim: int
@@ -260,9 +294,10 @@ class DistributedDPParams:
     mechanism: NoiseKind = "skellam"
     conditional_rounding: bool = True
     beta: float = DEFAULT_BETA
+    block: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("dim", self.dim)
+        object.__setattr__(self, "block", rotation_block(self.dim, self.block))
         _positive("clip", self.clip)
         _positive("scale", self.scale)
         _check_bits(self.bits)
@@ -288,18 +323,20 @@ class DistributedDPParams:
         k_sigma: float = 4.0,
         conditional_rounding: bool = True,
         beta: float = DEFAULT_BETA,
+        block: int = 0,
     ) -> DistributedDPParams:
         """Parameters with the largest scale that fits ``bits`` (see :func:`choose_scale`)."""
-        scale = choose_scale(dim, clip, num_clients, noise_multiplier, bits, k_sigma)
+        block = rotation_block(dim, block)
+        scale = choose_scale(dim, clip, num_clients, noise_multiplier, bits, k_sigma, block)
         return cls(
             dim, clip, scale, bits, num_clients, noise_multiplier, mechanism,
-            conditional_rounding, beta,
+            conditional_rounding, beta, block,
         )  # fmt: skip
 
     @property
     def padded_dim(self) -> int:
-        """Length of the encoded integer vectors (next power of two of ``dim``)."""
-        return next_power_of_two(self.dim)
+        """Length of the encoded integer vectors: ``dim`` rounded up to whole blocks."""
+        return padded_length(self.dim, self.block)
 
     @property
     def total_noise_std(self) -> float:
@@ -351,7 +388,7 @@ class DistributedDPParams:
     def coordinate_std(self) -> float:
         """Sub-Gaussian scale of one coordinate of the summed encoded vector."""
         return noisy_sum_coordinate_std(
-            self.dim, self.clip, self.num_clients, self.noise_multiplier, self.scale
+            self.dim, self.clip, self.num_clients, self.noise_multiplier, self.scale, self.block
         )
 
     @property
@@ -417,7 +454,7 @@ class DistributedDPClient:
         norm = float(np.linalg.norm(x))
         if norm > p.clip:
             x = x * (p.clip / norm)
-        rotated = RandomizedHadamard(p.dim, rotation_seed).rotate(x)
+        rotated = RandomizedHadamard(p.dim, rotation_seed, p.block).rotate(x)
         rounded = self._round(rotated * p.scale, rng)
         if p.mechanism == "skellam":
             noise = skellam_noise(rounded.shape, p.skellam_mu_per_client, rng)
@@ -466,6 +503,6 @@ def decode_sum(
             f"int_sum is not centred in [-2^{params.bits - 1}, 2^{params.bits - 1}); "
             f"apply from_field first"
         )
-    return RandomizedHadamard(params.dim, rotation_seed).unrotate(
+    return RandomizedHadamard(params.dim, rotation_seed, params.block).unrotate(
         s.astype(np.float64) / params.scale
     )

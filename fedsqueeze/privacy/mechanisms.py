@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.compression.hadamard import BlockHadamard
+from fedsqueeze.compression.hadamard import next_power_of_two as _next_power_of_two
+
 from .errors import InvalidPrivacyParameter, ShapeMismatchError
 
 __all__ = [
@@ -189,74 +193,52 @@ def next_power_of_two(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     if n < 1:
         raise InvalidPrivacyParameter(f"dimension must be >= 1, got {n}")
-    return 1 << (int(n) - 1).bit_length()
+    return _next_power_of_two(n)
 
 
-def _fwht(x: np.ndarray) -> np.ndarray:
-    """Unnormalized fast Walsh–Hadamard transform along the last axis (length a power of 2).
-
-    log2(n) butterfly stages, each one vectorized reshape: O(n log n) work, no Python loop
-    over coordinates.
-    """
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.reshape(*lead, n).copy()
-    h = 1
-    while h < n:
-        blocks = y.reshape(*lead, n // (2 * h), 2, h)
-        a = blocks[..., 0, :]
-        b = blocks[..., 1, :]
-        y = np.stack((a + b, a - b), axis=-2).reshape(*lead, n)
-        h *= 2
-    return y
-
-
-class RandomizedHadamard:
-    """Orthonormal random rotation ``x ↦ H D x / sqrt(n)`` with a seeded ±1 diagonal D.
+class RandomizedHadamard(BlockHadamard):
+    """Orthonormal random rotation ``x ↦ R x`` with seeded ±1 diagonals, block by block.
 
     Used before integer rounding in distributed DP (Kairouz et al. 2021): after the rotation
-    every coordinate of a vector with norm r has magnitude about r / sqrt(n), so a fixed
-    integer range holds all coordinates of the scaled sum with high probability, and the
-    rounding error spreads evenly. Clients and the server build the same rotation from the
-    per-round shared seed.
+    every coordinate of a vector with norm r has magnitude about r / sqrt(B) (B the block
+    size; r / sqrt(d) when the mass is spread over the blocks), so a fixed integer range
+    holds all coordinates of the scaled sum with high probability, and the rounding error
+    spreads evenly. Clients and the server build the same rotation from the per-round shared
+    seed. The rotation itself is :class:`fedsqueeze.compression.hadamard.BlockHadamard`; this
+    class only reports bad input with the privacy core's typed errors.
 
     Parameters
     ----------
     dim
-        Length d of the vectors to rotate; they are zero-padded to ``padded_dim``, the next
-        power of two.
+        Length d of the vectors to rotate; they are zero-padded to ``padded_dim``.
     seed
         Seed of the ±1 diagonal (non-negative int; the same on every party).
+    block
+        Block size (a power of two). Default: one block, ``padded_dim`` the next power of two
+        of ``dim`` (the classic rotation); ``0`` = :func:`~fedsqueeze.compression.hadamard.
+        auto_block` (pads only the last block).
     """
 
-    def __init__(self, dim: int, seed: int) -> None:
+    def __init__(self, dim: int, seed: int, block: int | None = None) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
             raise InvalidPrivacyParameter(f"dim must be a positive int, got {dim!r}")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise InvalidPrivacyParameter(f"seed must be a non-negative int, got {seed!r}")
-        self.dim = int(dim)
-        self.padded_dim = next_power_of_two(self.dim)
-        signs_rng = np.random.default_rng(int(seed))
-        self.signs = signs_rng.integers(0, 2, size=self.padded_dim, dtype=np.int8) * 2 - 1
-        self._norm = 1.0 / math.sqrt(self.padded_dim)
+        try:
+            super().__init__(
+                int(dim), int(seed), next_power_of_two(dim) if block is None else block
+            )
+        except CodecError as err:
+            raise InvalidPrivacyParameter(str(err)) from None
 
     def rotate(self, x: np.ndarray) -> np.ndarray:
-        """Pad the last axis from ``dim`` to ``padded_dim`` and rotate; float64 result."""
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 0 or x.shape[-1] != self.dim:
-            raise ShapeMismatchError(
-                f"expected last axis of length {self.dim}, got shape {np.shape(x)}"
-            )
-        padded = np.zeros((*x.shape[:-1], self.padded_dim), dtype=np.float64)
-        padded[..., : self.dim] = x
-        return _fwht(padded * self.signs) * self._norm
+        try:
+            return super().rotate(x)
+        except CodecError as err:
+            raise ShapeMismatchError(str(err)) from None
 
     def unrotate(self, y: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`rotate` (D H y / sqrt(n)), cropped back to ``dim``."""
-        y = np.asarray(y, dtype=np.float64)
-        if y.ndim == 0 or y.shape[-1] != self.padded_dim:
-            raise ShapeMismatchError(
-                f"expected last axis of length {self.padded_dim}, got shape {np.shape(y)}"
-            )
-        # H is symmetric with H @ H = n I, so (H D / sqrt(n))^-1 = D H / sqrt(n).
-        return (_fwht(y) * self._norm * self.signs)[..., : self.dim]
+        try:
+            return super().unrotate(y)
+        except CodecError as err:
+            raise ShapeMismatchError(str(err)) from None
