@@ -43,12 +43,11 @@ def run_config(path: Path, overrides: dict[str, str], keep: Path | None = None) 
     label = str(raw.pop("label", path.stem))
     raw.update(overrides)
     cfg = resolve_config(raw)
-    out = Path(tempfile.mkdtemp(prefix=f"prune-{path.stem}-"))
     if keep is not None:
         # an unfinished run of an interrupted runner is started again from nothing
         shutil.rmtree(keep, ignore_errors=True)
         keep.parent.mkdir(parents=True, exist_ok=True)
-        out = keep
+    out = keep or Path(tempfile.mkdtemp(prefix=f"prune-{path.stem}-"))
     try:
         grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
         summary = run_federation(grid, cfg, RunDir(out), node_timeout=60)
