@@ -41,9 +41,11 @@ def _trained(name: str, cfg: dict) -> torch.nn.Module:
 
 
 def _run_dir(
-    tmp_path: Path, student: bool = False, qat: bool = False
+    tmp_path: Path, student: bool = False, qat: bool = False, prune: float = 0.0
 ) -> tuple[Path, torch.nn.Module]:
     overrides = {"dataset": "digits", "model": "mlp", "qat": "int8" if qat else "none"}
+    if prune:
+        overrides |= {"prune": "magnitude", "prune-sparsity": prune}
     if student:
         np.savez(tmp_path / "t.npz", x=np.zeros((4, 64), np.float32))
         overrides |= {
@@ -55,6 +57,11 @@ def _run_dir(
     run = RunDir(tmp_path / "run")
     run.write_text(CONFIG, to_toml(cfg))
     teacher = _trained("mlp", cfg)
+    if prune:  # each weight matrix's smallest |w| zeroed, as a pruned federation leaves them
+        with torch.no_grad():
+            for p in teacher.parameters():
+                if p.dim() > 1:
+                    p[p.abs() <= p.abs().flatten().quantile(prune)] = 0.0
     run.save_model(state_to_numpy(teacher))
     if not student:
         return run.path, teacher
@@ -94,6 +101,31 @@ def test_fp32_and_int8_artifacts_match_the_torch_model(tmp_path: Path) -> None:
     for art in (fp32, int8):
         assert set(art["latency_ms"]) == {"batch1", "batch32"}
     assert report["accuracy_torch"] == pytest.approx(float((want.argmax(1) == ds.y_test).mean()))
+
+
+def test_a_pruned_runs_artifacts_store_only_the_kept_weights(tmp_path: Path) -> None:
+    """Magnitude-pruned: each artifact's file holds a bitmap + the kept values (before: every
+    zero, 1 byte each in int8), and onnxruntime computes exactly what it did unpacked."""
+    from fedsqueeze.models.export import run_onnx
+
+    run, model = _run_dir(tmp_path, prune=0.9)
+    report = export_run(run, int8=True, latency_iters=2)
+    ds = dataset_for(resolve_config({"dataset": "digits"}))
+    weights = sum(p.numel() for p in model.parameters() if p.dim() > 1)
+    for kind, itemsize in (("fp32", 4), ("int8", 1)):
+        art = report["artifacts"][kind]
+        packing = art["sparse_packing"]
+        assert packing["outputs_identical_to_unpacked"]
+        assert art["file_bytes"] == packing["file_bytes_packed"] == Path(art["path"]).stat().st_size
+        # the unpacked file stores every weight; the packed one saves most of the zeros' bytes
+        assert packing["file_bytes_unpacked"] - art["file_bytes"] > 0.6 * itemsize * weights
+    np.testing.assert_allclose(
+        run_onnx(Path(report["artifacts"]["fp32"]["path"]), ds.x_test),
+        _logits(model, ds.x_test),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert report["artifacts"]["int8"]["agreement_with_torch"] >= 0.97
 
 
 def test_a_student_run_exports_the_student(tmp_path: Path) -> None:
