@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,12 @@ def main() -> None:
                 {"num-rounds": rounds, "seed": seed},
             )
             run_dir = out / f"{name}-s{seed}"
-            run_dir.mkdir(parents=True, exist_ok=False)
+            if (run_dir / RESULT).exists():  # finished: the driver can simply be restarted
+                print(f"== {name} seed {seed}: done, skipped", flush=True)
+                continue
+            if run_dir.exists():  # a run that died part-way: start it again
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
             summary = (
                 simulate(cfg, run_dir, quiet=True)
                 if args.engine == "ray"
