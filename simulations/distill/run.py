@@ -148,7 +148,9 @@ def main() -> None:
                 entry["export"] = export_run(run_dir, int8=True)
             (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
-    print(show(_collect(out), args.seeds))
+    results = _collect(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(show(results, args.seeds))
 
 
 RESULT = "distill-result.json"
@@ -171,8 +173,14 @@ def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _collect(out: Path) -> dict[str, Any]:
-    """Every finished run under ``out`` (runs may be launched by separate processes)."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob(f"*/{RESULT}"))}
+    """Every finished run under ``out`` (runs may be launched by separate processes), over
+    the committed ``results.json`` (run directories themselves are not committed)."""
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    results.update(
+        {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob(f"*/{RESULT}"))}
+    )
+    return results
 
 
 def tables(results: dict[str, Any], seeds: list[int]) -> str:
