@@ -38,7 +38,8 @@ def _task_identity() -> None:
 @pytest.fixture
 def torch_one_thread() -> Any:
     """Torch on one thread for the test: tiny models gain nothing from a second thread, and
-    on a shared machine it only contends with the other processes (measured 3-10x slower)."""
+    on a loaded machine it only contends with the other processes (measured 3.6-4x slower
+    there; no difference on a quiet machine)."""
     import torch
 
     threads = torch.get_num_threads()
