@@ -10,10 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from inprocess import InProcessGrid
 
 from fedsqueeze.cli import EXIT_USAGE, main
-from fedsqueeze.client.app import build_client_app
 from fedsqueeze.client.student import held_student, student_mod, student_model
 from fedsqueeze.config import ConfigError, resolve_config
 from fedsqueeze.distill import (
@@ -27,9 +25,9 @@ from fedsqueeze.federation import dataset_for
 from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.server.distill import DistillStrategy
 from fedsqueeze.server.hooks import strategy_chain
-from fedsqueeze.server.rounds import run_federation
-from fedsqueeze.server.rundir import RunDir
 from fedsqueeze.server.strategies import build_chain
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _agreement(a: torch.nn.Module, b: torch.nn.Module, x: np.ndarray) -> float:
@@ -121,40 +119,13 @@ def test_feddf_under_secagg_is_one_line_exit_2(tmp_path: Path, capsys: Any) -> N
 # --- whole rounds through the real ClientApp ------------------------------------------------
 
 
-def _transfer(tmp_path: Path) -> str:
-    ds = dataset_for(resolve_config({"dataset": "digits"}))
-    rng = np.random.default_rng(0)
-    # A stand-in for public unlabeled data: noisy copies of test inputs (fixture only).
-    x = ds.x_test + rng.normal(scale=0.3, size=ds.x_test.shape).astype(np.float32)
-    np.savez(tmp_path / "transfer.npz", x=x)
-    return f"npz:{tmp_path / 'transfer.npz'}"
-
-
-def _run(tmp_path: Path, name: str, **overrides: Any) -> tuple[dict[str, Any], RunDir]:
-    cfg = resolve_config(
-        {
-            "dataset": "digits",
-            "model": "mlp",
-            "num-clients": 3,
-            "clients-per-round": 3,
-            "num-rounds": 2,
-            "local-epochs": 1,
-            "distill-data": _transfer(tmp_path),
-            "distill-steps": 60,
-            "distill-lr": 0.01,
-        },
-        {k.replace("_", "-"): v for k, v in overrides.items()},
-    )
-    run_dir = RunDir(tmp_path / name)
-    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
-    return run_federation(grid, cfg, run_dir, node_timeout=5), run_dir
-
-
 @pytest.mark.parametrize("secagg", [False, True])
-def test_student_run_reports_teacher_and_student_every_round(tmp_path: Path, secagg: bool) -> None:
-    extra = {"secagg": True, "secagg-clip": 5.0} if secagg else {}
-    summary, run_dir = _run(
-        tmp_path, "student", distill="student", student_model="logreg", **_keys(extra)
+def test_student_run_reports_teacher_and_student_every_round(
+    distill_federation: Any, secagg: bool
+) -> None:
+    extra = {"secagg": True, "secagg_clip": 5.0} if secagg else {}
+    summary, run_dir, _ = distill_federation(
+        "student", distill="student", student_model="logreg", **extra
     )
     rows = run_dir.read_metrics()
     assert [r["round"] for r in rows] == [1, 2]
@@ -168,15 +139,11 @@ def test_student_run_reports_teacher_and_student_every_round(tmp_path: Path, sec
     assert ckpt is not None and ckpt.extra["hooks"]["distill"]["student"] is not None
 
 
-def _keys(d: dict[str, Any]) -> dict[str, Any]:
-    return {k.replace("-", "_"): v for k, v in d.items()}
-
-
-def test_distill_wrapper_sits_inside_the_decoder_and_outside_dp(tmp_path: Path) -> None:
+def test_distill_wrapper_sits_inside_the_decoder_and_outside_dp(distill_federation: Any) -> None:
     cfg = resolve_config(
         {
             "dataset": "digits",
-            "distill-data": _transfer(tmp_path),
+            "distill-data": distill_federation.transfer,
             "distill": "student",
             "student-model": "logreg",
             "secagg": True,
@@ -193,9 +160,11 @@ def test_distill_wrapper_sits_inside_the_decoder_and_outside_dp(tmp_path: Path) 
     assert isinstance(strategy_chain(build_chain(cfg))[1], DistillStrategy)
 
 
-def test_feddf_fine_tunes_the_aggregate_towards_the_client_ensemble(tmp_path: Path) -> None:
-    _, run_dir = _run(
-        tmp_path, "feddf", distill="feddf", partition="dirichlet", dirichlet_alpha=0.1
+def test_feddf_fine_tunes_the_aggregate_towards_the_client_ensemble(
+    distill_federation: Any,
+) -> None:
+    _, run_dir, _ = distill_federation(
+        "feddf", distill="feddf", partition="dirichlet", dirichlet_alpha=0.1
     )
     for row in run_dir.read_metrics():
         assert {"pre_distill_accuracy", "ensemble_accuracy", "distill_s"} <= row.keys()
@@ -206,30 +175,12 @@ def test_feddf_fine_tunes_the_aggregate_towards_the_client_ensemble(tmp_path: Pa
 # --- the student on the downlink ------------------------------------------------------------
 
 
-def _run_grid(tmp_path: Path, name: str, **overrides: Any) -> tuple[InProcessGrid, RunDir]:
-    cfg = resolve_config(
-        {
-            "dataset": "digits",
-            "model": "mlp",
-            "num-clients": 3,
-            "clients-per-round": 3,
-            "local-epochs": 1,
-            "distill-data": _transfer(tmp_path),
-            "distill-steps": 60,
-            "distill-lr": 0.01,
-        },
-        {k.replace("_", "-"): v for k, v in overrides.items()},
-    )
-    run_dir = RunDir(tmp_path / name)
-    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
-    run_federation(grid, cfg, run_dir, node_timeout=5)
-    return grid, run_dir
-
-
-def test_clients_receive_the_student_once_per_version_and_pay_for_it(tmp_path: Path) -> None:
+def test_clients_receive_the_student_once_per_version_and_pay_for_it(
+    distill_federation: Any,
+) -> None:
     student = {"distill": "student", "student_model": "logreg", "distill_every": 2}
-    grid, run_dir = _run_grid(tmp_path, "student", num_rounds=4, **student)
-    _, plain_dir = _run_grid(tmp_path, "plain", num_rounds=4)
+    _, run_dir, grid = distill_federation("student", num_rounds=4, **student)
+    _, plain_dir, _ = distill_federation("plain", num_rounds=4)
     rows, plain = run_dir.read_metrics(), plain_dir.read_metrics()
     # distilled after rounds 2 and 4: version 2 goes out with round 3's messages, once each
     assert [r["student_downlink"] for r in rows] == [0, 0, 3, 0]
@@ -245,12 +196,11 @@ def test_clients_receive_the_student_once_per_version_and_pay_for_it(tmp_path: P
 
 
 @pytest.mark.parametrize("secagg", [False, True])
-def test_clients_hold_the_servers_final_student(tmp_path: Path, secagg: bool) -> None:
+def test_clients_hold_the_servers_final_student(distill_federation: Any, secagg: bool) -> None:
     # With federated evaluation, the student distilled after the last round reaches the
     # clients with that round's evaluation messages: they hold exactly the server's.
     extra = {"secagg": True, "secagg_clip": 5.0} if secagg else {}
-    grid, run_dir = _run_grid(
-        tmp_path,
+    _, run_dir, grid = distill_federation(
         "student",
         num_rounds=2,
         fraction_evaluate=0.99,  # all 3 clients

@@ -3,23 +3,18 @@ whole rounds through the real ClientApp and strategy chain (in process)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inprocess import InProcessGrid
 
-from fedsqueeze.client.app import build_client_app
 from fedsqueeze.config import ConfigError, resolve_config
 from fedsqueeze.contracts.architectures import assign_architectures, parse_client_models
-from fedsqueeze.federation import dataset_for
 from fedsqueeze.server.hetero import HeteroStrategy
-from fedsqueeze.server.rounds import run_federation
-from fedsqueeze.server.rundir import RunDir
 from fedsqueeze.server.strategies import build_chain
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @settings(max_examples=50, deadline=None)
@@ -87,40 +82,15 @@ def test_bad_client_models_settings_are_refused(overrides: dict[str, Any], match
         resolve_config(base, overrides)
 
 
-def _transfer(tmp_path: Path) -> str:
-    ds = dataset_for(resolve_config({"dataset": "digits"}))
-    rng = np.random.default_rng(0)
-    # A stand-in for public unlabeled data: noisy copies of test inputs (fixture only).
-    x = ds.x_test + rng.normal(scale=0.3, size=ds.x_test.shape).astype(np.float32)
-    np.savez(tmp_path / "transfer.npz", x=x)
-    return f"npz:{tmp_path / 'transfer.npz'}"
-
-
-def _run(tmp_path: Path, name: str, **overrides: Any) -> tuple[dict[str, Any], RunDir]:
-    cfg = resolve_config(
-        {
-            "dataset": "digits",
-            "model": "mlp",
-            "client-models": "mlp:0.5,logreg:0.5",
-            "num-clients": 4,
-            "clients-per-round": 4,
-            "num-rounds": 2,
-            "local-epochs": 1,
-            "distill-data": _transfer(tmp_path),
-            "distill-steps": 40,
-            "distill-lr": 0.01,
-        },
-        {k.replace("_", "-"): v for k, v in overrides.items()},
-    )
-    assert isinstance(build_chain(cfg), HeteroStrategy)
-    run_dir = RunDir(tmp_path / name)
-    grid = InProcessGrid(build_client_app(cfg), int(cfg["num-clients"]))
-    return run_federation(grid, cfg, run_dir, node_timeout=5), run_dir
+# 4 clients, half ``mlp`` and half ``logreg``, on the shared small distillation config
+ARCH = {"client_models": "mlp:0.5,logreg:0.5", "num_clients": 4, "clients_per_round": 4}
 
 
 @pytest.mark.parametrize("distill", ["none", "feddf"])
-def test_each_architecture_aggregates_its_own_clients(tmp_path: Path, distill: str) -> None:
-    summary, run_dir = _run(tmp_path, distill, distill=distill)
+def test_each_architecture_aggregates_its_own_clients(
+    distill_federation: Any, distill: str
+) -> None:
+    summary, run_dir, _ = distill_federation(distill, **ARCH, distill=distill)
     rows = run_dir.read_metrics()
     for row in rows:
         # every client trained the architecture it was assigned: a model of the other
@@ -144,3 +114,38 @@ def test_each_architecture_aggregates_its_own_clients(tmp_path: Path, distill: s
     assert ckpt is not None
     small = ckpt.extra["hooks"]["hetero"]["globals"]["logreg"]
     assert small["fc.weight"].shape == (10, 64)
+
+
+def test_client_models_builds_the_hetero_chain() -> None:
+    cfg = resolve_config(
+        {"dataset": "digits", "model": "mlp", "num-clients": 4, "clients-per-round": 4},
+        {"client-models": "mlp:0.5,logreg:0.5"},
+    )
+    assert isinstance(build_chain(cfg), HeteroStrategy)
+
+
+def test_local_dp_trains_each_architecture_privately(distill_federation: Any) -> None:
+    # dp = "local" (adversary: the server) with clients of two sizes and FedDF across them:
+    # every client, whatever its architecture, ran DP-SGD and its epsilon reaches the report
+    summary, run_dir, grid = distill_federation(
+        "hetero-ldp", **ARCH, dp="local", dp_noise_multiplier=1.0, distill="feddf"
+    )
+    rows = run_dir.read_metrics()
+    for row in rows:
+        assert row["clients_mlp"] == row["clients_logreg"] == 2
+        assert row["rejected_updates"] == 0 and row["epsilon"] > 0
+        assert row["accuracy_logreg"] != row["pre_distill_accuracy_logreg"]
+    assert rows[1]["epsilon"] > rows[0]["epsilon"]
+    assert summary["dp_mode"] == "local" and summary["epsilon"] == rows[-1]["epsilon"]
+    for context in grid.contexts.values():  # one DP-SGD history per client, both sizes
+        assert "dp-local" in context.state.config_records
+    assert {a["clients"] for a in summary["client_models"].values()} == {2}
+
+
+def test_federated_evaluation_reports_every_architecture(distill_federation: Any) -> None:
+    # clients evaluate the global of their own architecture on their own test data
+    _, run_dir, _ = distill_federation("hetero-eval", **ARCH, fraction_evaluate=0.99)
+    for row in run_dir.read_metrics():
+        assert 0 < row["federated_accuracy"] <= 1 and 0 < row["federated_accuracy_logreg"] <= 1
+        # both are real evaluations of different models, not a copy of one figure
+        assert row["federated_accuracy"] != row["federated_accuracy_logreg"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,12 @@ def main() -> None:
                 {"num-rounds": rounds, "seed": seed},
             )
             run_dir = out / f"{name}-s{seed}"
-            run_dir.mkdir(parents=True, exist_ok=False)
+            if (run_dir / RESULT).exists():  # finished: the driver can simply be restarted
+                print(f"== {name} seed {seed}: done, skipped", flush=True)
+                continue
+            if run_dir.exists():  # a run that died part-way: start it again
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
             summary = (
                 simulate(cfg, run_dir, quiet=True)
                 if args.engine == "ray"
@@ -142,7 +148,9 @@ def main() -> None:
                 entry["export"] = export_run(run_dir, int8=True)
             (run_dir / RESULT).write_text(json.dumps(entry, indent=1, default=str))
             print(f"== {name} seed {seed}: final {summary['final_accuracy']:.4f}", flush=True)
-    print(show(_collect(out), args.seeds))
+    results = _collect(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(show(results, args.seeds))
 
 
 RESULT = "distill-result.json"
@@ -165,53 +173,72 @@ def _simulate_inprocess(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _collect(out: Path) -> dict[str, Any]:
-    """Every finished run under ``out`` (runs may be launched by separate processes)."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob(f"*/{RESULT}"))}
+    """Every finished run under ``out`` (runs may be launched by separate processes), over
+    the committed ``results.json`` (run directories themselves are not committed)."""
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    results.update(
+        {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob(f"*/{RESULT}"))}
+    )
+    return results
 
 
 def tables(results: dict[str, Any], seeds: list[int]) -> str:
-    def col(name: str, key: str) -> list[float]:
-        return [float(results[f"{name}-s{s}"]["summary"][key]) for s in seeds]
+    """FedDF against FedAvg (the student run's global) per seed, and their int8 exports."""
 
-    def last(name: str, key: str) -> list[float]:
-        return [float(results[f"{name}-s{s}"]["rounds"][-1][key]) for s in seeds]
+    def done(name: str) -> list[dict[str, Any]]:
+        return [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
 
+    pairs = [
+        (results[f"student-s{s}"], results[f"feddf-s{s}"])
+        for s in seeds
+        if f"student-s{s}" in results and f"feddf-s{s}" in results
+    ]
+    fedavg = [float(a["summary"]["final_accuracy"]) for a, _ in pairs]
+    feddf = [float(b["summary"]["final_accuracy"]) for _, b in pairs]
+    gain = [100 * (b - a) for a, b in zip(fedavg, feddf, strict=True)]
     lines = [
-        "| run | final acc (global) | student acc | student / teacher params | "
-        "distill s (last round, server CPU) |",
+        "| seeds | FedAvg final acc | FedDF final acc | FedDF − FedAvg (pp) | per seed (pp) |",
         "|---|---|---|---|---|",
     ]
-    for name, label in (
-        ("student", "FedAvg + student"),
-        ("student-secagg", "FedAvg + student, SecAgg"),
-    ):
-        s0 = results[f"{name}-s{seeds[0]}"]["summary"]
+    if pairs:
         lines.append(
-            f"| {label} | {_ms(col(name, 'final_accuracy'))} | "
-            f"{_ms(col(name, 'student_final_accuracy'))} | "
-            f"{s0['student_parameters']} / {s0['teacher_parameters']} | "
-            f"{_ms(last(name, 'distill_s'))} |"
+            f"| {len(pairs)} | {_ms(fedavg)} | {_ms(feddf)} | {_ms(gain, 1)} | "
+            f"{', '.join(f'{g:+.1f}' for g in gain)} |"
         )
-    lines.append(
-        f"| FedDF | {_ms(col('feddf', 'final_accuracy'))} | — | — | "
-        f"{_ms(last('feddf', 'distill_s'))} |"
-    )
-    lines += [
-        "",
-        "| artifact | params | file B | zstd B | fp32-params B / zstd B | acc torch | "
-        "acc onnxruntime | agreement | p50 ms @1 | p50 ms @32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    lines += ["", export_table({n: done(n) for n in ("student", "student-secagg", "feddf")})]
+    return "\n".join(lines) + "\n"
+
+
+def export_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """``fedsqueeze export --int8`` of each run: sizes, accuracy, agreement (mean ± sd)."""
+    lines = [
+        "| run | seeds | artifact | params | file B | zstd B | fp32-params B / zstd B | "
+        "acc torch | acc onnxruntime | top-1 agreement | p50 int8 / fp32 @1, @32 (one run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("student", "feddf"):
-        rep = results[f"{name}-s{seeds[0]}"]["export"]
-        for kind, art in rep["artifacts"].items():
-            lat = art["latency_ms"]
+    for name, done in runs.items():
+        reps = [r["export"] for r in done if "export" in r]
+        if not reps:
+            continue
+        for kind in ("fp32", "int8"):
+            arts = [r["artifacts"][kind] for r in reps]
+            lat = "—"
+            if kind == "int8":
+                one = reps[0]["artifacts"]
+                ratio = [
+                    one["int8"]["latency_ms"][b]["p50"] / one["fp32"]["latency_ms"][b]["p50"]
+                    for b in ("batch1", "batch32")
+                ]
+                lat = f"{ratio[0]:.2f}x, {ratio[1]:.2f}x"
             lines.append(
-                f"| {rep['model_name']} {kind} | {rep['parameters']} | {art['file_bytes']} | "
-                f"{art['download_bytes']} | {art['ratio_to_fp32_model']:.2f} | "
-                f"{rep['accuracy_torch']:.4f} | {art['accuracy_onnxruntime']:.4f} | "
-                f"{art['agreement_with_torch']:.4f} | {lat['batch1']['p50']:.4f} | "
-                f"{lat['batch32']['p50']:.4f} |"
+                f"| {name} | {len(reps)} | {reps[0]['model_name']} {kind} | "
+                f"{reps[0]['parameters']:,} | {arts[0]['file_bytes']:,} | "
+                f"{_ms([float(a['download_bytes']) for a in arts], 0)} | "
+                f"{_ms([a['ratio_to_fp32_model'] for a in arts], 2)} | "
+                f"{_ms([r['accuracy_torch'] for r in reps])} | "
+                f"{_ms([a['accuracy_onnxruntime'] for a in arts])} | "
+                f"{_ms([a['agreement_with_torch'] for a in arts])} | {lat} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -223,7 +250,8 @@ def acceptance_table(results: dict[str, Any], seeds: list[int]) -> str:
         "student / teacher params | int8 acc (onnxruntime) | int8 top-1 agreement |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, label in (("student", "FedAvg + student"), ("student-secagg", "same, SecAgg")):
+    names = {"student": "FedAvg + student", "student-secagg": "same, SecAgg"}
+    for name, label in names.items():
         done = [results[f"{name}-s{s}"] for s in seeds if f"{name}-s{s}" in results]
         if not done:
             continue
@@ -240,7 +268,8 @@ def acceptance_table(results: dict[str, Any], seeds: list[int]) -> str:
             f"{_ms([a['accuracy_onnxruntime'] for a in int8]) if int8 else '—'} | "
             f"{_ms([a['agreement_with_torch'] for a in int8]) if int8 else '—'} |"
         )
-    return "\n".join(lines) + "\n"
+    runs = {n: [results[f"{n}-s{s}"] for s in seeds if f"{n}-s{s}" in results] for n in names}
+    return "\n".join(lines) + "\n\n" + export_table(runs)
 
 
 def hetero_table(results: dict[str, Any], seeds: list[int]) -> str:
