@@ -125,8 +125,9 @@ def test_central_plain_and_secure_paths_release_the_same_aggregate() -> None:
         # noise is calibrated to the rounded contribution's bound, a hair above clip.
         assert 1 < enc.l2_sensitivity / secure.clip < 1.001
         np.testing.assert_allclose(out_plain, out_secure, rtol=0, atol=1.0 / enc.scale + 1e-6)
-        # Not trivially equal: the noise dominates the clipped mean (norm <= clip).
-        assert np.linalg.norm(out_plain) > 2 * plain.clip
+        # Not trivially equal: the noise is there (the clipped mean has norm <= clip; with
+        # the secret noise the released norm is ~0.63 = 2.1 clip, sd ~0.015 over keys).
+        assert np.linalg.norm(out_plain) > 1.5 * plain.clip
 
 
 def test_central_plain_and_secure_paths_add_the_same_noise_std() -> None:
