@@ -423,7 +423,7 @@ def _fuzz_msg(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 @settings(max_examples=40, deadline=None)
 @given(
     keys_msg=_fuzz_msg(["peer_ids", "peer_c_pks", "peer_s_pks", "peer_recv_pks"]),
-    shares_msg=_fuzz_msg(["sender_ids", "deals"]),
+    shares_msg=_fuzz_msg(["sender_ids", "deals", "b_commits"]),
     server_msg=_fuzz_msg(["c_pk", "s_pk", "recv_pks", "deals", "b_commit", "complaint_ids"]),
 )
 def test_decoders_fuzz_raise_only_typed_errors(keys_msg, shares_msg, server_msg) -> None:

@@ -62,13 +62,13 @@ def test_empty_or_short_sender_list_at_mask_is_refused() -> None:
     # The attack: the target masks with PRG(b) only, and its neighbours would then hand over
     # b's shares on an ordinary unmask request.
     with pytest.raises(SecAggProtocolError, match="refusing to mask"):
-        clients[1].masked_input({"sender_ids": [], "deals": []}, x)
+        clients[1].masked_input({"sender_ids": [], "deals": [], "b_commits": []}, x)
     msg = out[1]
-    short = {"sender_ids": msg["sender_ids"][:1], "deals": msg["deals"][:1]}  # t-2
+    short = {k: msg[k][:1] for k in ("sender_ids", "deals", "b_commits")}  # t-2
     with pytest.raises(SecAggProtocolError, match=r"t - 1 = 2"):
         clients[1].masked_input(short, x)
     # Exactly t - 1 senders is what an honest server may send after dropouts: accepted.
-    ok = {"sender_ids": msg["sender_ids"][:2], "deals": msg["deals"][:2]}
+    ok = {k: msg[k][:2] for k in ("sender_ids", "deals", "b_commits")}
     assert "masked" in clients[1].masked_input(ok, x)
 
 

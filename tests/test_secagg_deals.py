@@ -45,11 +45,19 @@ def _cheat(
     assert sign_key is not None
     if mode == "wrong":
         deal = deals.make_deal(
-            owner._c_key, sign_key, owner.session, owner.client_id, holder, pair, (7, 11), bytes
+            owner._c_key,
+            sign_key,
+            owner.session,
+            owner.client_id,
+            holder,
+            pair,
+            (7, 11),
+            out["b_commit"],
+            bytes,
         )
     else:
         sealed = np.random.default_rng(holder).bytes(2 * deals.SEALED_BYTES)
-        parts = (crypto.id_bytes(owner.client_id), crypto.id_bytes(holder), sealed)
+        parts = deals.deal_parts(owner.client_id, holder, sealed, out["b_commit"])
         deal = sealed + crypto.sign(sign_key, b"deal", owner.session, *parts)
     dealt = list(out["deals"])
     dealt[out["recipients"].index(holder)] = deal
@@ -153,6 +161,26 @@ def test_server_cannot_forge_evidence_against_an_owner() -> None:
     forged = bytes(deals.DEAL_BYTES)
     with pytest.raises(SecAggProtocolError, match="not signed by its owner"):
         attest(Evidence(**{**genuine.__dict__, "deal": forged}))
+    # ... or a self-mask commitment of its own (the owner signed its commitment in the deal),
+    # with which a correct reconstruction of the seed would "not match" and convict the owner.
+    other = deals.b_commitment(genuine.session, 1, bytes(32))
+    with pytest.raises(SecAggProtocolError, match="not signed by its owner"):
+        attest(Evidence(**{**genuine.__dict__, "b_commit": other}))
+
+
+def test_server_substituted_commitment_is_refused_by_the_holder() -> None:
+    ids = [1, 2, 3, 4, 5]
+    server = SecAggServer(_cfg(), ids)
+    setup = server.setup()
+    cl = {c: SecAggClient(c, setup[c], policy=PERMISSIVE) for c in ids}
+    out = server.collect_keys({c: cl[c].advertise_keys() for c in ids})
+    out = server.collect_shares({c: cl[c].share_keys(out[c]) for c in ids})
+    msg = dict(out[2])
+    i = msg["sender_ids"].index(1)
+    msg["b_commits"] = list(msg["b_commits"])
+    msg["b_commits"][i] = deals.b_commitment(server.session, 1, bytes(32))
+    with pytest.raises(SecAggProtocolError, match="from client 1 is not signed by it"):
+        cl[2].masked_input(msg, np.zeros(8, dtype=np.uint64))
 
 
 def test_server_forged_deal_is_refused_not_blamed_on_the_owner() -> None:

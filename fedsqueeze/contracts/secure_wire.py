@@ -37,7 +37,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fedsqueeze.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES, id_bytes
-from fedsqueeze.secagg.deals import DEAL_BYTES, KINDS, RECEIVE_BYTES
+from fedsqueeze.secagg.deals import COMMIT_BYTES, DEAL_BYTES, KINDS, RECEIVE_BYTES
 from fedsqueeze.secagg.shamir import SHARE_BYTES
 
 SECAGG_KEY = "fedsqueeze.secagg"
@@ -56,8 +56,6 @@ REPLY_KEY = "sa"
 Short on purpose: the record name travels in every one of the five replies."""
 WIRE_FIELD = "b"
 """The one bytes field of a stage reply."""
-COMMIT_BYTES = 32
-"""Size of the self-mask seed commitment in a ``share`` reply (SHA-256)."""
 SETUP_BYTES = 3 * KEY_BYTES
 """A ``setup`` reply: two X25519 keys and the consistency-check Ed25519 key."""
 SIGNED_BYTES = SETUP_BYTES + SIGNATURE_BYTES

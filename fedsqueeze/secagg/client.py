@@ -62,7 +62,6 @@ check only catches a server that equivocates on U3 without substituting keys.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -134,13 +133,6 @@ _STATE_KEYS = frozenset(
 def share_position(client_id: int) -> int:
     """Public Shamir evaluation point of a client (non-zero, distinct per client)."""
     return client_id + 1
-
-
-def b_commitment(session: bytes, client_id: int, b_seed: bytes) -> bytes:
-    """Hash commitment to the self-mask seed, so the server can verify its reconstruction."""
-    return hashlib.sha256(
-        b"fedsqueeze/secagg/v1/b-commit" + session + crypto.id_bytes(client_id) + b_seed
-    ).digest()
 
 
 def config_from_setup(msg: Mapping[str, Any]) -> tuple[SecAggConfig, list[int]]:
@@ -474,6 +466,7 @@ class SecAggClient:
         t = self.config.threshold
         b_shares = shamir.split_secret(self._b_seed, t, xs, self._entropy)
         s_shares = shamir.split_secret(crypto.private_key_bytes(self._s_key), t, xs, self._entropy)
+        commit = deals.b_commitment(self.session, self.client_id, self._b_seed)
         recipients, dealt = [], []
         for holder, b_share, s_share in zip(holders, b_shares, s_shares, strict=True):
             if holder == self.client_id:
@@ -489,23 +482,21 @@ class SecAggClient:
                     holder,
                     receive[holder],
                     (b_share, s_share),
+                    commit,
                     self._entropy,
                 )
             )
         self.stage = "shared"
-        return {
-            "recipients": recipients,
-            "deals": dealt,
-            "b_commit": b_commitment(self.session, self.client_id, self._b_seed),
-        }
+        return {"recipients": recipients, "deals": dealt, "b_commit": commit}
 
     # -- stage 3 -------------------------------------------------------------------------
 
     def masked_input(self, msg: Mapping[str, Any], vector: np.ndarray) -> dict[str, Any]:
         """Check the deals addressed to this client and return the masked input.
 
-        ``msg`` holds ``sender_ids`` and ``deals``; ``vector`` is a 1-D integer array of
-        length ``vector_len`` with values in ``[0, 2^bits)`` (see
+        ``msg`` holds ``sender_ids``, ``deals`` and the senders' signed ``b_commits``;
+        ``vector`` is a 1-D integer array of length ``vector_len`` with values in
+        ``[0, 2^bits)`` (see
         :func:`fedsqueeze.secagg.field.to_field`). A deal not signed by its sender is
         refused (the server forged or altered it). A signed deal whose ciphertext of either
         kind does not open is a complaint: the sender goes to ``complaint_ids`` with the
@@ -519,14 +510,15 @@ class SecAggClient:
         x = self._check_vector(vector)
         senders = get_id_list(msg, "sender_ids")
         blobs = get_bytes_list(msg, "deals")
-        if len(senders) != len(blobs):
-            raise SecAggProtocolError("sender_ids and deals differ in length")
+        commits = get_bytes_list(msg, "b_commits", deals.COMMIT_BYTES)
+        if not len(senders) == len(blobs) == len(commits):
+            raise SecAggProtocolError("sender_ids, deals and b_commits differ in length")
         if not set(senders) <= set(self._peers):
             raise SecAggProtocolError("received shares from clients that were not live peers")
         complaints: dict[int, list[bytes]] = {}
-        for sender, deal in zip(senders, blobs, strict=True):
+        for sender, deal, commit in zip(senders, blobs, commits, strict=True):
             if not deals.verify_deal(
-                self._peer_id_pks[sender], self.session, sender, self.client_id, deal
+                self._peer_id_pks[sender], self.session, sender, self.client_id, deal, commit
             ):
                 raise SecAggProtocolError(
                     f"the deal from client {sender} is not signed by it (forged or altered on "

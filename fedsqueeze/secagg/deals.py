@@ -4,14 +4,17 @@ Each client ``u`` (the *owner*) Shamir-shares two secrets among its neighbours `
 *holders*): its self-mask seed ``b_u`` and its mask key ``s_u``. The *deal* ``u`` sends
 ``v`` through the server is::
 
-    C_b = AES-GCM(K_b, b-share)    C_s = AES-GCM(K_s, s-share)    sig_u(session, u, v, C_b, C_s)
+    C_b = AES-GCM(K_b, b-share)    C_s = AES-GCM(K_s, s-share)
+    sig_u(session, u, v, C_b, C_s, H_b)
     K_kind = HKDF(X25519(c_u, R_kind), session, "deal-<kind>", u -> v)
 
 where ``R_b``, ``R_s`` are two fresh X25519 *receive keys* that ``v`` made for ``u`` alone
 and signed, ``sig_v(session, v, u, R_b, R_s)``, in its key advertisement; ``c_u`` is the
-owner's encryption key. Signatures use each client's consistency-check key (its device
-identity key under a roster). Everything is ``cryptography``: X25519, HKDF-SHA256,
-AES-256-GCM, Ed25519.
+owner's encryption key, and ``H_b`` its commitment to ``b_u`` (the server checks the
+reconstructed seed against it, so it is signed in every deal: a server cannot convict an
+honest owner with a commitment of its own making). Signatures use each client's
+consistency-check key (its device identity key under a roster). Everything is
+``cryptography``: X25519, HKDF-SHA256, AES-256-GCM, Ed25519.
 
 How a deal is judged:
 
@@ -53,6 +56,7 @@ signature) against 94 bytes for one ciphertext of both shares before.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +74,15 @@ SEALED_BYTES = crypto.NONCE_BYTES + shamir.SHARE_BYTES + 16
 """One encrypted share: nonce, 33-byte share, GCM tag."""
 DEAL_BYTES = 2 * SEALED_BYTES + crypto.SIGNATURE_BYTES
 """A deal: ``C_b || C_s || sig_owner``."""
+COMMIT_BYTES = 32
+"""Size of the self-mask seed commitment ``H_b`` (SHA-256)."""
+
+
+def b_commitment(session: bytes, client_id: int, b_seed: bytes) -> bytes:
+    """Hash commitment to the self-mask seed, so the server can verify its reconstruction."""
+    return hashlib.sha256(
+        b"fedsqueeze/secagg/v1/b-commit" + session + crypto.id_bytes(client_id) + b_seed
+    ).digest()
 
 
 def _kind_index(kind: str) -> int:
@@ -117,28 +130,40 @@ def make_deal(
     holder: int,
     pair: bytes,
     shares: tuple[int, int],
+    b_commit: bytes,
     entropy: Callable[[int], bytes],
 ) -> bytes:
-    """The owner's deal for one holder: both shares sealed separately, then signed."""
+    """The owner's deal for one holder: both shares sealed separately, then signed with the
+    owner's commitment to its self-mask seed."""
     sealed = b""
     for i, kind in enumerate(KINDS):
         public = pair[i * crypto.KEY_BYTES : (i + 1) * crypto.KEY_BYTES]
         key = _key(c_key, public, session, kind, owner, holder)
         plain = shamir.encode_share(shares[i])
         sealed += crypto.encrypt_share(key, plain, session, owner, holder, entropy)
-    return sealed + crypto.sign(sign_key, b"deal", session, *_deal_parts(owner, holder, sealed))
+    parts = deal_parts(owner, holder, sealed, b_commit)
+    return sealed + crypto.sign(sign_key, b"deal", session, *parts)
 
 
-def _deal_parts(owner: int, holder: int, sealed: bytes) -> tuple[bytes, bytes, bytes]:
-    return crypto.id_bytes(owner), crypto.id_bytes(holder), sealed
+def deal_parts(
+    owner: int, holder: int, sealed: bytes, b_commit: bytes
+) -> tuple[bytes, bytes, bytes, bytes]:
+    """What the owner signs in a deal, after the domain tag and the session."""
+    return crypto.id_bytes(owner), crypto.id_bytes(holder), sealed, b_commit
 
 
-def verify_deal(owner_pk: bytes, session: bytes, owner: int, holder: int, deal: bytes) -> bool:
-    """Whether ``deal`` is well-sized and signed by the owner for this holder and session."""
+def verify_deal(
+    owner_pk: bytes, session: bytes, owner: int, holder: int, deal: bytes, b_commit: bytes
+) -> bool:
+    """Whether ``deal`` is well-sized and signed by the owner for this holder, session and
+    self-mask commitment."""
     if not isinstance(deal, bytes) or len(deal) != DEAL_BYTES:
         return False
+    if not isinstance(b_commit, bytes):
+        return False
     sealed, sig = deal[: 2 * SEALED_BYTES], deal[2 * SEALED_BYTES :]
-    return crypto.verify(owner_pk, sig, b"deal", session, *_deal_parts(owner, holder, sealed))
+    parts = deal_parts(owner, holder, sealed, b_commit)
+    return crypto.verify(owner_pk, sig, b"deal", session, *parts)
 
 
 def open_share(
@@ -215,6 +240,7 @@ class Evidence:
     receive_pair: bytes
     receive_sig: bytes
     deal: bytes
+    b_commit: bytes
     revealed: bytes
 
 
@@ -225,7 +251,7 @@ def attest(e: Evidence) -> int | None:
     signed by the owner (forged or altered), the receive keys are not signed by the holder,
     or the revealed key is not the private key of the holder's advertised one.
     """
-    if not verify_deal(e.owner_sign_pk, e.session, e.owner, e.holder, e.deal):
+    if not verify_deal(e.owner_sign_pk, e.session, e.owner, e.holder, e.deal, e.b_commit):
         raise SecAggProtocolError(f"the deal is not signed by its owner, client {e.owner}")
     if not verify_receive_keys(
         e.holder_sign_pk, e.receive_sig, e.session, e.holder, e.owner, e.receive_pair

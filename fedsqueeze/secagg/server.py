@@ -58,7 +58,7 @@ import numpy as np
 
 from fedsqueeze.compression.bitpack import packed_size, unpack_bits
 from fedsqueeze.secagg import crypto, deals, shamir
-from fedsqueeze.secagg.client import b_commitment, share_position
+from fedsqueeze.secagg.client import share_position
 from fedsqueeze.secagg.config import (
     PROTOCOL,
     SecAggConfig,
@@ -70,7 +70,7 @@ from fedsqueeze.secagg.config import (
     neighbour_graph,
     session_id,
 )
-from fedsqueeze.secagg.deals import Evidence
+from fedsqueeze.secagg.deals import COMMIT_BYTES, Evidence, b_commitment
 from fedsqueeze.secagg.errors import SecAggAbort, SecAggError, SecAggProtocolError
 
 Message = dict[str, Any]
@@ -306,13 +306,13 @@ class SecAggServer:
             try:
                 recipients = get_id_list(msg, "recipients")
                 blobs = get_bytes_list(msg, "deals", deals.DEAL_BYTES)
-                commit = get_bytes(msg, "b_commit", 32)
+                commit = get_bytes(msg, "b_commit", COMMIT_BYTES)
                 if len(recipients) != len(blobs):
                     raise SecAggProtocolError("recipients and deals differ in length")
                 if set(recipients) != set(self._live_neighbours(cid, self._u1)):
                     raise SecAggProtocolError("shares must go to exactly the live neighbours")
                 for v, blob in zip(recipients, blobs, strict=True):
-                    if not deals.verify_deal(self._id_pks[cid], self.session, cid, v, blob):
+                    if not deals.verify_deal(self._id_pks[cid], self.session, cid, v, blob, commit):
                         raise SecAggProtocolError(f"the deal for client {v} is not signed by it")
             except SecAggError as exc:
                 self._reject(cid, "share_keys", exc)
@@ -326,7 +326,11 @@ class SecAggServer:
         out: dict[int, Message] = {}
         for v in sorted(self._u2):
             senders = self._live_neighbours(v, self._u2)
-            out[v] = {"sender_ids": senders, "deals": [self._deals[(u, v)] for u in senders]}
+            out[v] = {
+                "sender_ids": senders,
+                "deals": [self._deals[(u, v)] for u in senders],
+                "b_commits": [self._commits[u] for u in senders],
+            }
         return out
 
     def collect_masked(self, msgs: Mapping[int, Mapping[str, Any]]) -> dict[int, Message]:
@@ -654,6 +658,7 @@ class SecAggServer:
             receive_pair=pair,
             receive_sig=sig,
             deal=self._deals[(owner, holder)],
+            b_commit=self._commits[owner],
             revealed=key,
         )
 
