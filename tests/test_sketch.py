@@ -29,7 +29,7 @@ from fedsqueeze.server.secure import SecAggStrategy, outside_honest_range
 # --- the core --------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     st.integers(1, 400),
     st.integers(1, 6),
@@ -295,7 +295,7 @@ def test_sketch_spec_parses_and_a_plain_codec_refuses_it() -> None:
         ({"secagg": True, "codec": "sketch(0.05)+ef"}, "keeps its error on the server"),
         (
             {"secagg": True, "codec": "sketch(0.05)", "dp": "central", "dp-noise-multiplier": 1.0},
-            "no dp mode",
+            "no central or distributed dp mode",
         ),
         ({"secagg": True, "codec": "sketch(0.05)", "secagg-randk": 0.1}, "both set"),
         ({"secagg": True, "codec": "sketch(0.05)+q8"}, "'q8' cannot run under secagg"),
@@ -314,18 +314,18 @@ def test_sketched_secure_round_applies_the_unsketched_plain_mean() -> None:
     """In process, 5 clients, SecAgg+ at 24 bits: the global step is exactly what the server
     accumulator makes of the sketch of the plain FedAvg mean (linearity end to end)."""
     overrides = {"secagg-clip": 100.0, "secagg-bits": 24}
-    run = _run({**overrides, "codec": "sketch(0.2,rows=3)"})
+    run = _run({**overrides, "codec": "sketch(0.2,rows=3,k=40)"})
     (r,) = run.rounds
     assert r.row["clients"] == 5 and r.row["rejected_updates"] == 0
     d = sum(v.size for v in run.start.values())
     rows, cols = sketch_shape(d, 0.2, 3)
     assert r.row["secagg_vector_len"] == rows * cols + 1  # the cells + the weight
     step = np.concatenate([(run.arrays[k] - run.start[k]).ravel() for k in run.start])
-    assert 0 < np.count_nonzero(step) <= cols  # k-sparse: the model moved
+    assert 0 < np.count_nonzero(step) <= 40  # k-sparse: the model moved
     plain = _plain_fedavg_delta({"secagg-clip": 100.0, "update-norm-factor": 0.0})
     mean = np.concatenate([plain[k].ravel() for k in run.start]).astype(np.float64)
     cs = CountSketch(d, rows, cols, round_seed(0, 0, Stream.SKETCH))
-    expected = SketchAccumulator(cs, cols).step(cs.sketch(mean))
+    expected = SketchAccumulator(cs, 40).step(cs.sketch(mean))
     moved = np.flatnonzero(step)
     overlap = np.intersect1d(moved, np.flatnonzero(expected)).size
     assert overlap >= 0.95 * moved.size  # near-ties in |estimate| may swap a few

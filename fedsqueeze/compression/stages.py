@@ -240,9 +240,10 @@ class Sketch(_AmountSparsifier):
     A secure-aggregation encoding (see :mod:`fedsqueeze.compression.sketch`): each client sends
     a ``R x (F d / R)`` count sketch of its update (``F d`` cells in all, F a fraction of d or a
     count of cells), secure aggregation sums the sketches, and the server keeps momentum ``M``
-    and error in sketch space and applies the ``K`` heaviest coordinates per round (default
-    ``K`` = the number of columns). Linear and stateless on clients. It has no per-client
-    payload: a plain (non-secure) codec refuses to encode with it.
+    and error in sketch space and applies the ``K`` heaviest coordinates per round. Defaults:
+    ``R`` = :data:`~fedsqueeze.compression.sketch.DEFAULT_ROWS`, ``K`` =
+    :func:`~fedsqueeze.compression.sketch.default_k`, ``M`` = 0. Linear and stateless on
+    clients. It has no per-client payload: a plain (non-secure) codec refuses to encode with it.
     """
 
     name = "sketch"
@@ -287,8 +288,7 @@ class Sketch(_AmountSparsifier):
         )
 
     def read(self, r: Reader, layout: Layout, seed: int | None, max_k: int) -> np.ndarray:
-        self.select(np.zeros(0), layout, seed)
-        raise AssertionError  # unreachable
+        return self.select(np.zeros(0), layout, seed)  # raises: there is no payload to read
 
 
 class Threshold(Sparsifier):

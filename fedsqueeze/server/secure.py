@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.compression.sketch import SketchAccumulator
+from fedsqueeze.compression.sketch import SketchAccumulator, default_k
 from fedsqueeze.compression.stages import Sketch
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
@@ -488,9 +488,9 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
 
     def _unsketcher(self, encoding: SketchSum) -> SketchAccumulator:
         acc = self._unsketch
-        if acc is None or acc.sketch is not encoding.sketch:
+        if acc is None or acc.sketch.key != encoding.sketch.key:
             assert self.sketch is not None
-            k = self.sketch.k or encoding.cols
+            k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
             acc = SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
             self._unsketch = acc
         return acc
