@@ -184,7 +184,7 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         raise SecureConfigError(
             f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
             "path already clips, scales and rounds to secagg-bits integers — use codec = "
-            '"none", "randk(F)" or "randk(F)+ef"'
+            '"none", "randk(F)", "randk(F)+ef" or "sketch(F)"'
         )
     # Error feedback is allowed with dp = "central" and "local". Central: every round the
     # server sees (and the accountant charges for) the sum of contributions each clipped to
