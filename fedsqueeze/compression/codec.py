@@ -52,6 +52,7 @@ from fedsqueeze.compression.stages import (
     Quantize,
     RandomK,
     Sign,
+    Sketch,
     Sparsifier,
     Stage,
     Ternary,
@@ -81,7 +82,8 @@ _MAX_NDIM = 64
 _STAGE_ORDER = ("sparsify", "quantize", "feedback", "lossless")
 
 VALID_STAGES = (
-    "topk(F), topk_pt(F), randk(F), thresh(T), qB or qB(block=N) with B in 1..16, "
+    "topk(F), topk_pt(F), randk(F), sketch(F[,rows=R,k=K,momentum=M]) (secagg only), "
+    "thresh(T), qB or qB(block=N) with B in 1..16, "
     "qsgdB or qsgdB(block=N), sign or sign(block=N), ternary, fp16, bf16, fp32, ef, ef21, "
     "zstd or zstd(level), zlib or zlib(level), none "
     "(F: fraction in (0,1] like 0.01, or integer count >= 1)"
@@ -640,7 +642,19 @@ def _build_stage(name: str, args: list[str], kwargs: dict[str, str]) -> Stage | 
 
         return make
 
+    def sketch() -> Stage:
+        if len(args) != 1 or set(kwargs) - {"rows", "k", "momentum"}:
+            raise CodecSpecError("sketch takes a size and optional rows=, k=, momentum=")
+        momentum = _parse_number(kwargs["momentum"], name) if "momentum" in kwargs else None
+        return Sketch(
+            _parse_number(args[0], name),
+            rows=_parse_int(kwargs["rows"], name, "rows") if "rows" in kwargs else None,
+            k=_parse_int(kwargs["k"], name, "k") if "k" in kwargs else None,
+            momentum=None if momentum is None else float(momentum),
+        )
+
     simple: dict[str, Callable[[], Stage]] = {
+        "sketch": sketch,
         "topk": lambda: TopK(one_amount()),
         "topk_pt": lambda: TopKPerTensor(one_amount()),
         "randk": lambda: RandomK(one_amount()),

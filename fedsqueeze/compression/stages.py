@@ -234,6 +234,63 @@ class RandomK(_AmountSparsifier):
         return random_k_indices(layout.d, k, seed)
 
 
+class Sketch(_AmountSparsifier):
+    """``sketch(F)`` or ``sketch(F, rows=R, k=K, momentum=M)``: FetchSGD's count sketch.
+
+    A secure-aggregation encoding (see :mod:`fedsqueeze.compression.sketch`): each client sends
+    a ``R x (F d / R)`` count sketch of its update (``F d`` cells in all, F a fraction of d or a
+    count of cells), secure aggregation sums the sketches, and the server keeps momentum ``M``
+    and error in sketch space and applies the ``K`` heaviest coordinates per round. Defaults:
+    ``R`` = :data:`~fedsqueeze.compression.sketch.DEFAULT_ROWS`, ``K`` =
+    :func:`~fedsqueeze.compression.sketch.default_k`, ``M`` = 0. Linear and stateless on
+    clients. It has no per-client payload: a plain (non-secure) codec refuses to encode with it.
+    """
+
+    name = "sketch"
+    linear = True
+    needs_seed = True
+    stateful_server = True
+
+    def __init__(
+        self,
+        amount: float | int,
+        rows: int | None = None,
+        k: int | None = None,
+        momentum: float | None = None,
+    ) -> None:
+        super().__init__(amount)
+        for what, value in (("rows", rows), ("k", k)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise CodecSpecError(f"sketch: {what} must be an integer >= 1, got {value!r}")
+        if momentum is not None and not (
+            isinstance(momentum, int | float)
+            and not isinstance(momentum, bool)
+            and 0.0 <= momentum < 1.0
+        ):
+            raise CodecSpecError(f"sketch: momentum must be in [0, 1), got {momentum!r}")
+        self.rows, self.k = rows, k
+        self.momentum = None if momentum is None else float(momentum)
+
+    def _spec_args(self) -> list[str]:
+        args = super()._spec_args()
+        for key in ("rows", "k", "momentum"):
+            value = getattr(self, key)
+            if value is not None:
+                args.append(f"{key}={_fmt(value)}")
+        return args
+
+    def select(self, v: np.ndarray, layout: Layout, seed: int | None) -> np.ndarray:
+        raise CodecError(
+            f"{self.spec} is a secure-aggregation encoding (the server unsketches the sum of "
+            "all clients' sketches); use it with secagg = true"
+        )
+
+    def read(self, r: Reader, layout: Layout, seed: int | None, max_k: int) -> np.ndarray:
+        return self.select(np.zeros(0), layout, seed)  # raises: there is no payload to read
+
+
 class Threshold(Sparsifier):
     """``thresh(T)``: keep coordinates with ``|x| >= T``."""
 

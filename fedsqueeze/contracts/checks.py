@@ -12,7 +12,7 @@ from typing import Any
 
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.errors import CodecError
-from fedsqueeze.compression.stages import ErrorFeedback, RandomK
+from fedsqueeze.compression.stages import ErrorFeedback, RandomK, Sketch
 from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
 from fedsqueeze.secagg import SecAggConfig, SecAggConfigError
 from fedsqueeze.secagg.config import DEFAULT_DROPOUT, protocol_params
@@ -120,6 +120,14 @@ def randk_fraction(config: Mapping[str, Any]) -> float | int:
     return frac
 
 
+def _sketch_stage(config: Mapping[str, Any]) -> Sketch | None:
+    try:
+        codec = parse_codec(str(config.get("codec", "none")))
+    except CodecError:
+        return None
+    return codec.sparsifier if isinstance(codec.sparsifier, Sketch) else None
+
+
 def check_secure_config(config: Mapping[str, Any]) -> None:
     """Refuse run configs secure aggregation cannot honour, naming the culprit.
 
@@ -137,6 +145,10 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
             'dp = "distributed" needs secagg = true (noise is split among clients)'
         )
     if not secagg:
+        if _sketch_stage(config) is not None:
+            raise SecureConfigError(
+                "codec sketch(F) needs secagg = true (the server unsketches the secure sum)"
+            )
         if float(config.get("simulate-dropout", 0.0)) > 0:
             raise SecureConfigError(
                 "simulate-dropout needs secagg = true (it drops protocol stages)"
@@ -146,8 +158,17 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
     if n < 2:
         raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
     codec = parse_codec(str(config.get("codec", "none")))
+    if isinstance(codec.sparsifier, Sketch) and (
+        codec.feedback is not None or dp in ("central", "distributed")
+    ):
+        raise SecureConfigError(
+            f"codec {codec.spec!r}: a sketch keeps its error on the server; it takes no "
+            '"+ef" and no central or distributed dp mode (yet)'
+        )
+    if isinstance(codec.sparsifier, Sketch) and float(config.get("secagg-randk", 1.0)) < 1.0:
+        raise SecureConfigError(f"codec {codec.spec!r} and secagg-randk both set; use one")
     for stage in codec.stages:
-        if isinstance(stage, RandomK | ErrorFeedback):
+        if isinstance(stage, RandomK | ErrorFeedback | Sketch):
             continue
         if stage.role == "feedback":
             raise SecureConfigError(
@@ -163,7 +184,7 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         raise SecureConfigError(
             f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
             "path already clips, scales and rounds to secagg-bits integers — use codec = "
-            '"none", "randk(F)" or "randk(F)+ef"'
+            '"none", "randk(F)", "randk(F)+ef" or "sketch(F)"'
         )
     # Error feedback is allowed with dp = "central" and "local". Central: every round the
     # server sees (and the accountant charges for) the sum of contributions each clipped to

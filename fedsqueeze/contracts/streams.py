@@ -45,6 +45,8 @@ class Stream(IntEnum):
     """Distributed DP's shared randomized Hadamard rotation."""
     SECAGG_GRAPH = 4
     """The SecAgg+ communication graph's relabelling."""
+    SKETCH = 5
+    """The count sketch's hashes under secure aggregation (drawn at round 0: one per run)."""
     CLIENT_SAMPLING = 0xC11E
     """Which partitions train in a round, without DP (under DP: :attr:`Secret.CLIENT_SAMPLING`)."""
     EVAL_SAMPLING = 0xE7A1

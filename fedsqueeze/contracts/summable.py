@@ -19,6 +19,9 @@ and two wrappers:
 
 - :class:`RandomK` — only the shared-seed random-k positions are encoded (and masked, and
   sent); the server scatters the sum back;
+- :class:`SketchSum` — FetchSGD's count sketch of the update is encoded instead (linear, so
+  the secure sum is the sketch of the sum); the server unsketches it with its own state
+  (:class:`~fedsqueeze.compression.sketch.SketchAccumulator`);
 - :func:`encode_with_feedback` — client-local error feedback: what the integers mean in
   update units is subtracted from ``delta + residual``, the rest is carried.
 
@@ -28,6 +31,7 @@ rebuilds it with :func:`encoding_from_fields`. Numpy only.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -37,7 +41,9 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.compression import random_k_indices, stochastic_round
-from fedsqueeze.compression.stages import resolve_k
+from fedsqueeze.compression.sketch import DEFAULT_ROWS as DEFAULT_SKETCH_ROWS
+from fedsqueeze.compression.sketch import CountSketch, sketch_shape
+from fedsqueeze.compression.stages import Sketch, resolve_k
 from fedsqueeze.privacy.distributed import (
     DistributedDPClient,
     DistributedDPParams,
@@ -370,6 +376,69 @@ def random_k(inner_for: Any, dim: int, amount: float | int, seed: int) -> Summab
     return RandomK(inner_for(k), dim, seed)
 
 
+@functools.lru_cache(maxsize=4)
+def _count_sketch(dim: int, rows: int, cols: int, seed: int) -> CountSketch:
+    return CountSketch(dim, rows, cols, seed)
+
+
+@dataclass(frozen=True)
+class SketchSum(SummableEncoding):
+    """A ``rows x cols`` count sketch of the ``dim``-long update is encoded by ``inner``.
+
+    The table is divided by ``sqrt(rows)`` before ``inner`` clips and rounds it: its norm is
+    then about the update's (each row keeps the norm in expectation), so ``clip`` means what
+    it means for a dense update. :meth:`decode_sum` returns the summed *table* (length
+    ``rows * cols``, back in sketch units), not a ``dim``-long update: the server unsketches
+    the mean table with a :class:`~fedsqueeze.compression.sketch.SketchAccumulator`, which
+    keeps state across rounds. The hashes (``seed``) are the run's, the same every round.
+    """
+
+    inner: SummableEncoding
+    dim: int
+    rows: int
+    cols: int
+    seed: int
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        return self.inner.bits
+
+    @property
+    def sketch(self) -> CountSketch:
+        return _count_sketch(self.dim, self.rows, self.cols, self.seed)
+
+    @property
+    def input_len(self) -> int:
+        return self.dim
+
+    @property
+    def vector_len(self) -> int:
+        return self.inner.vector_len
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        table = self.sketch.sketch(self._check_len(x)) / math.sqrt(self.rows)
+        return self.inner.encode(table, weight, rng)
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        total, weight = self.inner.decode_sum(int_sum, contributors)
+        return total * math.sqrt(self.rows), weight
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "sketch_dim": self.dim,
+            "sketch_rows": self.rows,
+            "sketch_cols": self.cols,
+            "sketch_seed": self.seed,
+            **self.inner.to_fields(),
+        }
+
+
+def sketched(inner_for: Any, dim: int, stage: Sketch, seed: int) -> SketchSum:
+    """``inner_for(rows * cols)`` wrapped in :class:`SketchSum` for the ``sketch(F)`` stage."""
+    rows, cols = sketch_shape(dim, stage.amount, stage.rows or DEFAULT_SKETCH_ROWS)
+    return SketchSum(inner_for(rows * cols), dim, rows, cols, seed)
+
+
 def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
     """The encoding a server described with :meth:`SummableEncoding.to_fields`.
 
@@ -382,6 +451,11 @@ def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
     try:
         kind = str(f.pop("kind"))
         randk = (int(f.pop("randk_dim")), int(f.pop("randk_seed"))) if "randk_dim" in f else None
+        sketch = (
+            tuple(int(f.pop(f"sketch_{key}")) for key in ("dim", "rows", "cols", "seed"))
+            if "sketch_dim" in f
+            else None
+        )
         inner: SummableEncoding
         if kind == "sum":
             inner = ClippedSum(**f)
@@ -392,6 +466,15 @@ def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
             inner = DistributedDPSum(DistributedDPParams(**f), rotation_seed)
         else:
             raise EncodingError(f"unknown summable encoding {kind!r}")
+        if sketch is not None:
+            if randk is not None:
+                raise EncodingError("an encoding is either random-k or a sketch, not both")
+            dim, rows, cols, seed = sketch
+            if min(dim, rows, cols) < 1 or seed < 0 or inner.input_len != rows * cols:
+                raise EncodingError(f"bad sketch description: {sketch}")
+            encoding = SketchSum(inner, dim, rows, cols, seed)
+            encoding.sketch  # noqa: B018  (builds the hashes: a bad size fails here, typed)
+            return encoding
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, EncodingError):
             raise

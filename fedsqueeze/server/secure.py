@@ -33,6 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsqueeze.compression.sketch import SketchAccumulator, default_k
+from fedsqueeze.compression.stages import Sketch
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
     CHECK,
@@ -54,10 +56,12 @@ from fedsqueeze.contracts.streams import Stream, round_rng, round_seed
 from fedsqueeze.contracts.summable import (
     ClippedSum,
     RandomK,
+    SketchSum,
     SummableEncoding,
     WeightedSum,
     choose_integer_encoding,
     random_k,
+    sketched,
 )
 from fedsqueeze.secagg import (
     SecAggAbort,
@@ -117,7 +121,7 @@ def outside_honest_range(encoding: SummableEncoding, int_sum: np.ndarray, count:
     a forged weight or a huge vector cannot scale the update up. DP encodings return "":
     their wrappers bound (and noise) the sum.
     """
-    enc = encoding.inner if isinstance(encoding, RandomK) else encoding
+    enc = encoding.inner if isinstance(encoding, RandomK | SketchSum) else encoding
     if not isinstance(enc, ClippedSum):
         return ""
     s = np.asarray(int_sum, dtype=np.int64)
@@ -224,6 +228,10 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         Shared-seed random-k: only this fraction (or count) of coordinates is masked and sent.
     error_feedback
         Clients keep what random-k and rounding did not send, in their own state.
+    sketch
+        FetchSGD instead of random-k: clients send a count sketch (the ``sketch(F)`` codec
+        stage), the server unsketches the summed sketch with its momentum and error
+        (:class:`~fedsqueeze.compression.sketch.SketchAccumulator`).
     seed
         Run seed for the reproducible per-round streams (graph, random-k, rotation).
     timeout
@@ -247,6 +255,7 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         weight_cap: int = 0,
         randk: float | int = 1.0,
         error_feedback: bool = False,
+        sketch: Sketch | None = None,
         seed: int = 0,
         timeout: float = 600.0,
         simulate_dropout: float = 0.0,
@@ -275,6 +284,13 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         self.weight_cap = int(weight_cap)
         self.randk = randk
         self.feedback = f"secagg:randk({randk})+ef" if error_feedback else ""
+        if sketch is not None and (self.dp is not None or error_feedback or randk != 1.0):
+            raise StrategyCompositionError(
+                "sketch(F) keeps its error on the server: not with random-k, client error "
+                "feedback or a DP mode"
+            )
+        self.sketch = sketch
+        self._unsketch: SketchAccumulator | None = None
         self.seed, self.timeout = int(seed), float(timeout)
         self.simulate_dropout = float(simulate_dropout)
         self.dropout, self.corrupt = float(dropout), float(corrupt)
@@ -310,6 +326,8 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
                 weight_cap=self.weight_cap,
             )
 
+        if self.sketch is not None:  # one set of hashes per run: the server's error adds up
+            return sketched(inner_for, d, self.sketch, round_seed(self.seed, 0, Stream.SKETCH))
         randk_seed = round_seed(self.seed, server_round, Stream.SECURE_RANDK)
         return random_k(inner_for, d, self.randk, randk_seed)
 
@@ -460,10 +478,22 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
             )
         # Divide by at least one per included client: a summed weight forged small (a
         # negative hidden weight) cannot scale the update up (honest weights are >= 1).
-        mean = unflatten(sum_flat / max(weight, included), r.global_arrays)
+        mean_flat = sum_flat / max(weight, included)
+        if isinstance(r.encoding, SketchSum):
+            mean_flat = self._unsketcher(r.encoding).step(mean_flat)
+        mean = unflatten(mean_flat, r.global_arrays)
         return merge_delta(
             self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
         )
+
+    def _unsketcher(self, encoding: SketchSum) -> SketchAccumulator:
+        acc = self._unsketch
+        if acc is None or acc.sketch.key != encoding.sketch.key:
+            assert self.sketch is not None
+            k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
+            acc = SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
+            self._unsketch = acc
+        return acc
 
     # ---- round hook ---------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import (
 
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.dgc import DGCOptions
-from fedsqueeze.compression.stages import ErrorFeedback
+from fedsqueeze.compression.stages import ErrorFeedback, Sketch
 from fedsqueeze.contracts.architectures import parse_client_models
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import devices_bring_data, partitions_for
@@ -141,6 +141,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
         weight_cap=(weight_cap(config) or 0) if weighted else 0,
         randk=randk_fraction(config),
         error_feedback=isinstance(codec.feedback, ErrorFeedback),
+        sketch=codec.sparsifier if isinstance(codec.sparsifier, Sketch) else None,
         seed=int(config["seed"]),
         timeout=float(config["node-timeout"]),
         simulate_dropout=float(config["simulate-dropout"]),
