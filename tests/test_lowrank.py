@@ -202,7 +202,9 @@ def test_clients_train_and_send_factors_and_the_global_model_is_their_product() 
         assert np.linalg.matrix_rank(arrays[f"{layer}.weight"]) <= r
     factors = strategy._factors
     assert factors is not None
-    np.testing.assert_allclose(expand(factors, strategy.ranks)["fc1.weight"], arrays["fc1.weight"])
+    np.testing.assert_allclose(
+        expand(factors, strategy.ranks, strategy.scales)["fc1.weight"], arrays["fc1.weight"]
+    )
     dense_params = sum(a.size for a in dense.values())
     factor_params = sum(a.size for a in factors.values())
     # the update shrinks with the model: 4 bytes per factor parameter, plus an envelope that
@@ -241,9 +243,10 @@ def test_a_resumed_run_factorizes_the_checkpointed_model_exactly() -> None:
     resumed = LowRankStrategy(CompressedStrategy(_fedavg()), rank=4)
     resumed.restore(strategy.state())
     assert resumed.ranks == strategy.ranks
+    assert resumed.scales == strategy.scales  # the factors' meaning survives the restart
     sent = resumed._factors_of(2, to_record(out))
     assert sent is not None and resumed.ranks is not None
-    for k, v in expand(from_record(sent), resumed.ranks).items():
+    for k, v in expand(from_record(sent), resumed.ranks, resumed.scales).items():
         np.testing.assert_allclose(v, out[k], atol=1e-5)
 
 

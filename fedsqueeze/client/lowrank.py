@@ -1,7 +1,7 @@
 """Client mod for low-rank federations: the handler builds, trains and returns the factors.
 
 The server sends the factors of the global model (``fedsqueeze.lowrank`` record: which
-layers, at which rank). For the duration of the handler this mod makes every model the
+layers, at which rank, with which constant scale ``c``). For the duration of the handler this mod makes every model the
 handler builds the factorized architecture
 (:func:`fedsqueeze.models.lowrank.factorized_models`), whose ``state_dict`` is exactly the
 factors: the handler loads them, trains them and replies with them like any weights, and
@@ -11,6 +11,8 @@ only the smaller factor arrays. A handler built this way needs no low-rank code:
 """
 
 from __future__ import annotations
+
+import math
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -29,19 +31,34 @@ def ranks_of(record: ConfigRecord) -> dict[str, int]:
     return {str(layer): int(r) for layer, r in zip(layers, ranks, strict=True)}
 
 
+def scales_of(record: ConfigRecord, ranks: dict[str, int]) -> dict[str, float]:
+    """The per-layer factor scales ``c`` of a ``fedsqueeze.lowrank`` record (validated; a
+    record without ``scales`` means ``c = 1``)."""
+    scales = record.get("scales")
+    if scales is None:
+        return {layer: 1.0 for layer in ranks}
+    if not isinstance(scales, list) or len(scales) != len(ranks):
+        raise ModPreconditionError("low-rank 'scales' must list one number per layer")
+    if not all(isinstance(c, float | int) and math.isfinite(c) and c > 0 for c in scales):
+        raise ModPreconditionError("low-rank scales must be finite numbers > 0")
+    return {layer: float(c) for layer, c in zip(ranks, scales, strict=True)}
+
+
 def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Models built by the handler are the factorized ones the message names (module doc)."""
     if LOWRANK_KEY not in msg.content.config_records:
         return call_next(msg, context)
     try:
-        ranks = ranks_of(msg.content.config_records[LOWRANK_KEY])
+        record = msg.content.config_records[LOWRANK_KEY]
+        ranks = ranks_of(record)
+        scales = scales_of(record, ranks)
     except ModPreconditionError as err:
         return failed_precondition(msg, "lowrank_mod", str(err))
     msg.content = without(msg.content, LOWRANK_KEY)
     from fedsqueeze.models.lowrank import LowRankError, factorized_models  # torch: only when asked
 
     try:
-        with factorized_models(ranks):
+        with factorized_models(ranks, scales):
             return call_next(msg, context)
     except LowRankError as err:
         return failed_precondition(msg, "lowrank_mod", str(err))
