@@ -1,8 +1,8 @@
 """Client mod for low-rank federations: the handler builds, trains and returns the factors.
 
 The server sends the factors of the global model (``fedsqueeze.lowrank`` record: which
-layers, at which rank, with which constant scale ``c``). For the duration of the handler this mod makes every model the
-handler builds the factorized architecture
+layers, at which rank, with which constant scale ``c``). For the duration of the handler
+this mod makes every model the handler builds the factorized architecture
 (:func:`fedsqueeze.models.lowrank.factorized_models`), whose ``state_dict`` is exactly the
 factors: the handler loads them, trains them and replies with them like any weights, and
 every mod outside this one (the downlink decoder, secure aggregation, the uplink codec) sees
@@ -19,6 +19,10 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsqueeze.client.mods import ModPreconditionError, failed_precondition
 from fedsqueeze.contracts.records import LOWRANK_KEY, without
+
+ADAPTER_KEY = "fedsqueeze.adapters"
+"""The adapters' record (:data:`fedsqueeze.models.adapters.ADAPTER_KEY`; repeated here so the
+mod imports torch only when a message asks for adapters)."""
 
 
 def ranks_of(record: ConfigRecord) -> dict[str, int]:
@@ -62,3 +66,27 @@ def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
             return call_next(msg, context)
     except LowRankError as err:
         return failed_precondition(msg, "lowrank_mod", str(err))
+
+
+def adapter_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Low-rank adapters (``lowrank-adapter``): models built by the handler carry the adapters
+    the message names, on a frozen base.
+
+    ``layers_mod`` does the rest with the records the server sends
+    (``fedsqueeze.server.adapters``): it joins the frozen base with the adapters for the
+    handler, names the adapters as the only trained tensors, and replies with the adapters
+    only."""
+    if ADAPTER_KEY not in msg.content.config_records:
+        return call_next(msg, context)
+    try:
+        ranks = ranks_of(msg.content.config_records[ADAPTER_KEY])
+    except ModPreconditionError as err:
+        return failed_precondition(msg, "adapter_mod", str(err))
+    msg.content = without(msg.content, ADAPTER_KEY)
+    from fedsqueeze.models.adapters import AdapterError, adapted_models
+
+    try:
+        with adapted_models(ranks):
+            return call_next(msg, context)
+    except AdapterError as err:
+        return failed_precondition(msg, "adapter_mod", str(err))
