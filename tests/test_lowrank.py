@@ -334,3 +334,15 @@ def test_an_sgd_step_on_the_factors_moves_the_weights_no_further_than_twice_a_de
         dense_moved = np.linalg.norm(dense_after[key] - before[key])
         assert dense_moved > 0
         assert moved <= 2.0 * dense_moved * 1.01, (layer, moved / dense_moved)
+
+
+def test_the_mod_refuses_bad_scales() -> None:
+    from fedsqueeze.client.lowrank import scales_of
+    from fedsqueeze.client.mods import ModPreconditionError
+
+    ranks = {"fc1": 4, "fc2": 4}
+    assert scales_of(ConfigRecord({}), ranks) == {"fc1": 1.0, "fc2": 1.0}
+    assert scales_of(ConfigRecord({"scales": [0.5, 2.0]}), ranks) == {"fc1": 0.5, "fc2": 2.0}
+    for bad in ([0.5], [0.5, 0.0], [0.5, -1.0], [0.5, float("inf")], [0.5, float("nan")]):
+        with pytest.raises(ModPreconditionError):
+            scales_of(ConfigRecord({"scales": bad}), ranks)

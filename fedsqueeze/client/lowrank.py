@@ -43,7 +43,10 @@ def scales_of(record: ConfigRecord, ranks: dict[str, int]) -> dict[str, float]:
         return {layer: 1.0 for layer in ranks}
     if not isinstance(scales, list) or len(scales) != len(ranks):
         raise ModPreconditionError("low-rank 'scales' must list one number per layer")
-    if not all(isinstance(c, float | int) and math.isfinite(c) and c > 0 for c in scales):
+    if not all(
+        isinstance(c, float | int) and not isinstance(c, bool) and math.isfinite(c) and c > 0
+        for c in scales
+    ):
         raise ModPreconditionError("low-rank scales must be finite numbers > 0")
     return {layer: float(c) for layer, c in zip(ranks, scales, strict=True)}
 
