@@ -48,7 +48,7 @@ def scales_of(record: ConfigRecord, ranks: dict[str, int]) -> dict[str, float]:
         for c in scales
     ):
         raise ModPreconditionError("low-rank scales must be finite numbers > 0")
-    return {layer: float(c) for layer, c in zip(ranks, scales, strict=True)}
+    return {layer: float(c) for layer, c in zip(ranks, scales, strict=True)}  # type: ignore[arg-type]
 
 
 def lowrank_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

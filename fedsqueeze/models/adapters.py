@@ -6,7 +6,9 @@ gets two child layers, as low-rank factorization builds them
 
 - ``lora_down`` (``A``): the layer's own type at rank ``r`` (``Linear(in, r)``, or
   ``ConvNd(in, r)`` with the layer's kernel, stride, padding and dilation), no bias;
-- ``lora_up`` (``B``): ``Linear(r, out)`` or a pointwise ``ConvNd(r, out, 1)``, no bias;
+- ``lora_up`` (``B``): ``Linear(r, out)`` or a pointwise ``ConvNd(r, out, 1)``, no bias
+
+(:func:`fedsqueeze.models.lowrank.thin_layers`, the same pair low-rank factorization uses)
 
 and computes ``layer(x) + up(down(x))``, i.e. the weight ``W + B @ A`` (``A`` read as the
 matrix ``(r, in * prod(kernel))``). The base keeps its ``state_dict`` names
@@ -38,9 +40,9 @@ import torch
 from torch import nn
 
 from fedsqueeze.models.errors import ModelError
+from fedsqueeze.models.lowrank import SUPPORTED, thin_layers, unsupported_layer
 from fedsqueeze.models.pruning import model_build_scope
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 DOWN, UP = "lora_down", "lora_up"
 
 ADAPTER_KEY = "fedsqueeze.adapters"
@@ -130,24 +132,18 @@ def _adapter_forward_hook(
     module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
 ) -> torch.Tensor:
     down, up = getattr(module, DOWN), getattr(module, UP)
-    return output + up(down(inputs[0]))
-
-
-def _check_layer(name: str, module: nn.Module) -> None:
-    if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1:
-        kind = type(module).__name__ + (" (grouped)" if isinstance(module, SUPPORTED) else "")
-        raise AdapterError(
-            f"lowrank-adapter does not support layer {name!r} ({kind}); supported: Linear, "
-            "Conv1d, Conv2d"
-        )
+    out: torch.Tensor = output + up(down(inputs[0]))
+    return out
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`AdapterError` naming the first layer with a matrix (2+-D) parameter that
     is not a Linear or ungrouped Conv1d/Conv2d."""
-    for name, module in model.named_modules():
-        if any(p.ndim >= 2 for p in module.parameters(recurse=False)):
-            _check_layer(name, module)
+    layer = unsupported_layer(model)
+    if layer is not None:
+        raise AdapterError(
+            f"lowrank-adapter does not support layer {layer}; supported: Linear, Conv1d, Conv2d"
+        )
 
 
 def adapt_model(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
@@ -163,28 +159,12 @@ def adapt_model(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
             raise AdapterError(
                 f"lowrank-adapter names layer {name!r}, which the model does not have"
             ) from None
-        _check_layer(name, layer)
-        weight = layer.weight
-        full = min(weight.shape[0], math.prod(weight.shape[1:]))
+        if not isinstance(layer, SUPPORTED):
+            raise AdapterError(f"lowrank-adapter does not support layer {name!r}")
+        full = min(layer.weight.shape[0], math.prod(layer.weight.shape[1:]))
         if not 1 <= int(rank) <= full:
             raise AdapterError(f"adapter rank {rank} for layer {name!r} outside 1..{full}")
-        if isinstance(layer, nn.Linear):
-            down: nn.Module = nn.Linear(layer.in_features, int(rank), bias=False)
-            up: nn.Module = nn.Linear(int(rank), layer.out_features, bias=False)
-        else:
-            assert isinstance(layer, nn.Conv1d | nn.Conv2d)
-            conv = type(layer)
-            down = conv(
-                layer.in_channels,
-                int(rank),
-                kernel_size=layer.kernel_size,  # type: ignore[arg-type]
-                stride=layer.stride,  # type: ignore[arg-type]
-                padding=layer.padding,  # type: ignore[arg-type]
-                dilation=layer.dilation,  # type: ignore[arg-type]
-                bias=False,
-                padding_mode=layer.padding_mode,
-            )
-            up = conv(int(rank), layer.out_channels, kernel_size=1, bias=False)
+        down, up = thin_layers(layer, int(rank), up_bias=False)
         nn.init.zeros_(up.weight)  # type: ignore[arg-type]
         layer.add_module(DOWN, down)
         layer.add_module(UP, up)

@@ -201,16 +201,19 @@ class Factorized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.down(x)
-        return self.up(h if self.scale == 1.0 else h * self.scale)
+        out: torch.Tensor = self.up(h if self.scale == 1.0 else h * self.scale)
+        return out
 
 
-def _factor_layers(layer: nn.Module, rank: int, scale: float = 1.0) -> Factorized:
-    bias = layer.bias is not None  # type: ignore[union-attr]
+def thin_layers(layer: nn.Module, rank: int, up_bias: bool) -> tuple[nn.Module, nn.Module]:
+    """The two thin layers of rank ``rank`` for ``layer`` (module doc): ``down``, the layer's
+    own type (same kernel, stride, padding, dilation) without bias, and ``up``, a Linear or
+    pointwise Conv (with a bias when ``up_bias``). Also the shape of low-rank adapters
+    (:mod:`fedsqueeze.models.adapters`)."""
     if isinstance(layer, nn.Linear):
-        return Factorized(
+        return (
             nn.Linear(layer.in_features, rank, bias=False),
-            nn.Linear(rank, layer.out_features, bias=bias),
-            scale,
+            nn.Linear(rank, layer.out_features, bias=up_bias),
         )
     assert isinstance(layer, nn.Conv1d | nn.Conv2d)
     conv = type(layer)
@@ -224,21 +227,33 @@ def _factor_layers(layer: nn.Module, rank: int, scale: float = 1.0) -> Factorize
         bias=False,
         padding_mode=layer.padding_mode,
     )
-    return Factorized(down, conv(rank, layer.out_channels, kernel_size=1, bias=bias), scale)
+    return down, conv(rank, layer.out_channels, kernel_size=1, bias=up_bias)
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`LowRankError` naming the first layer with a matrix (2+-D) parameter that
-    is not a Linear or ungrouped Conv1d/Conv2d."""
+def _factor_layers(layer: nn.Module, rank: int, scale: float = 1.0) -> Factorized:
+    down, up = thin_layers(layer, rank, up_bias=layer.bias is not None)
+    return Factorized(down, up, scale)
+
+
+def unsupported_layer(model: nn.Module) -> str | None:
+    """``'name' (Kind)`` of the first layer with a matrix (2+-D) parameter that is not a Linear
+    or ungrouped Conv1d/Conv2d, or None."""
     for name, module in model.named_modules():
         if not any(p.ndim >= 2 for p in module.parameters(recurse=False)):
             continue
         if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1:
             kind = type(module).__name__ + (" (grouped)" if isinstance(module, SUPPORTED) else "")
-            raise LowRankError(
-                f"lowrank does not support layer {name!r} ({kind}); supported: Linear, "
-                "Conv1d, Conv2d"
-            )
+            return f"{name!r} ({kind})"
+    return None
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`LowRankError` naming the first layer :func:`unsupported_layer` finds."""
+    layer = unsupported_layer(model)
+    if layer is not None:
+        raise LowRankError(
+            f"lowrank does not support layer {layer}; supported: Linear, Conv1d, Conv2d"
+        )
 
 
 def factorize_model(
