@@ -16,6 +16,7 @@ from fedsqueeze.client.app import build_client_app
 from fedsqueeze.client.lowrank import ADAPTER_KEY as CLIENT_ADAPTER_KEY
 from fedsqueeze.client.training import train_local
 from fedsqueeze.config import ConfigError, resolve_config
+from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.models import build_model
 from fedsqueeze.models.adapters import (
     ADAPTER_KEY,
@@ -197,3 +198,29 @@ def test_bad_configurations_and_layers_are_refused_in_one_line() -> None:
     with pytest.raises(AdapterError, match="Conv1d \\(grouped\\)"):
         check_supported(nn.Sequential(nn.Conv1d(4, 4, 3, groups=2)))
     assert CLIENT_ADAPTER_KEY == ADAPTER_KEY
+
+
+def test_an_aggregate_that_is_not_the_adapters_keeps_the_global_model() -> None:
+    from flwr.app import MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    base = state_to_numpy(build_model("mlp", SHAPES["mlp"], 10, seed=0))
+    bad: list[dict[str, np.ndarray]] = []
+
+    class Inner(FedAvg):
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            return to_record(bad[-1]), MetricRecord({})
+
+    strategy = AdapterStrategy(Inner(), rank=2)
+    strategy._start(to_record(base))
+    assert strategy.adapters is not None
+    good = dict(strategy.adapters)
+    wrong_shape = {k: np.zeros((1,), np.float32) for k in good}
+    not_finite = {k: np.full_like(v, np.nan) for k, v in good.items()}
+    for aggregate in (wrong_shape, not_finite, base):
+        bad.append(aggregate)
+        merged, _ = strategy.aggregate_train(1, [])
+        assert merged is not None
+        for k, v in from_record(merged).items():
+            np.testing.assert_array_equal(v, base[k])  # B = 0: still exactly the base
+        assert all(np.array_equal(strategy.adapters[k], v) for k, v in good.items())

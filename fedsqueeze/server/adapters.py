@@ -49,7 +49,6 @@ from fedsqueeze.models.adapters import (
     bytes_per_round,
     choose_ranks,
     init_adapters,
-    is_adapter,
     merge,
 )
 from fedsqueeze.models.retrain import FROZEN_KEY, encode_arrays
@@ -116,9 +115,13 @@ class AdapterStrategy(DelegatingStrategy, RoundHook):
         if agg is None or self.base is None or self.adapters is None:
             return agg, metrics
         new = from_record(agg)
-        if list(new) != list(self.adapters) or not all(is_adapter(k) for k in new):
-            raise ValueError("the aggregate is not the adapters this round sent")
-        self.adapters = {k: np.asarray(v, dtype=np.float32) for k, v in new.items()}
+        shapes = {k: np.shape(v) for k, v in self.adapters.items()}
+        if {k: np.shape(v) for k, v in new.items()} != shapes or not all(
+            np.all(np.isfinite(v)) for v in new.values()
+        ):  # never corrupt the global model: keep the adapters we have
+            log.warning("round %d: the aggregate is not this round's adapters; kept", server_round)
+        else:
+            self.adapters = {k: np.asarray(v, dtype=np.float32) for k, v in new.items()}
         self._merged = merge(self.base, self.adapters, self.ranks)
         return to_record(self._merged), metrics
 
