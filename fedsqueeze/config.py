@@ -160,6 +160,12 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
         "low-rank layers: 0 = off, an integer rank, or a fraction of each layer's energy kept",
     ),
     "lowrank-start-round": (1, int, _positive_int, "first round trained on low-rank factors"),
+    "lowrank-adapter": (
+        0,
+        int,
+        _non_negative_int,
+        "low-rank adapters (LoRA) of rank R on a frozen base: 0 = off",
+    ),
     "qat": ("none", str, _choice("none", "int8"), "quantization-aware training: none | int8"),
     "qat-start-round": (1, int, _positive_int, "first round clients train with fake quant"),
     "fraction-evaluate": (0.0, float, _fraction, "fraction of clients for federated eval"),

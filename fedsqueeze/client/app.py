@@ -60,7 +60,7 @@ from flwr.common.constant import ErrorCode
 
 from fedsqueeze.client.data import data_source
 from fedsqueeze.client.layers import layers_mod
-from fedsqueeze.client.lowrank import lowrank_mod
+from fedsqueeze.client.lowrank import adapter_mod, lowrank_mod
 from fedsqueeze.client.mods import compress_mod, downlink_mod
 from fedsqueeze.client.pruning import prune_mod
 from fedsqueeze.client.qat import qat_mod
@@ -81,6 +81,7 @@ MODS = (
     layers_mod,
     prune_mod,
     lowrank_mod,
+    adapter_mod,
     qat_mod,
 )
 """fedsqueeze's client mods, outermost first: a distilled student the server sends is kept

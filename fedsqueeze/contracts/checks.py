@@ -48,6 +48,7 @@ def check_run_config(config: Mapping[str, Any]) -> None:
     check_liveness_config(config)
     check_prune_config(config)
     check_lowrank_config(config)
+    check_adapter_config(config)
     check_qat_config(config)
     check_distill_config(config)
     check_robust_config(config)
@@ -313,6 +314,24 @@ def check_lowrank_config(config: Mapping[str, Any]) -> None:
             f"lowrank needs strategy = 'fedavg' or 'fedprox', not {config['strategy']!r}: its "
             "server state has the dense model's shapes, which the factors replace"
         )
+
+
+def check_adapter_config(config: Mapping[str, Any]) -> None:
+    """Low-rank adapters train on a frozen base: nothing else may change the model's layers or
+    which tensors train (``fedsqueeze.server.adapters``)."""
+    if int(config.get("lowrank-adapter", 0)) == 0:
+        return
+    refused = {
+        "lowrank": float(config.get("lowrank", 0.0)) != 0.0,
+        "prune": str(config.get("prune", "none")) != "none",
+        "qat": str(config.get("qat", "none")) != "none",
+        "train-layers": str(config.get("train-layers", "all")) != "all",
+        "client-models": bool(str(config.get("client-models", ""))),
+        "dp = 'local'": str(config.get("dp", "none")) == "local",
+    }
+    for key, on in refused.items():
+        if on:
+            raise ConfigError(f"lowrank-adapter and {key} cannot be combined yet: use one of them")
 
 
 def check_qat_config(config: Mapping[str, Any]) -> None:

@@ -6,12 +6,15 @@
 1. factorizes the global model by truncated SVD (:func:`fedsqueeze.models.lowrank.factorize`)
    at the ranks chosen once, in ``start_round``, from the global model then
    (:func:`~fedsqueeze.models.lowrank.choose_ranks`: a rank, or a fraction of each layer's
-   energy), and hands the wrapped chain the factors — so the downlink codec, the uplink codec
+   energy), with each layer's constant scale ``c = 1 / sigma_max`` chosen then too
+   (:func:`~fedsqueeze.models.lowrank.choose_scales`: without it the factors train at an
+   effective learning rate several times the configured one and the federation collapsed),
+   and hands the wrapped chain the factors — so the downlink codec, the uplink codec
    and secure aggregation all work on the smaller factor arrays without knowing about
    low rank — and names the layers and ranks in every train/evaluate message
    (``fedsqueeze.lowrank``, for ``lowrank_mod``);
 2. the wrapped chain averages the clients' trained factors (each factor with FedAvg's
-   weights), and this wrapper keeps those factors and returns the dense model ``U @ V`` to
+   weights), and this wrapper keeps those factors and returns the dense model ``c * U @ V`` to
    the round loop (evaluation, checkpoint, ``model.pt``), which is exactly of rank <= r.
 
 The next round sends the kept factors (not a fresh SVD of the product, whose factors would
@@ -46,6 +49,7 @@ from fedsqueeze.contracts.records import (
 from fedsqueeze.models.lowrank import (
     check_supported,
     choose_ranks,
+    choose_scales,
     expand,
     factorize,
     parameter_counts,
@@ -91,6 +95,7 @@ class LowRankStrategy(Strategy, RoundHook):
             "its server state has the dense model's shapes, which the factors replace",
         )
         self.ranks: dict[str, int] | None = None
+        self.scales: dict[str, float] | None = None
         self.counts: dict[str, tuple[int, int]] = {}
         self._factors: Arrays | None = None
         self._dense: Arrays | None = None
@@ -106,11 +111,13 @@ class LowRankStrategy(Strategy, RoundHook):
         dense = from_record(arrays)
         if self.ranks is None:
             self.ranks = choose_ranks(dense, self.rank)
+        if self.scales is None:
+            self.scales = choose_scales(dense, self.ranks)
         if not self.counts:
             self.counts = parameter_counts(dense, self.ranks)
             log.info("low-rank layers (rank, dense -> factor parameters): %s", self._layers())
         if self._factors is None or self._dense is None or not _same(dense, self._dense):
-            self._factors, self._dense = factorize(dense, self.ranks), dense
+            self._factors, self._dense = factorize(dense, self.ranks, self.scales), dense
         return to_record(self._factors)
 
     def _layers(self) -> dict[str, dict[str, int]]:
@@ -121,11 +128,15 @@ class LowRankStrategy(Strategy, RoundHook):
         }
 
     def _send(self, messages: Iterable[Message]) -> list[Message]:
-        assert self.ranks is not None
+        assert self.ranks is not None and self.scales is not None
         out = list(messages)
         for msg in out:
             msg.content[LOWRANK_KEY] = ConfigRecord(
-                {"layers": list(self.ranks), "ranks": list(self.ranks.values())}
+                {
+                    "layers": list(self.ranks),
+                    "ranks": list(self.ranks.values()),
+                    "scales": [self.scales[layer] for layer in self.ranks],
+                }
             )
         return out
 
@@ -155,7 +166,7 @@ class LowRankStrategy(Strategy, RoundHook):
         if arrays is None or server_round < self.start_round or self.ranks is None:
             return arrays, metrics
         self._factors = from_record(arrays)
-        self._dense = expand(self._factors, self.ranks)
+        self._dense = expand(self._factors, self.ranks, self.scales)
         return to_record(self._dense), metrics
 
     def configure_evaluate(
@@ -185,11 +196,16 @@ class LowRankStrategy(Strategy, RoundHook):
         row.update(self._sizes())
 
     def state(self) -> dict[str, Any]:
-        return {"ranks": dict(self.ranks) if self.ranks is not None else None}
+        return {
+            "ranks": dict(self.ranks) if self.ranks is not None else None,
+            "scales": dict(self.scales) if self.scales is not None else None,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("ranks") is not None:
             self.ranks = {str(k): int(v) for k, v in state["ranks"].items()}
+        if state.get("scales") is not None:
+            self.scales = {str(k): float(v) for k, v in state["scales"].items()}
 
     def summary_fields(self) -> dict[str, Any]:
         if self.ranks is None:

@@ -28,6 +28,7 @@ from fedsqueeze.contracts.architectures import parse_client_models
 from fedsqueeze.contracts.checks import ConfigError, randk_fraction
 from fedsqueeze.federation import devices_bring_data, partitions_for
 from fedsqueeze.privacy import default_delta
+from fedsqueeze.server.adapters import adapters_from_config
 from fedsqueeze.server.distill import with_distill
 from fedsqueeze.server.dp import CentralDP, DistributedDP, LocalDP
 from fedsqueeze.server.feedback import server_feedback_from_config
@@ -150,7 +151,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
 
 def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Strategy:
     """``inner`` (or :func:`build_strategy`) wrapped as the run config says:
-    ``[TrainLayers]([LocalDP]([QATStrategy]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner)))))))))``."""
+    ``[TrainLayers]([LocalDP]([AdapterStrategy]([QATStrategy]([LowRankStrategy]([PruningStrategy](CompressedStrategy([SecAggStrategy]([ServerFeedback]([CentralDP|DistributedDP](inner))))))))))``."""
     inner = inner if inner is not None else build_strategy(config)
     if config["client-models"]:
         strategy: Strategy = _heterogeneous(inner, config)
@@ -159,6 +160,7 @@ def build_chain(config: Mapping[str, Any], inner: Strategy | None = None) -> Str
     strategy = pruning_from_config(strategy, config)
     strategy = lowrank_from_config(strategy, config)
     strategy = qat_from_config(strategy, config)
+    strategy = adapters_from_config(strategy, config)
     if str(config["dp"]) == "local":
         delta = float(config["dp-delta"]) or default_delta(int(config["num-clients"]))
         strategy = LocalDP(strategy, accountant=str(config["dp-accountant"]), delta=delta)
