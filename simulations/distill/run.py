@@ -64,6 +64,11 @@ RUNS: dict[str, dict[str, Any]] = {
     },
 }
 _STUDENT_CONVERGED = {"distill-every": 5, "distill-steps": 1000, "distill-lr": 0.003}
+_STUDENT_TUNED = _STUDENT_CONVERGED | {
+    "distill-schedule": "cosine",
+    "distill-final-steps": 4000,
+    "distill-public-samples": 20000,
+}
 POINTS: dict[str, dict[str, Any]] = {
     # per point: its number of rounds, keys for every run, keys per run
     "alpha0.1": {"rounds": 10, "all": {}},
@@ -73,6 +78,14 @@ POINTS: dict[str, dict[str, Any]] = {
         "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
         "student": _STUDENT_CONVERGED,
         "student-secagg": _STUDENT_CONVERGED,
+    },
+    # the same federations; only the server's distillation differs: a cosine-decayed lr,
+    # 4000 steps at the last round, and a 20,000-sample built-in public slice
+    "converged-tuned": {
+        "rounds": 30,
+        "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
+        "student": _STUDENT_TUNED,
+        "student-secagg": _STUDENT_TUNED,
     },
 }
 
