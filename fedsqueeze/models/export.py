@@ -91,10 +91,16 @@ def compact_onnx(path: Path) -> Path:
 
     model = onnx.load(str(path))
     graph = model.graph
-    # the exporter's graph signature and per-input notes: ~2 KB of a pruned int8 file
-    del graph.metadata_props[:]
+    # the exporter's graph signature and per-input notes (~2 KB of a pruned int8 file), the
+    # quantizer's notes and the opset imports of domains no node uses
+    del graph.metadata_props[:], model.metadata_props[:]
     for value in (*graph.input, *graph.output):
         del value.metadata_props[:]
+    nodes = [*graph.node, *(n for f in model.functions for n in f.node)]
+    domains = {n.domain or "ai.onnx" for n in nodes} | {"ai.onnx"}
+    opsets = [o for o in model.opset_import if (o.domain or "ai.onnx") in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     inits = {t.name: t for t in graph.initializer}
     used: set[str] = set()
     for node in graph.node:
