@@ -17,6 +17,10 @@ Dirichlet alpha = 0.1, 10 per round):
 alpha = 0.5, 30 rounds, the student distilled every 5 rounds (1000 steps, lr 3e-3), so the
 teacher has converged when it is distilled (the alpha = 0.1 point is still rising at round 10).
 
+``--point converged-tuned``: the same federations with the server's distillation settings that
+close the teacher -> student gap (cosine lr, 4000 steps at the last round, a 20,000-sample
+built-in public slice; ``simulations/distill/redistill.py`` measures them on finished runs).
+
 ``--only hetero hetero-feddf``: clients of different sizes (half ``cnn1d``, half
 ``cnn1d-small``), each architecture aggregated on its own, without and with FedDF across them.
 
