@@ -170,9 +170,8 @@ def pack_sparse_initializers(
     old = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + old)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     del graph.initializer[:]
-    graph.initializer.extend(t for name, t in inits.items() if name in used)
+    graph.initializer.extend(inits.values())
     _short_names(graph)
     onnx.save(model, str(out))
     report.bytes_after = out.stat().st_size
