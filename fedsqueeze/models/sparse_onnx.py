@@ -293,7 +293,8 @@ def byte_breakdown(path: Path) -> dict[str, Any]:
                     out |= {o} | rebuilds(o)
         return out
 
-    values, bitmap_values = set(), set()
+    values: set[str] = set()
+    bitmap_values: set[str] = set()
     for n in graph.node:
         idx = producer.get(n.input[1]) if n.op_type == "Gather" else None
         src = producer.get(idx.input[0]) if idx is not None and idx.op_type == "Mul" else None
