@@ -16,11 +16,13 @@ scales instead (:func:`quantize_qat`): the int8 model the server evaluated every
 (:mod:`fedsqueeze.models.qat`), so the artifact's accuracy is the one the federation
 reported; ``export.json`` records ``int8_method``.
 
-A magnitude-pruned run's artifacts (fp32 and int8) store each mostly-zero weight tensor as a
-bitmap plus its kept values, rebuilt by standard operators that onnxruntime folds into the
-dense tensor when the session starts (:mod:`fedsqueeze.models.sparse_onnx`): the file shrinks
-with the sparsity, the outputs are bit-identical (checked on the whole test split; the
-export fails otherwise). ``export.json`` gives each artifact's bytes before and after.
+A magnitude-pruned run's artifacts (fp32 and int8) store their mostly-zero weight tensors as
+one bitmap plus the kept values per dtype, rebuilt by standard operators that onnxruntime
+folds into the dense tensors when the session starts (:mod:`fedsqueeze.models.sparse_onnx`):
+the file shrinks with the sparsity, the outputs are bit-identical (checked on the whole test
+split; the export fails otherwise). ``export.json`` gives each artifact's bytes before and
+after and its ``byte_breakdown``; ``fp16_constants`` (``--fp16-constants``) trades exactness
+for fp16 biases and scales in the int8 artifact, checked by top-1 agreement.
 """
 
 from __future__ import annotations
