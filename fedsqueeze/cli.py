@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir")
     exp.add_argument("--int8", action="store_true", help="int8 static quantization (QDQ)")
     exp.add_argument("--out", help="artifact path (default RUN_DIR/model[.int8].onnx)")
+    exp.add_argument(
+        "--fp16-constants",
+        action="store_true",
+        help="int8 artifact: biases and scales in fp16 (kept at >= 99.5%% top-1 agreement)",
+    )
     sub.add_parser("predict", help="run an exported artifact (onnxruntime + numpy only)")
     # Device and credential commands: fedsqueeze/device.py (dispatched in main before
     # anything imports torch).
@@ -140,7 +145,9 @@ def export(args: argparse.Namespace) -> int:
     if not Path(args.run_dir).is_dir():
         raise UsageError(f"{args.run_dir}: no such run directory")
     try:
-        report = export_run(args.run_dir, out=args.out, int8=args.int8)
+        report = export_run(
+            args.run_dir, out=args.out, int8=args.int8, fp16_constants=args.fp16_constants
+        )
     except ExportError as err:
         raise UsageError(str(err)) from None
     for kind, art in report["artifacts"].items():

@@ -187,6 +187,24 @@ SCHEMA: dict[str, tuple[Value, type, Callable[[Any], str | None] | None, str]] =
     "distill-temperature": (3.0, float, _positive_float, "softmax temperature T"),
     "distill-lr": (0.001, float, _positive_float, "distillation learning rate (Adam)"),
     "distill-batch-size": (128, int, _positive_int, "distillation minibatch size"),
+    "distill-final-steps": (
+        0,
+        int,
+        _non_negative_int,
+        "steps of the last round's distillation (0 = distill-steps)",
+    ),
+    "distill-schedule": (
+        "constant",
+        str,
+        _choice("constant", "cosine"),
+        "distillation lr schedule: constant | cosine (to 0 over each distillation)",
+    ),
+    "distill-public-samples": (
+        4000,
+        int,
+        _positive_int,
+        "size of the built-in public transfer slice (4000 per generator seed)",
+    ),
     "client-data": (
         "partition",
         str,

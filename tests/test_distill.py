@@ -4,6 +4,7 @@ secure aggregation)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,47 @@ def test_student_record_that_does_not_decode_is_a_mod_error() -> None:
     reply = student_mod(msg, context, lambda m, c: called.append(m) or m)
     assert reply.has_error() and "student_mod" in reply.error.reason
     assert not called and held_student(context) is None
+
+
+def test_more_public_samples_extend_the_builtin_slice_and_keep_its_first_4000() -> None:
+    ds = dataset_for(resolve_config({"dataset": "mnist1d"}))
+    base = load_transfer_data("", "mnist1d", ds.input_shape)
+    more = load_transfer_data("", "mnist1d", ds.input_shape, builtin_samples=len(base) + 200)
+    assert more.shape == (len(base) + 200, *ds.input_shape)
+    np.testing.assert_array_equal(more[: len(base)], base)  # calibration data unchanged
+    seen = {row.tobytes() for row in np.round(np.concatenate([ds.x_train, ds.x_test, base]), 3)}
+    assert not any(row.tobytes() in seen for row in np.round(more[len(base) :], 3))
+
+
+def test_cosine_schedule_decays_the_distillation_lr_to_zero(monkeypatch: Any) -> None:
+    seen: list[float] = []
+    adam_step = torch.optim.Adam.step
+
+    def step(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        seen.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    x = np.random.default_rng(0).normal(size=(64, 1, 6)).astype(np.float32)
+    teacher, student = (build_model("logreg", (1, 6), 3, seed=s) for s in (1, 2))
+    args = {"temperature": 2.0, "lr": 0.01, "batch_size": 16, "seed": 0}
+    distill(student, x, teacher_probs(teacher, x, 2.0), steps=50, schedule="cosine", **args)
+    assert seen[0] == 0.01 and all(b < a for a, b in itertools.pairwise(seen))
+    assert seen[-1] < 1e-4
+    seen.clear()
+    distill(student, x, teacher_probs(teacher, x, 2.0), steps=5, **args)
+    assert seen == [0.01] * 5
+    with pytest.raises(DistillError, match="schedule"):
+        distill(student, x, teacher_probs(teacher, x, 2.0), steps=5, schedule="step", **args)
+
+
+def test_the_last_rounds_distillation_runs_distill_final_steps(distill_federation: Any) -> None:
+    _, run_dir, _ = distill_federation(
+        "final-steps",
+        distill="student",
+        student_model="logreg",
+        distill_steps=5,
+        distill_final_steps=9,
+        distill_schedule="cosine",
+    )
+    assert [r["distill_steps"] for r in run_dir.read_metrics()] == [5, 9]

@@ -109,16 +109,26 @@ def test_a_pruned_runs_artifacts_store_only_the_kept_weights(tmp_path: Path) -> 
     from fedsqueeze.models.export import run_onnx
 
     run, model = _run_dir(tmp_path, prune=0.9)
-    report = export_run(run, int8=True, latency_iters=2)
+    report = export_run(run, int8=True, latency_iters=2, fp16_constants=True)
     ds = dataset_for(resolve_config({"dataset": "digits"}))
     weights = sum(p.numel() for p in model.parameters() if p.dim() > 1)
     for kind, itemsize in (("fp32", 4), ("int8", 1)):
         art = report["artifacts"][kind]
         packing = art["sparse_packing"]
-        assert packing["outputs_identical_to_unpacked"]
         assert art["file_bytes"] == packing["file_bytes_packed"] == Path(art["path"]).stat().st_size
         # the unpacked file stores every weight; the packed one saves most of the zeros' bytes
         assert packing["file_bytes_unpacked"] - art["file_bytes"] > 0.6 * itemsize * weights
+        parts = art["byte_breakdown"]
+        assert parts["total"] == {
+            "file_bytes": art["file_bytes"],
+            "zstd_bytes": art["download_bytes"],
+        }
+    assert report["artifacts"]["fp32"]["sparse_packing"]["outputs_identical_to_unpacked"]
+    # int8 with --fp16-constants: the biases and scales in one fp16 vector, kept only at
+    # >= 99.5% top-1 agreement with the exact (bit-identical) artifact, and smaller than it
+    packing = report["artifacts"]["int8"]["sparse_packing"]
+    assert packing["half_floats"]["tensors"] > 0 and packing["agreement_with_exact"] >= 0.995
+    assert packing["file_bytes_packed"] < packing["file_bytes_exact"]
     np.testing.assert_allclose(
         run_onnx(Path(report["artifacts"]["fp32"]["path"]), ds.x_test),
         _logits(model, ds.x_test),

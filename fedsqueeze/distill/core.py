@@ -17,6 +17,7 @@ client models) and of public transfer data: no client data is touched here. torc
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,36 +40,47 @@ BUILTIN_TRANSFER: dict[str, str] = {
         "4000 MNIST-1D samples generated locally with mnist1d's default arguments but "
         "seed 1001 (the run's dataset uses seed 42): drawn independently of every client's "
         "training sample and of the test split, labels discarded; standardized per position "
-        "with their own statistics"
+        "with their own statistics. distill-public-samples > 4000 appends further blocks of "
+        "4000 made the same way with seeds 1002, 1003, ... (the first 4000 never change)"
     ),
 }
 """The built-in public transfer slice of each dataset (``distill-data = ""``)."""
 assert tuple(BUILTIN_TRANSFER) == BUILTIN_TRANSFER_DATASETS
 
 _MNIST1D_TRANSFER_SEED = 1001
+MNIST1D_BLOCK = 4000
+"""Samples per generator seed of the built-in MNIST-1D slice (mnist1d's default train split)."""
 
 
-def _builtin_mnist1d() -> np.ndarray:
+def _builtin_mnist1d(samples: int = MNIST1D_BLOCK) -> np.ndarray:
     import mnist1d.data
 
-    args = mnist1d.data.get_dataset_args()
-    args.seed = _MNIST1D_TRANSFER_SEED
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:  # make_dataset reseeds the global generators: restore them
-        raw = mnist1d.data.make_dataset(args=args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    x = np.asarray(raw["x"], dtype=np.float64)
-    std = x.std(axis=0)
-    x = (x - x.mean(axis=0)) / np.where(std < 1e-8, 1.0, std)
+    blocks = []
+    for k in range(-(-samples // MNIST1D_BLOCK)):
+        args = mnist1d.data.get_dataset_args()
+        args.seed = _MNIST1D_TRANSFER_SEED + k
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:  # make_dataset reseeds the global generators: restore them
+            raw = mnist1d.data.make_dataset(args=args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        x = np.asarray(raw["x"], dtype=np.float64)
+        std = x.std(axis=0)
+        blocks.append((x - x.mean(axis=0)) / np.where(std < 1e-8, 1.0, std))
+    x = np.concatenate(blocks)[:samples]
     return np.ascontiguousarray(x.astype(np.float32)[:, None, :])
 
 
 def load_transfer_data(
-    spec: str, dataset: str, input_shape: Sequence[int], limit: int = 0
+    spec: str,
+    dataset: str,
+    input_shape: Sequence[int],
+    limit: int = 0,
+    builtin_samples: int = MNIST1D_BLOCK,
 ) -> np.ndarray:
-    """The unlabeled transfer inputs: ``npz:PATH`` (array ``x``) or the built-in slice.
+    """The unlabeled transfer inputs: ``npz:PATH`` (array ``x``) or the built-in slice of
+    ``builtin_samples`` samples (``distill-public-samples``; ignored for a file).
 
     Raises
     ------
@@ -98,7 +110,7 @@ def load_transfer_data(
                 "with N >= 1 finite values"
             )
     elif dataset == "mnist1d":
-        x = _builtin_mnist1d()
+        x = _builtin_mnist1d(builtin_samples)
     else:
         raise DistillError(
             f"dataset {dataset!r} has no built-in public transfer slice (only "
@@ -149,14 +161,19 @@ def distill(
     lr: float,
     batch_size: int,
     seed: int,
+    schedule: str = "constant",
 ) -> dict[str, Any]:
     """Train ``student`` for ``steps`` Adam steps to match ``target`` (tempered probs) on ``x``.
 
     The loss is ``T^2 * KL(target || softmax(student(x) / T))`` (Hinton et al.): the ``T^2``
-    keeps gradient magnitudes comparable across temperatures. Minibatches are drawn from a
-    generator seeded by ``seed`` (reproducible; nothing secret depends on it). Returns the
-    mean loss of the first and last tenth of the steps.
+    keeps gradient magnitudes comparable across temperatures. ``schedule = "cosine"`` decays
+    the learning rate from ``lr`` to 0 over the steps (a student warm-started from its previous
+    distillation then settles instead of ending on a full-size step). Minibatches are drawn
+    from a generator seeded by ``seed`` (reproducible; nothing secret depends on it). Returns
+    the mean loss of the first and last tenth of the steps.
     """
+    if schedule not in ("constant", "cosine"):
+        raise DistillError(f"distill schedule {schedule!r}: expected constant or cosine")
     if len(x) != len(target):
         raise DistillError(f"{len(x)} transfer inputs but {len(target)} targets")
     gen = torch.Generator().manual_seed(seed)
@@ -165,7 +182,10 @@ def distill(
     student.train()
     losses: list[float] = []
     bs = min(batch_size, len(xt))
-    for _ in range(steps):
+    for step in range(steps):
+        if schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
         idx = torch.randint(len(xt), (bs,), generator=gen)
         log_p = F.log_softmax(student(xt[idx]) / temperature, dim=1)
         loss = F.kl_div(log_p, target[idx], reduction="batchmean") * temperature**2

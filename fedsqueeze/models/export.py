@@ -16,11 +16,13 @@ scales instead (:func:`quantize_qat`): the int8 model the server evaluated every
 (:mod:`fedsqueeze.models.qat`), so the artifact's accuracy is the one the federation
 reported; ``export.json`` records ``int8_method``.
 
-A magnitude-pruned run's artifacts (fp32 and int8) store each mostly-zero weight tensor as a
-bitmap plus its kept values, rebuilt by standard operators that onnxruntime folds into the
-dense tensor when the session starts (:mod:`fedsqueeze.models.sparse_onnx`): the file shrinks
-with the sparsity, the outputs are bit-identical (checked on the whole test split; the
-export fails otherwise). ``export.json`` gives each artifact's bytes before and after.
+A magnitude-pruned run's artifacts (fp32 and int8) store their mostly-zero weight tensors as
+one bitmap plus the kept values per dtype, rebuilt by standard operators that onnxruntime
+folds into the dense tensors when the session starts (:mod:`fedsqueeze.models.sparse_onnx`):
+the file shrinks with the sparsity, the outputs are bit-identical (checked on the whole test
+split; the export fails otherwise). ``export.json`` gives each artifact's bytes before and
+after and its ``byte_breakdown``; ``fp16_constants`` (``--fp16-constants``) trades exactness
+for fp16 biases and scales in the int8 artifact, checked by top-1 agreement.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from fedsqueeze.edge import SESSION_CONFIG
+from fedsqueeze.models.sparse_onnx import byte_breakdown
 
 __all__ = [
     "ExportError",
@@ -80,15 +83,26 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> P
 
 
 def compact_onnx(path: Path) -> Path:
-    """Rewrite ``path`` without the exporter's per-node metadata (source locations, module
-    names: half of a small model's file) and with every quantize/dequantize node holding its
-    own scale and zero-point initializers: the exporter shares equal constants (the all-zero
-    weight zero points of two 32-channel layers), and onnxruntime 1.32's x86 int8 weight
-    transform then fails to load the model ("Attempt to replace the existing tensor")."""
+    """Rewrite ``path`` without the exporter's metadata (per node: source locations, module
+    names, half of a small model's file; per graph: its signature) and with every
+    quantize/dequantize node holding its own scale and zero-point initializers: the exporter
+    shares equal constants (the all-zero weight zero points of two 32-channel layers), and
+    onnxruntime 1.32's x86 int8 weight transform then fails to load the model ("Attempt to
+    replace the existing tensor")."""
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
+    # the exporter's graph signature and per-input notes (~2 KB of a pruned int8 file), the
+    # quantizer's notes and the opset imports of domains no node uses
+    del graph.metadata_props[:], model.metadata_props[:]
+    for value in (*graph.input, *graph.output):
+        del value.metadata_props[:]
+    nodes = [*graph.node, *(n for f in model.functions for n in f.node)]
+    domains = {n.domain or "ai.onnx" for n in nodes} | {"ai.onnx"}
+    opsets = [o for o in model.opset_import if (o.domain or "ai.onnx") in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     inits = {t.name: t for t in graph.initializer}
     used: set[str] = set()
     for node in graph.node:
@@ -338,9 +352,13 @@ def export_run(
     int8: bool = False,
     calib: int = 512,
     latency_iters: int = 200,
+    fp16_constants: bool = False,
 ) -> dict[str, Any]:
     """Export ``run_dir``'s model to ONNX (and int8 with ``int8``); write ``export.json``.
 
+    ``fp16_constants``: the int8 artifact stores its biases and per-channel scales in fp16
+    (``half_floats`` of :mod:`fedsqueeze.models.sparse_onnx`), kept only when its top-1
+    agreement with the exact artifact on the test split is at least ``HALF_MIN_AGREEMENT``.
     Returns the report (also written as ``export.json`` beside the artifact).
     """
     from fedsqueeze.federation import dataset_for
@@ -386,8 +404,12 @@ def export_run(
     for kind, path in variants:
         logits = run_onnx(path, ds.x_test)
         entry: dict[str, Any] = {}
-        if str(config["prune"]) == "magnitude" and which == "global":
-            entry["sparse_packing"] = _pack(path, logits, ds.x_test)
+        sparse = str(config["prune"]) == "magnitude" and which == "global"
+        half = fp16_constants and kind == "int8"
+        if sparse or half:
+            entry["sparse_packing"] = _pack(path, logits, ds.x_test, half)
+            logits = run_onnx(path, ds.x_test)  # the same unless fp16 constants were kept
+        entry["byte_breakdown"] = byte_breakdown(path)
         entry |= {
             "path": str(path),
             "file_bytes": artifact_bytes(path),
@@ -407,9 +429,15 @@ def export_run(
     return report
 
 
-def _pack(path: Path, logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+HALF_MIN_AGREEMENT = 0.995
+"""Top-1 agreement with the exact artifact an fp16-constants artifact needs to be kept (so its
+accuracy is within 0.5 pp of the exact one's)."""
+
+
+def _pack(path: Path, logits: np.ndarray, x: np.ndarray, half: bool = False) -> dict[str, Any]:
     """Store the pruned artifact's zeros as bitmaps (:mod:`fedsqueeze.models.sparse_onnx`);
-    refuse to leave an artifact whose outputs differ from the unpacked one's in any bit."""
+    refuse to leave an artifact whose outputs differ from the unpacked one's in any bit.
+    ``half``: then try fp16 constants; kept only at ``HALF_MIN_AGREEMENT`` with ``logits``."""
     from fedsqueeze.models.sparse_onnx import pack_sparse_initializers
 
     unpacked = path.read_bytes()
@@ -417,7 +445,21 @@ def _pack(path: Path, logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
     if not np.array_equal(run_onnx(path, x), logits):
         path.write_bytes(unpacked)
         raise ExportError(f"{path}: the sparse-packed artifact's outputs differ; left unpacked")
-    return report.as_dict() | {"outputs_identical_to_unpacked": True}
+    out = report.as_dict() | {"outputs_identical_to_unpacked": True}
+    if not half:
+        return out
+    exact = path.read_bytes()
+    path.write_bytes(unpacked)
+    half_report = pack_sparse_initializers(path, half_floats=True)
+    agreement = float((run_onnx(path, x).argmax(1) == logits.argmax(1)).mean())
+    if agreement < HALF_MIN_AGREEMENT:
+        path.write_bytes(exact)
+        return out | {"half_floats_refused": {"agreement_with_exact": agreement}}
+    return half_report.as_dict() | {
+        "outputs_identical_to_unpacked": False,
+        "agreement_with_exact": agreement,
+        "file_bytes_exact": len(exact),
+    }
 
 
 def _ort_version() -> str:

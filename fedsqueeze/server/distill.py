@@ -22,7 +22,8 @@ holds it once it answered a message that carried it without an error. The record
 the Flower message, so its bytes are in ``downlink_bytes``; ``student_downlink`` counts the
 copies sent per round.
 
-Per round it adds ``distill_s`` (server time of the step), ``teacher_accuracy``,
+Per round it adds ``distill_s`` (server time of the step), ``distill_steps`` (``distill-steps``,
+or ``distill-final-steps`` at the last round), ``teacher_accuracy``,
 ``student_accuracy`` (student mode) or ``pre_distill_accuracy`` (FedDF: the aggregate's
 accuracy before fine-tuning; ``accuracy`` is after it) to ``metrics.jsonl``. The student's
 weights are hook state (checkpoint) and ``export`` exports them.
@@ -68,6 +69,8 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self.every = int(config["distill-every"])
         self.num_rounds = int(config["num-rounds"])
         self.steps = int(config["distill-steps"])
+        self.final_steps = int(config["distill-final-steps"]) or self.steps
+        self.schedule = str(config["distill-schedule"])
         self.temperature = float(config["distill-temperature"])
         self.lr = float(config["distill-lr"])
         self.batch_size = int(config["distill-batch-size"])
@@ -75,7 +78,10 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         ds = dataset_for(config)
         self._test = (ds.x_test, ds.y_test)
         self.transfer = load_transfer_data(
-            str(config["distill-data"]), str(config["dataset"]), ds.input_shape
+            str(config["distill-data"]),
+            str(config["dataset"]),
+            ds.input_shape,
+            builtin_samples=int(config["distill-public-samples"]),
         )
         self._build = lambda name, seed=None: build_model(
             name, ds.input_shape, ds.num_classes, seed=seed
@@ -194,8 +200,10 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         load_numpy_state(model, aggregate)
         self._row["pre_distill_accuracy"] = evaluate(model, *self._test)[1]
         self._row["ensemble_accuracy"] = ensemble_accuracy(models, self._test)
-        distill(model, self.transfer, target, **self._step_args(server_round))
+        step = self._step_args(server_round)
+        distill(model, self.transfer, target, **step)
         self._row["distill_s"] = round(time.process_time() - t0, 4)
+        self._row["distill_steps"] = step["steps"]
         out = state_to_numpy(model)
         if not all(np.isfinite(a).all() for a in out.values()):
             log.warning("round %d: FedDF gave non-finite weights; aggregate kept", server_round)
@@ -210,8 +218,10 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         target = teacher_probs(teacher, self.transfer, self.temperature)
         student = self._build(self.student_name)
         load_numpy_state(student, self.student)
-        distill(student, self.transfer, target, **self._step_args(server_round))
+        step = self._step_args(server_round)
+        distill(student, self.transfer, target, **step)
         self._row["distill_s"] = round(time.process_time() - t0, 4)
+        self._row["distill_steps"] = step["steps"]
         self._row["teacher_accuracy"] = evaluate(teacher, *self._test)[1]
         self._row["student_accuracy"] = evaluate(student, *self._test)[1]
         self.student = state_to_numpy(student)
@@ -219,7 +229,8 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
 
     def _step_args(self, server_round: int) -> dict[str, Any]:
         return {
-            "steps": self.steps,
+            "steps": self.final_steps if server_round == self.num_rounds else self.steps,
+            "schedule": self.schedule,
             "temperature": self.temperature,
             "lr": self.lr,
             "batch_size": self.batch_size,

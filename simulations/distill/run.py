@@ -17,6 +17,10 @@ Dirichlet alpha = 0.1, 10 per round):
 alpha = 0.5, 30 rounds, the student distilled every 5 rounds (1000 steps, lr 3e-3), so the
 teacher has converged when it is distilled (the alpha = 0.1 point is still rising at round 10).
 
+``--point converged-tuned``: the same federations with the server's distillation settings that
+close the teacher -> student gap (cosine lr, 4000 steps at the last round, a 20,000-sample
+built-in public slice; ``simulations/distill/redistill.py`` measures them on finished runs).
+
 ``--only hetero hetero-feddf``: clients of different sizes (half ``cnn1d``, half
 ``cnn1d-small``), each architecture aggregated on its own, without and with FedDF across them.
 
@@ -64,6 +68,11 @@ RUNS: dict[str, dict[str, Any]] = {
     },
 }
 _STUDENT_CONVERGED = {"distill-every": 5, "distill-steps": 1000, "distill-lr": 0.003}
+_STUDENT_TUNED = _STUDENT_CONVERGED | {
+    "distill-schedule": "cosine",
+    "distill-final-steps": 4000,
+    "distill-public-samples": 20000,
+}
 POINTS: dict[str, dict[str, Any]] = {
     # per point: its number of rounds, keys for every run, keys per run
     "alpha0.1": {"rounds": 10, "all": {}},
@@ -73,6 +82,14 @@ POINTS: dict[str, dict[str, Any]] = {
         "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
         "student": _STUDENT_CONVERGED,
         "student-secagg": _STUDENT_CONVERGED,
+    },
+    # the same federations; only the server's distillation differs: a cosine-decayed lr,
+    # 4000 steps at the last round, and a 20,000-sample built-in public slice
+    "converged-tuned": {
+        "rounds": 30,
+        "all": {"dirichlet-alpha": 0.5, "client-cpus": 2.0},
+        "student": _STUDENT_TUNED,
+        "student-secagg": _STUDENT_TUNED,
     },
 }
 
