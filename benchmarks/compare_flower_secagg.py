@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -262,6 +264,23 @@ def run_ours(cfg: dict[str, Any], timing_file: str, run_dir: Path) -> dict[str, 
     }
 
 
+def isolated(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh interpreter running this script (``--job``): each run gets its
+    own Ray and Flower state (one process running Flower's simulation and then ours has died
+    silently on a loaded machine), and the script stays ``__main__`` there, as Ray needs to
+    ship its mods to the workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
+        job.write_bytes(pickle.dumps((fn.__name__, args)))
+        subprocess.run([sys.executable, __file__, "--job", str(job), str(result)], check=True)
+        return pickle.loads(result.read_bytes())
+
+
+def _run_job(job: str, result: str) -> None:
+    name, args = pickle.loads(Path(job).read_bytes())
+    Path(result).write_bytes(pickle.dumps(globals()[name](*args)))
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -287,7 +306,9 @@ def _long_table(base: dict[str, Any], args: Any, ref_up: float, work: Path) -> l
     ):
         c = resolve_config(base, extra, {"num-rounds": rounds})
         print(f"{label}, {rounds} rounds ...", flush=True)
-        r = run_ours(c, str(work / f"long-{len(lines)}.jsonl"), work / f"long-{len(lines)}")
+        r = isolated(
+            run_ours, c, str(work / f"long-{len(lines)}.jsonl"), work / f"long-{len(lines)}"
+        )
         up = r["uplink"] / (n * rounds)
         accs = r["accuracies"]
         lines.append(
@@ -326,7 +347,7 @@ def main() -> None:
     for drop in (0.0, 0.2):
         tf = str(work / f"flower-{drop}.jsonl")
         print(f"Flower SecAgg+, dropout {drop:.0%} ...", flush=True)
-        runs.append(("Flower SecAgg+ (int64)", drop, run_flower(cfg, drop, tf)))
+        runs.append(("Flower SecAgg+ (int64)", drop, isolated(run_flower, cfg, drop, tf)))
     variants = [
         (f"fedsqueeze dense, {args.bits} bits", {}),
         (f"fedsqueeze random-k 10%, {args.bits} bits", {"codec": "randk(0.1)"}),
@@ -339,7 +360,7 @@ def main() -> None:
             c = resolve_config(base, extra, {"simulate-dropout": drop})
             tf = str(work / f"ours-{len(runs)}.jsonl")
             print(f"{label}, dropout {drop:.0%} ...", flush=True)
-            runs.append((label, drop, run_ours(c, tf, work / f"run-{len(runs)}")))
+            runs.append((label, drop, isolated(run_ours, c, tf, work / f"run-{len(runs)}")))
 
     ref = next(r for name, drop, r in runs if name.startswith("Flower") and drop == 0)
     ref_up = ref["uplink"] / (n * args.rounds)
@@ -386,4 +407,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--job"]:
+        _run_job(sys.argv[2], sys.argv[3])
+    else:
+        main()
