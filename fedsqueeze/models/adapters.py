@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fedsqueeze.models.errors import ModelError
-from fedsqueeze.models.lowrank import SUPPORTED, thin_layers, unsupported_layer
+from fedsqueeze.models.lowrank import ranked_layer, thin_layers, unsupported_layer
 from fedsqueeze.models.pruning import model_build_scope
 
 DOWN, UP = "lora_down", "lora_up"
@@ -153,17 +153,7 @@ def adapt_model(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, rank in ranks.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(
-                f"lowrank-adapter names layer {name!r}, which the model does not have"
-            ) from None
-        if not isinstance(layer, SUPPORTED):
-            raise AdapterError(f"lowrank-adapter does not support layer {name!r}")
-        full = min(layer.weight.shape[0], math.prod(layer.weight.shape[1:]))
-        if not 1 <= int(rank) <= full:
-            raise AdapterError(f"adapter rank {rank} for layer {name!r} outside 1..{full}")
+        layer = ranked_layer(model, name, rank, "lowrank-adapter", AdapterError)
         down, up = thin_layers(layer, int(rank), up_bias=False)
         nn.init.zeros_(up.weight)  # type: ignore[arg-type]
         layer.add_module(DOWN, down)

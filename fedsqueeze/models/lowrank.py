@@ -256,25 +256,32 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+def ranked_layer(
+    model: nn.Module, name: str, rank: int, key: str, error: type[Exception]
+) -> nn.Module:
+    """The supported layer ``name`` of ``model``, checked against ``rank`` (the run-config
+    ``key`` and ``error`` type name the feature in the one-line message)."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise error(f"{key} names layer {name!r}, which the model does not have") from None
+    if not isinstance(layer, SUPPORTED):
+        raise error(f"{key} does not support layer {name!r} ({type(layer).__name__})")
+    full = min(layer.weight.shape[0], math.prod(layer.weight.shape[1:]))
+    if not 1 <= int(rank) <= full:
+        raise error(f"{key} rank {rank} for layer {name!r} outside 1..{full}")
+    return layer
+
+
 def factorize_model(
     model: nn.Module, ranks: Mapping[str, int], scales: Mapping[str, float] | None = None
 ) -> nn.Module:
     """Replace each ranked layer of ``model`` (in place) by its :class:`Factorized` pair."""
     check_supported(model)
     for name, rank in ranks.items():
+        layer = ranked_layer(model, name, rank, "lowrank", LowRankError)
         parent_name, _, child = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-            layer = parent.get_submodule(child)
-        except AttributeError:
-            raise LowRankError(
-                f"lowrank names layer {name!r}, which the model does not have"
-            ) from None
-        if not isinstance(layer, SUPPORTED):
-            raise LowRankError(f"lowrank does not support layer {name!r} ({type(layer).__name__})")
-        full = min(layer.weight.shape[0], math.prod(layer.weight.shape[1:]))
-        if not 1 <= int(rank) <= full:
-            raise LowRankError(f"rank {rank} for layer {name!r} outside 1..{full}")
+        parent = model.get_submodule(parent_name)
         scale = _scale(scales, name)
         if not (np.isfinite(scale) and scale > 0):
             raise LowRankError(f"scale {scale} for layer {name!r} must be finite and > 0")
