@@ -325,20 +325,16 @@ class DistributedDPSum(SummableEncoding):
 
 
 @dataclass(frozen=True)
-class RandomK(SummableEncoding):
-    """Only ``k`` shared-seed random positions of a ``dim``-long update are encoded."""
+class Projected(SummableEncoding):
+    """A ``dim``-long update mapped linearly to a shorter vector that ``inner`` encodes (the
+    same map for every client of a round, so the secure sum is the map of the sum)."""
 
     inner: SummableEncoding
     dim: int
-    seed: int
 
     @property
     def bits(self) -> int:  # type: ignore[override]
         return self.inner.bits
-
-    @property
-    def positions(self) -> np.ndarray:
-        return random_k_indices(self.dim, self.inner.input_len, self.seed)
 
     @property
     def input_len(self) -> int:
@@ -347,6 +343,17 @@ class RandomK(SummableEncoding):
     @property
     def vector_len(self) -> int:
         return self.inner.vector_len
+
+
+@dataclass(frozen=True)
+class RandomK(Projected):
+    """Only ``k`` shared-seed random positions of a ``dim``-long update are encoded."""
+
+    seed: int
+
+    @property
+    def positions(self) -> np.ndarray:
+        return random_k_indices(self.dim, self.inner.input_len, self.seed)
 
     def _scatter(self, values: np.ndarray) -> np.ndarray:
         out = np.zeros(self.dim, dtype=np.float64)
@@ -382,7 +389,7 @@ def _count_sketch(dim: int, rows: int, cols: int, seed: int) -> CountSketch:
 
 
 @dataclass(frozen=True)
-class SketchSum(SummableEncoding):
+class SketchSum(Projected):
     """A ``rows x cols`` count sketch of the ``dim``-long update is encoded by ``inner``.
 
     The table is divided by ``sqrt(rows)`` before ``inner`` clips and rounds it: its norm is
@@ -393,27 +400,13 @@ class SketchSum(SummableEncoding):
     keeps state across rounds. The hashes (``seed``) are the run's, the same every round.
     """
 
-    inner: SummableEncoding
-    dim: int
     rows: int
     cols: int
     seed: int
 
     @property
-    def bits(self) -> int:  # type: ignore[override]
-        return self.inner.bits
-
-    @property
     def sketch(self) -> CountSketch:
         return _count_sketch(self.dim, self.rows, self.cols, self.seed)
-
-    @property
-    def input_len(self) -> int:
-        return self.dim
-
-    @property
-    def vector_len(self) -> int:
-        return self.inner.vector_len
 
     def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         table = self.sketch.sketch(self._check_len(x)) / math.sqrt(self.rows)

@@ -55,7 +55,7 @@ from fedsqueeze.contracts.secure_wire import (
 from fedsqueeze.contracts.streams import Stream, round_rng, round_seed
 from fedsqueeze.contracts.summable import (
     ClippedSum,
-    RandomK,
+    Projected,
     SketchSum,
     SummableEncoding,
     WeightedSum,
@@ -121,7 +121,7 @@ def outside_honest_range(encoding: SummableEncoding, int_sum: np.ndarray, count:
     a forged weight or a huge vector cannot scale the update up. DP encodings return "":
     their wrappers bound (and noise) the sum.
     """
-    enc = encoding.inner if isinstance(encoding, RandomK | SketchSum) else encoding
+    enc = encoding.inner if isinstance(encoding, Projected) else encoding
     if not isinstance(enc, ClippedSum):
         return ""
     s = np.asarray(int_sum, dtype=np.int64)
