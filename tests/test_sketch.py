@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_secure_glue import _plain_fedavg_delta, _run, _secure_sum
+from test_secure_glue import SMALL, _plain_fedavg_delta, _run, _secure_sum
 
 from fedsqueeze.compression import CodecError, CodecSpecError, PayloadError, Sketch, parse_codec
 from fedsqueeze.compression.sketch import CountSketch, SketchAccumulator, sketch_shape
@@ -24,7 +24,10 @@ from fedsqueeze.contracts.summable import (
     sketched,
 )
 from fedsqueeze.secagg import from_field, to_field
+from fedsqueeze.server.hooks import hooks_in
+from fedsqueeze.server.rundir import pack_state, unpack_state
 from fedsqueeze.server.secure import SecAggStrategy, outside_honest_range
+from fedsqueeze.server.strategies import build_chain
 
 # --- the core --------------------------------------------------------------------------------
 
@@ -332,3 +335,35 @@ def test_sketched_secure_round_applies_the_unsketched_plain_mean() -> None:
     np.testing.assert_allclose(step[both], expected[both], atol=1e-3)
     acc = run.wrapper(SecAggStrategy)._unsketch
     assert acc is not None and np.any(acc.error != 0)  # the rest waits on the server
+
+
+def test_a_resumed_sketch_run_keeps_the_servers_error_and_momentum() -> None:
+    """The error (and momentum) FetchSGD keeps on the server is checkpoint state: a run resumed
+    after round 1 continues from it instead of silently starting from zero."""
+    overrides = {
+        "secagg-clip": 100.0,
+        "secagg-bits": 24,
+        "codec": "sketch(0.2,rows=3,k=40,momentum=0.5)",
+    }
+    run = _run(overrides)
+    live = run.wrapper(SecAggStrategy)
+    assert live._unsketch is not None and np.any(live._unsketch.error != 0)
+    arrays: dict[str, np.ndarray] = {}
+    saved = unpack_state(pack_state(live.state(), arrays), arrays)  # as the checkpoint keeps it
+
+    def secagg_of(chain: Any) -> SecAggStrategy:
+        (hook,) = [h for h in hooks_in(chain) if h.hook_name == live.hook_name]
+        assert isinstance(hook, SecAggStrategy)
+        return hook
+
+    resumed = secagg_of(build_chain(resolve_config(SMALL, overrides)))
+    fresh = secagg_of(build_chain(resolve_config(SMALL, overrides)))
+    resumed.restore(saved)
+    assert resumed.state().keys() == live.state().keys()  # kept until the first round uses it
+    d = sum(v.size for v in run.start.values())
+    encoding = resumed._encoding(d, 5, 2)
+    assert isinstance(encoding, SketchSum)
+    table = np.random.default_rng(2).normal(size=encoding.sketch.size)
+    expected = live._unsketcher(encoding).step(table)
+    np.testing.assert_array_equal(resumed._unsketcher(encoding).step(table), expected)
+    assert not np.array_equal(fresh._unsketcher(encoding).step(table), expected)

@@ -291,6 +291,7 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
             )
         self.sketch = sketch
         self._unsketch: SketchAccumulator | None = None
+        self._unsketch_saved: dict[str, Any] = {}  # from a checkpoint, until the first round
         self.seed, self.timeout = int(seed), float(timeout)
         self.simulate_dropout = float(simulate_dropout)
         self.dropout, self.corrupt = float(dropout), float(corrupt)
@@ -492,10 +493,25 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
             assert self.sketch is not None
             k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
             acc = SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
+            if self._unsketch_saved:  # a resumed run: the hashes come from the run's seed
+                acc.restore(self._unsketch_saved)
+                self._unsketch_saved = {}
             self._unsketch = acc
         return acc
 
     # ---- round hook ---------------------------------------------------------------------
+    hook_name = "secagg"
+
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         row.update(self.report)
         self.report = {}
+
+    def state(self) -> dict[str, Any]:
+        """The sketch's server-side momentum and error (``sketch(F)``); nothing otherwise —
+        every other SecAgg+ secret is per round and dies with it."""
+        if self._unsketch is not None:
+            return self._unsketch.state()
+        return dict(self._unsketch_saved)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._unsketch, self._unsketch_saved = None, dict(state)
