@@ -28,7 +28,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check fedsqueeze tests benchmarks simulations examples
 	$(BIN)/ruff format --check fedsqueeze tests benchmarks simulations examples
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 lint: setup
 	$(BIN)/ruff check fedsqueeze tests benchmarks simulations examples

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,6 +123,41 @@ def test_client_models_builds_the_hetero_chain() -> None:
         {"client-models": "mlp:0.5,logreg:0.5"},
     )
     assert isinstance(build_chain(cfg), HeteroStrategy)
+
+
+def test_client_models_follow_every_distill_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """FedDF across architectures reads the same ``distill-*`` keys as the distillation hook
+    (it used to ignore the final steps, the schedule and the size of the public slice)."""
+    import fedsqueeze.server.distill as server_distill
+
+    asked: list[int] = []
+
+    def fake_transfer(*args: Any, builtin_samples: int = 0) -> Any:
+        asked.append(builtin_samples)
+        return np.zeros((3, 64), dtype=np.float32)
+
+    monkeypatch.setattr(server_distill, "load_transfer_data", fake_transfer)
+    np.savez(tmp_path / "public.npz", x=np.zeros((3, 64), dtype=np.float32))
+    cfg = resolve_config(
+        {"dataset": "digits", "model": "mlp", "num-clients": 4, "clients-per-round": 4},
+        {
+            "num-rounds": 3,
+            "client-models": "mlp:0.5,logreg:0.5",
+            "distill": "feddf",
+            "distill-data": f"npz:{tmp_path / 'public.npz'}",
+            "distill-public-samples": 8000,
+            "distill-final-steps": 7,
+            "distill-schedule": "cosine",
+        },
+    )
+    chain = build_chain(cfg)
+    assert isinstance(chain, HeteroStrategy)
+    assert asked == [8000]
+    last, first = chain.distill_settings.step_args(3), chain.distill_settings.step_args(1)
+    assert (last["steps"], first["steps"]) == (7, cfg["distill-steps"])
+    assert last["schedule"] == "cosine"
 
 
 def test_local_dp_trains_each_architecture_privately(distill_federation: Any) -> None:

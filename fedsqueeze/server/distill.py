@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,58 @@ STUDENT_STATE = "student"
 """Key of the student's weights in this hook's checkpoint state (read by ``export``)."""
 
 
+@dataclass(frozen=True)
+class DistillSettings:
+    """The ``distill-*`` keys of a run: one reading for the distillation hook and for clients
+    of different sizes (:class:`~fedsqueeze.server.hetero.HeteroStrategy`)."""
+
+    steps: int
+    final_steps: int
+    schedule: str
+    temperature: float
+    lr: float
+    batch_size: int
+    seed: int
+    num_rounds: int
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> DistillSettings:
+        steps = int(config["distill-steps"])
+        return cls(
+            steps=steps,
+            final_steps=int(config["distill-final-steps"]) or steps,
+            schedule=str(config["distill-schedule"]),
+            temperature=float(config["distill-temperature"]),
+            lr=float(config["distill-lr"]),
+            batch_size=int(config["distill-batch-size"]),
+            seed=int(config["seed"]),
+            num_rounds=int(config["num-rounds"]),
+        )
+
+    def step_args(self, server_round: int) -> dict[str, Any]:
+        """Keyword arguments of :func:`fedsqueeze.distill.distill` for ``server_round``."""
+        return {
+            "steps": self.final_steps if server_round == self.num_rounds else self.steps,
+            "schedule": self.schedule,
+            "temperature": self.temperature,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed * 100_003 + server_round,
+        }
+
+
+def transfer_data(config: Mapping[str, Any]) -> np.ndarray:
+    """The unlabeled transfer set (``distill-data``, else the built-in public slice of
+    ``distill-public-samples``)."""
+    ds = dataset_for(config)
+    return load_transfer_data(
+        str(config["distill-data"]),
+        str(config["dataset"]),
+        ds.input_shape,
+        builtin_samples=int(config["distill-public-samples"]),
+    )
+
+
 class DistillStrategy(DelegatingStrategy, RoundHook):
     """Wrap ``inner``; distill after its aggregation as ``config["distill"]`` says."""
 
@@ -67,22 +120,11 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self.inner = inner
         self.mode = str(config["distill"])
         self.every = int(config["distill-every"])
-        self.num_rounds = int(config["num-rounds"])
-        self.steps = int(config["distill-steps"])
-        self.final_steps = int(config["distill-final-steps"]) or self.steps
-        self.schedule = str(config["distill-schedule"])
-        self.temperature = float(config["distill-temperature"])
-        self.lr = float(config["distill-lr"])
-        self.batch_size = int(config["distill-batch-size"])
-        self.seed = int(config["seed"])
+        self.settings = DistillSettings.of(config)
+        self.num_rounds, self.seed = self.settings.num_rounds, self.settings.seed
         ds = dataset_for(config)
         self._test = (ds.x_test, ds.y_test)
-        self.transfer = load_transfer_data(
-            str(config["distill-data"]),
-            str(config["dataset"]),
-            ds.input_shape,
-            builtin_samples=int(config["distill-public-samples"]),
-        )
+        self.transfer = transfer_data(config)
         self._build = lambda name, seed=None: build_model(
             name, ds.input_shape, ds.num_classes, seed=seed
         )
@@ -195,12 +237,14 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
             m = self._build(self.teacher_name)
             load_numpy_state(m, arrays)
             models.append(m)
-        target = ensemble_probs(models, self.transfer, self.temperature, [w for _, w in clients])
+        target = ensemble_probs(
+            models, self.transfer, self.settings.temperature, [w for _, w in clients]
+        )
         model = self._build(self.teacher_name)
         load_numpy_state(model, aggregate)
         self._row["pre_distill_accuracy"] = evaluate(model, *self._test)[1]
         self._row["ensemble_accuracy"] = ensemble_accuracy(models, self._test)
-        step = self._step_args(server_round)
+        step = self.settings.step_args(server_round)
         distill(model, self.transfer, target, **step)
         self._row["distill_s"] = round(time.process_time() - t0, 4)
         self._row["distill_steps"] = step["steps"]
@@ -215,10 +259,10 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         t0 = time.process_time()
         teacher = self._build(self.teacher_name)
         load_numpy_state(teacher, teacher_arrays)
-        target = teacher_probs(teacher, self.transfer, self.temperature)
+        target = teacher_probs(teacher, self.transfer, self.settings.temperature)
         student = self._build(self.student_name)
         load_numpy_state(student, self.student)
-        step = self._step_args(server_round)
+        step = self.settings.step_args(server_round)
         distill(student, self.transfer, target, **step)
         self._row["distill_s"] = round(time.process_time() - t0, 4)
         self._row["distill_steps"] = step["steps"]
@@ -226,16 +270,6 @@ class DistillStrategy(DelegatingStrategy, RoundHook):
         self._row["student_accuracy"] = evaluate(student, *self._test)[1]
         self.student = state_to_numpy(student)
         self.version, self._payload = server_round, None
-
-    def _step_args(self, server_round: int) -> dict[str, Any]:
-        return {
-            "steps": self.final_steps if server_round == self.num_rounds else self.steps,
-            "schedule": self.schedule,
-            "temperature": self.temperature,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "seed": self.seed * 100_003 + server_round,
-        }
 
     # ---- round hook -----------------------------------------------------------------------
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:

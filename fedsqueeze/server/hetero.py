@@ -36,12 +36,17 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.contracts.architectures import assign_architectures, parse_client_models
 from fedsqueeze.contracts.records import RecordNames, from_record, to_record
-from fedsqueeze.distill import distill, ensemble_probs, load_transfer_data
+from fedsqueeze.distill import distill, ensemble_probs
 from fedsqueeze.federation import dataset_for
 from fedsqueeze.models import build_model, count_parameters
 from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
 from fedsqueeze.server.compose import DelegatingStrategy
-from fedsqueeze.server.distill import client_models, ensemble_accuracy
+from fedsqueeze.server.distill import (
+    DistillSettings,
+    client_models,
+    ensemble_accuracy,
+    transfer_data,
+)
 from fedsqueeze.server.grid import GridWrapper
 from fedsqueeze.server.hooks import RoundHook, hooks_in, strategy_chain
 
@@ -121,15 +126,8 @@ class HeteroStrategy(Strategy, RoundHook):
             name: state_to_numpy(self._build(name, self.seed)) for name in self.members
         }
         if self.feddf:
-            self.transfer = load_transfer_data(
-                str(config["distill-data"]), str(config["dataset"]), ds.input_shape
-            )
-            self.step = {
-                "steps": int(config["distill-steps"]),
-                "temperature": float(config["distill-temperature"]),
-                "lr": float(config["distill-lr"]),
-                "batch_size": int(config["distill-batch-size"]),
-            }
+            self.transfer = transfer_data(config)
+        self.distill_settings = DistillSettings.of(config)
         self._arch: dict[int, str] = {}
         self._row: dict[str, Any] = {}
         self._eval: dict[str, float] = {}
@@ -228,14 +226,14 @@ class HeteroStrategy(Strategy, RoundHook):
         if not models:
             return False
         t0 = time.process_time()
-        target = ensemble_probs(models, self.transfer, self.step["temperature"], weights)
+        step = self.distill_settings.step_args(server_round)
+        target = ensemble_probs(models, self.transfer, step["temperature"], weights)
         self._row["ensemble_accuracy"] = ensemble_accuracy(models, self._test)
         for i, name in enumerate(self.members):
             model = self._build(name)
             load_numpy_state(model, self.globals[name])
             self._row[f"pre_distill_accuracy_{name}"] = evaluate(model, *self._test)[1]
-            seed = (self.seed * 100_003 + server_round) * 31 + i
-            distill(model, self.transfer, target, seed=seed, **self.step)
+            distill(model, self.transfer, target, **{**step, "seed": step["seed"] * 31 + i})
             out = state_to_numpy(model)
             if all(np.isfinite(a).all() for a in out.values()):
                 self.globals[name] = out
