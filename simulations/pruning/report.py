@@ -1,6 +1,7 @@
 """Table of a pruning suite run by ``simulations/pruning/run.py`` (its ``results*.json``).
 
     python simulations/pruning/run.py pruning && python simulations/pruning/report.py pruning
+    python simulations/pruning/report.py pruning --seeds 0=results-a.json,results-b.json 2=...
 
 Per config: final accuracy, sparsity of the prunable weights, the model's size (dense fp32,
 and as stored: fp32 kept values + the coded mask), the bytes per round of the final round
@@ -43,9 +44,67 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_table(by_seed: dict[str, list[dict]]) -> str:
+    """Final accuracy per config over seeds, and its gap to the first config seed by seed.
+
+    ``by_seed`` maps a seed to the results of that seed (the first config in name order is
+    the baseline, e.g. ``01-fp32``); a config missing a seed is reported over the seeds it has.
+    """
+    import statistics
+
+    seeds = list(by_seed)
+    runs = {s: {r["name"]: r for r in rs} for s, rs in by_seed.items()}
+    names = sorted({n for rs in runs.values() for n in rs})
+    base = names[0]
+
+    def mean_sd(xs: list[float], digits: int = 3) -> str:
+        if len(xs) < 2:
+            return f"{xs[0]:.{digits}f} (one seed)"
+        return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+    lines = [
+        f"| method | final acc (seeds {', '.join(seeds)}) | mean ± sd | int8 acc mean ± sd | "
+        f"gap to {base}, pp (per seed) | gap mean ± sd, pp |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        have = [s for s in seeds if name in runs[s]]
+        acc = [runs[s][name]["summary"]["final_accuracy"] for s in have]
+        int8 = [runs[s][name]["summary"].get("final_int8_accuracy") for s in have]
+        gaps = [
+            100 * (runs[s][base]["summary"]["final_accuracy"] - a)
+            for s, a in zip(have, acc, strict=True)
+            if base in runs[s]
+        ]
+        label = next(runs[s][name]["label"] for s in have)
+        lines.append(
+            f"| {label} | {', '.join(f'{a:.3f}' for a in acc)} | {mean_sd(acc)} | "
+            + (mean_sd([float(x) for x in int8]) if None not in int8 else "—")
+            + " | "
+            + (", ".join(f"{g:.1f}" for g in gaps) if name != base else "—")
+            + " | "
+            + (mean_sd(gaps, 1) if name != base and gaps else "—")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    """``report.py SUITE``: every ``results*.json`` of the suite, in config order."""
+    """``report.py SUITE``: every ``results*.json`` of the suite, in config order.
+
+    ``report.py SUITE --seeds SEED=FILE[,FILE...] ...``: the seeds table of those files.
+    """
     suite = argv[0] if argv else "pruning"
+    if "--seeds" in argv:
+        by_seed: dict[str, list[dict]] = {}
+        for arg in argv[argv.index("--seeds") + 1 :]:
+            seed, files = arg.split("=", 1)
+            for f in files.split(","):
+                by_seed.setdefault(seed, []).extend(
+                    json.loads((HERE / "results" / suite / f).read_text())
+                )
+        print(seeds_table(by_seed))
+        return 0
     by_name = {}
     for path in sorted((HERE / "results" / suite).glob("results*.json")):
         by_name.update({r["name"]: r for r in json.loads(path.read_text())})
