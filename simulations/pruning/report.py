@@ -4,9 +4,11 @@
     python simulations/pruning/report.py pruning --seeds 0=results-a.json,results-b.json 2=...
 
 Per config: final accuracy, sparsity of the prunable weights, the model's size (dense fp32,
-and as stored: fp32 kept values + the coded mask), the bytes per round of the final round
-(after the schedule: what a pruned federation costs from then on) in both directions, and
-the first round reaching 95% of the first (dense) config's final accuracy.
+and as stored: fp32 kept values + the coded mask; a QAT run without pruning: its int8
+weights), the bytes per round of the final round (after the schedule: what a pruned
+federation costs from then on) in both directions, and the first round reaching 95% of the
+first (dense) config's final accuracy. ``--seeds``: final accuracy over seeds (mean ± sd) and
+each config's gap to the first one, seed by seed.
 """
 
 from __future__ import annotations
