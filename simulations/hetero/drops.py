@@ -38,8 +38,10 @@ def rows(results_json: Path, after: int) -> list[str]:
         finals = [float(r["summary"]["final_accuracy"]) for r in runs]
         drops = [max_drop([float(x["accuracy"]) for x in r["rounds"]], after) for r in runs]
         cfg = runs[0]["summary"]["config"]
-        part = cfg["partition"] + (
-            f" α={cfg['dirichlet-alpha']:g}" if cfg["partition"] == "dirichlet" else ""
+        part = f"{cfg['dataset']}/{cfg['model']}, {cfg['num-clients']} clients, " + (
+            f"Dirichlet α={cfg['dirichlet-alpha']:g}"
+            if cfg["partition"] == "dirichlet"
+            else cfg["partition"]
         )
         out.append(
             f"| {part} | {result['label']} | {len(runs)} | {_mean_sd(finals)} "
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--after", type=int, default=5, help="count drops after this round")
     args = parser.parse_args(argv)
     print(
-        f"| partition | method | seeds | final acc | max drop after round {args.after} (pp, "
+        f"| federation | method | seeds | final acc | max drop after round {args.after} (pp, "
         "worst seed) | per-seed max drop (pp, mean ± sd) |"
     )
     print("|---|---|---|---|---|---|")
