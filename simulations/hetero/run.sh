@@ -10,13 +10,13 @@ RESULTS=simulations/results/hetero
 FEDSQUEEZE=${FEDSQUEEZE:-fedsqueeze}
 
 # compare NAME FEDERATION SEEDS CONFIG... : one table, runs in $OUT/FEDERATION, copied to
-# $RESULTS/NAME
+# $RESULTS-NAME
 compare() {
   local name=$1 out=$OUT/$2 seeds=$3
   shift 3
   $FEDSQUEEZE compare "$@" --seeds "$seeds" --engine sequential --out "$out"
-  mkdir -p "$RESULTS/$name"
-  cp "$out/table.md" "$out/results.json" "$RESULTS/$name/"
+  mkdir -p "$RESULTS-$name"
+  cp "$out/table.md" "$out/results.json" "$RESULTS-$name/"
 }
 
 # MNIST-1D / cnn1d, 20 clients, all each round, 20 rounds: the candidates on one seed ...
@@ -38,5 +38,5 @@ for p in shards dirichlet01 iid; do
 done
 
 R=$RESULTS
-python simulations/hetero/drops.py $R/{shards,dirichlet01,iid}{,-screen} \
-  $R/digits-{shards,dirichlet01,iid}{,-screen} | tee "$R/stability.md"
+python simulations/hetero/drops.py $R-{shards,dirichlet01,iid}{,-screen} \
+  $R-digits-{shards,dirichlet01,iid}{,-screen} | tee "$R-stability.md"
