@@ -29,6 +29,8 @@ for p in shards dirichlet01; do
 done
 compare iid iid 3 $H/iid/01-old-defaults.toml
 compare iid-lr02 iid 1 $H/iid/01-old-defaults.toml $H/iid/06-e5-lr02.toml
+# the defaults without the influence bounds (one seed)
+compare shards-no-bounds shards 1 $H/shards/01-old-defaults.toml $H/shards/05-old-defaults-no-bounds.toml
 # digits / mlp, 10 clients (the default federation), 20 rounds: candidates on one seed, then
 # three seeds
 for p in shards dirichlet01 iid; do
@@ -38,5 +40,5 @@ for p in shards dirichlet01 iid; do
 done
 
 R=$RESULTS
-python simulations/hetero/drops.py $R-{shards,dirichlet01,iid}{,-screen} $R-iid-lr02 \
+python simulations/hetero/drops.py $R-{shards,dirichlet01,iid}{,-screen} $R-iid-lr02 $R-shards-no-bounds \
   $R-digits-{shards,dirichlet01,iid}{,-screen} | tee "$R-stability.md"
