@@ -200,6 +200,36 @@ def test_bad_configurations_and_layers_are_refused_in_one_line() -> None:
     assert CLIENT_ADAPTER_KEY == ADAPTER_KEY
 
 
+def test_a_resumed_run_continues_its_adapters_on_its_base() -> None:
+    """The checkpoint keeps base, adapters and ranks: resuming after a round hands the loop's
+    checkpointed (merged) model back and training continues the same adapters (it used to take
+    the merged model as a new base with fresh adapters)."""
+    from fedsqueeze.federation import initial_arrays
+    from fedsqueeze.server.rundir import pack_state, unpack_state
+
+    cfg = _cfg(**{"lowrank-adapter": 2})
+    strategy = build_chain(cfg)
+    grid = CountingGrid(InProcessGrid(build_client_app(cfg), 2), [1000, 1001])
+    merged, _ = train_round(strategy, grid, 1, initial_arrays(cfg), 60.0)
+    assert merged is not None
+    (live,) = [s for s in strategy_chain(strategy) if isinstance(s, AdapterStrategy)]
+    arrays: dict[str, np.ndarray] = {}
+    saved = unpack_state(pack_state(live.state(), arrays), arrays)  # as the checkpoint keeps it
+
+    (resumed,) = [s for s in strategy_chain(build_chain(cfg)) if isinstance(s, AdapterStrategy)]
+    resumed.restore(saved)
+    resumed._start(to_record(merged))  # round 2 of the resumed run starts from the checkpoint
+    assert live.base is not None and live.adapters is not None
+    assert resumed.base is not None and resumed.adapters is not None
+    assert resumed.ranks == live.ranks
+    for k, v in live.base.items():
+        np.testing.assert_array_equal(resumed.base[k], v)
+    for k, v in live.adapters.items():
+        np.testing.assert_array_equal(resumed.adapters[k], v)
+    ups = [adapter_names(layer)[1] for layer in resumed.ranks]
+    assert any(np.any(resumed.adapters[b] != 0) for b in ups)  # trained, not fresh (B = 0)
+
+
 def test_an_aggregate_that_is_not_the_adapters_keeps_the_global_model() -> None:
     from flwr.app import MetricRecord
     from flwr.serverapp.strategy import FedAvg

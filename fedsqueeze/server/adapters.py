@@ -28,8 +28,10 @@ same ``A, B`` and moves them a little per round, so the error is second order in
 clients' drift; averaging products instead would need the full ``out x in`` update (no
 uplink saving) or a re-factorization of a rank ``n * r`` sum on the server.
 
-When the round loop hands in other weights than the last merged model (a resumed run), they
-become the new base with fresh adapters (the model is continuous; the adapters restart).
+The base, the adapters and their ranks are checkpoint state: a resumed run continues the same
+adapters on the same base. Weights the round loop hands in that are not the last merged model
+(another hook changed them) become the new base with fresh adapters (the model is continuous;
+the adapters restart).
 """
 
 from __future__ import annotations
@@ -129,6 +131,19 @@ class AdapterStrategy(DelegatingStrategy, RoundHook):
     def after_round(self, server_round: int, row: dict[str, Any]) -> None:
         if self.base is not None:
             row.update(bytes_per_round(self.base, self.ranks))
+
+    def state(self) -> dict[str, Any]:
+        if self.base is None or self.adapters is None:
+            return {}
+        return {"base": dict(self.base), "adapters": dict(self.adapters), "ranks": self.ranks}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.base = {k: np.asarray(v) for k, v in state["base"].items()}
+        self.adapters = {k: np.asarray(v, dtype=np.float32) for k, v in state["adapters"].items()}
+        self.ranks = {str(k): int(r) for k, r in state["ranks"].items()}
+        self._merged = merge(self.base, self.adapters, self.ranks)
 
     def summary_fields(self) -> dict[str, Any]:
         if self.base is None:
