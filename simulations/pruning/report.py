@@ -1,6 +1,7 @@
 """Table of a pruning suite run by ``simulations/pruning/run.py`` (its ``results*.json``).
 
     python simulations/pruning/run.py pruning && python simulations/pruning/report.py pruning
+    python simulations/pruning/report.py pruning --files results-12r-b.json,results-12r-a.json
     python simulations/pruning/report.py pruning --seeds 0=results-a.json,results-b.json 2=...
 
 Per config: final accuracy, sparsity of the prunable weights, the model's size (dense fp32,
@@ -95,7 +96,10 @@ def seeds_table(by_seed: dict[str, list[dict]], only: list[str] | None = None) -
 
 
 def main(argv: list[str]) -> int:
-    """``report.py SUITE``: every ``results*.json`` of the suite, in config order.
+    """``report.py SUITE [--files FILE,...]``: the suite's results (every ``results*.json``, or
+    the files named), in config order. A config found in several files (other seeds, other
+    round counts) is taken from the first file in name order, and the others are named on
+    stderr: a table never mixes runs silently.
 
     ``report.py SUITE --seeds SEED=FILE[,FILE...] ... [--only NAME ...]``: the seeds table.
     """
@@ -105,6 +109,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("suite", nargs="?", default="pruning")
     parser.add_argument("--seeds", nargs="*", default=[], help="SEED=FILE[,FILE...]")
     parser.add_argument("--only", nargs="*", default=None, help="configs, baseline first")
+    parser.add_argument("--files", default="", help="FILE[,FILE...] (default: results*.json)")
     args = parser.parse_args(argv)
     suite = args.suite
     if args.seeds:
@@ -117,9 +122,23 @@ def main(argv: list[str]) -> int:
                 )
         print(seeds_table(by_seed, args.only))
         return 0
-    by_name = {}
-    for path in sorted((HERE / "results" / suite).glob("results*.json")):
-        by_name.update({r["name"]: r for r in json.loads(path.read_text())})
+    folder = HERE / "results" / suite
+    paths = (
+        sorted(folder / f for f in args.files.split(","))
+        if args.files
+        else sorted(folder.glob("results*.json"))
+    )
+    by_name: dict[str, dict] = {}
+    source: dict[str, str] = {}
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            if r["name"] in by_name:
+                print(
+                    f"{r['name']}: using {source[r['name']]}, not {path.name} (--files to choose)",
+                    file=sys.stderr,
+                )
+                continue
+            by_name[r["name"]], source[r["name"]] = r, path.name
     print(table([by_name[k] for k in sorted(by_name)]))
     return 0
 
