@@ -194,11 +194,12 @@ def _missing_extra(command: str, err: ModuleNotFoundError) -> int:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
     """The validated config, the run directory and whether this is a resume."""
-    from fedsqueeze.config import load_toml, parse_set_option, resolve_config
+    from fedsqueeze.config import anchor_paths, load_toml, parse_set_option, resolve_config
     from fedsqueeze.server.app import default_run_dir
     from fedsqueeze.server.rundir import CONFIG, RunDir, check_resume_config
 
-    sets = dict(parse_set_option(s) for s in args.sets)
+    # Paths are relative to where the command runs; the run directory records them absolute.
+    sets = anchor_paths(dict(parse_set_option(s) for s in args.sets))
     if args.resume is not None:
         target = args.resume or args.out
         if not target:
@@ -216,7 +217,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
         else:
             check_resume_config(ckpt.config, config, ckpt.completed_round)
         return config, run_dir, True
-    layers = [load_toml(args.config)] if args.config else []
+    layers = [anchor_paths(load_toml(args.config))] if args.config else []
     config = resolve_config(*layers, sets)
     run_dir = Path(args.out) if args.out else default_run_dir(config)
     try:

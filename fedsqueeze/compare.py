@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.config import ConfigError, load_toml, resolve_config
+from fedsqueeze.config import ConfigError, anchor_paths, load_toml, resolve_config
 
 FEDERATION_KEYS = ("dataset", "partition", "dirichlet-alpha", "shards-per-client", "num-clients")
 """Keys every compared config must share: the data and how it is split among clients."""
@@ -51,7 +51,7 @@ def load_methods(paths: Sequence[str | Path], same_federation: bool = True) -> l
         raise ConfigError("compare needs at least one CONFIG.toml")
     methods: list[Method] = []
     for path in map(Path, paths):
-        raw = load_toml(path)
+        raw = anchor_paths(load_toml(path))  # paths relative to the cwd, recorded absolute
         label = str(raw.pop("label", path.stem))
         raw.pop("out-dir", None)
         try:

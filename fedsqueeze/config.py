@@ -332,6 +332,36 @@ def _check_names(config: Mapping[str, Value]) -> None:
     check_run_config(config)
 
 
+#: Keys whose value names a file or directory (``npz:PATH`` for the dataset keys).
+PATH_KEYS: tuple[str, ...] = ("init-model", "dataset", "distill-data")
+
+
+def anchor_paths(config: Mapping[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """``config`` with every relative path of :data:`PATH_KEYS` made absolute against ``cwd``
+    (default: the current directory).
+
+    A run directory records its config for ``--resume`` and for the reader of its results; a
+    path recorded as typed (``runs/pretrained``) would name another file, or none, once the run
+    is resumed or re-read from another directory. Registry datasets (``digits``) and empty
+    values are left as they are.
+    """
+    base = Path.cwd() if cwd is None else Path(cwd)
+    out = dict(config)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        prefix = ""
+        if key != "init-model":
+            if not value.startswith("npz:"):
+                continue
+            prefix, value = "npz:", value[len("npz:") :].strip()
+        path = Path(value).expanduser()
+        if value and not path.is_absolute():
+            out[key] = prefix + str(base / path)
+    return out
+
+
 def parse_set_option(item: str) -> tuple[str, str]:
     """Parse one ``--set key=value`` into its key and raw string value."""
     if "=" not in item:

@@ -216,3 +216,32 @@ def test_absurd_model_is_refused_before_it_is_allocated(
     assert code == EXIT_USAGE and len(err.splitlines()) == 1, err
     assert "180,009,000 parameters" in err and "logreg" in err
     assert not out.exists()
+
+
+def test_relative_paths_are_recorded_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory records its config for --resume: a relative init-model or npz: path
+    recorded as typed would name another file (or none) from another directory."""
+    import argparse
+
+    from fedsqueeze.cli import _resolve
+    from fedsqueeze.config import anchor_paths
+
+    data = _bad_npz(tmp_path, "ok")  # a valid file: only its keys are checked here
+    (tmp_path / "work" / "runs" / "pretrained").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    toml = tmp_path / "work" / "run.toml"
+    toml.write_text('dataset = "npz:../ok.npz"\ninit-model = "runs/pretrained"\n')
+    args = argparse.Namespace(
+        sets=["distill-data=npz:../ok.npz"], resume=None, config=str(toml), out="out"
+    )
+    config, _, _ = _resolve(args)
+    work = tmp_path / "work"
+    assert config["dataset"] == f"npz:{work / '../ok.npz'}"
+    assert Path(config["dataset"][4:]).resolve() == Path(data[4:]).resolve()
+    assert config["init-model"] == str(work / "runs/pretrained")
+    assert config["distill-data"] == f"npz:{work / '../ok.npz'}"
+    # registry names, empty and absolute values are left alone
+    kept = {"dataset": "digits", "init-model": "", "distill-data": f"npz:{tmp_path}/x.npz"}
+    assert anchor_paths(kept) == kept
