@@ -30,9 +30,10 @@ def ranks_of(record: ConfigRecord) -> dict[str, int]:
     layers, ranks = record.get("layers"), record.get("ranks")
     if not isinstance(layers, list) or not isinstance(ranks, list) or len(layers) != len(ranks):
         raise ModPreconditionError("low-rank record needs equally long 'layers' and 'ranks'")
-    if not all(isinstance(r, int) and r >= 1 for r in ranks):
+    valid = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r >= 1]
+    if len(valid) != len(ranks):
         raise ModPreconditionError("low-rank ranks must be integers >= 1")
-    return {str(layer): int(r) for layer, r in zip(layers, ranks, strict=True)}
+    return {str(layer): r for layer, r in zip(layers, valid, strict=True)}
 
 
 def scales_of(record: ConfigRecord, ranks: dict[str, int]) -> dict[str, float]:

@@ -51,6 +51,8 @@ from fedsqueeze.contracts.records import (
     UPDATE_KEY,
     VIEW_KEY,
     VIEW_META_KEY,
+    as_bytes,
+    as_int,
     from_record,
     to_record,
     without,
@@ -85,19 +87,20 @@ def single_arrays(content: RecordDict, what: str) -> tuple[str, ArrayRecord]:
 def _rebuild(record: ConfigRecord, context: Context) -> tuple[dict[str, np.ndarray], int]:
     """The global model of a downlink record, and its version; keeps it as the client's view."""
     codec = parse_codec(str(record["codec"]))
-    base_version = int(record["base-version"])
+    base_version = as_int(record["base-version"], "base-version")
     base = None
     if base_version != downlink.FULL:
         meta = context.state.config_records.get(VIEW_META_KEY)
-        held = int(meta["version"]) if meta is not None else None
+        held = as_int(meta["version"]) if meta is not None else None
         if held != base_version:
             raise ModPreconditionError(
                 f"server sent a delta against model version {base_version}, "
                 f"but this client holds {held}"
             )
-        base = from_record(context.state[VIEW_KEY])
-    arrays = downlink.reconstruct(codec, bytes(record["payload"]), int(record["seed"]), base)
-    version = int(record["version"])
+        base = from_record(context.state.array_records[VIEW_KEY])
+    payload, seed = as_bytes(record["payload"], "payload"), as_int(record["seed"], "seed")
+    arrays = downlink.reconstruct(codec, payload, seed, base)
+    version = as_int(record["version"], "version")
     context.state[VIEW_KEY] = to_record(arrays)
     context.state[VIEW_META_KEY] = ConfigRecord({"version": version})
     return arrays, version
@@ -136,7 +139,7 @@ def _codec_state(context: Context, codec: Codec) -> dict[str, np.ndarray] | None
         return None
     if meta.get("feedback") != _state_kind(codec):
         return None
-    return from_record(context.state[CODEC_STATE_KEY])
+    return from_record(context.state.array_records[CODEC_STATE_KEY])
 
 
 def _encode_reply(
@@ -158,7 +161,7 @@ def _encode_reply(
         codec,
         delta,
         DGCOptions.from_record(instructions),
-        seed=int(instructions["codec-seed"]),
+        seed=as_int(instructions["codec-seed"], "codec-seed"),
         state=_codec_state(context, codec),
         layout="hash",
     )

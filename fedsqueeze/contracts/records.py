@@ -25,6 +25,21 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def as_int(value: object, what: str = "value") -> int:
+    """A config-record number as ``int``; anything else (a list, bytes) is a ``TypeError``
+    naming ``what`` (record values are a union of scalars and lists)."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+
+
+def as_bytes(value: object, what: str = "value") -> bytes:
+    """A config-record ``bytes`` value; anything else is a ``TypeError`` naming ``what``."""
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"{what} must be bytes, got {type(value).__name__}")
+
+
 def serialized_size(content: RecordDict) -> int:
     """Bytes of ``content`` serialized as Flower serializes message records."""
     return int(recorddict_to_proto(content).ByteSize())

@@ -36,7 +36,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -196,7 +196,8 @@ def set_trainable(model: nn.Module, tensors: Sequence[str] | None) -> None:
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Named float32 arrays as an uncompressed ``.npz`` (no pickles)."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    named: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    np.savez(buf, **named)
     return buf.getvalue()
 
 
