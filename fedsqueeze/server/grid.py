@@ -13,11 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsqueeze.server.replies import record_size
+
+
+def query_nodes(grid: Grid, nodes: Iterable[int], timeout: float) -> Iterable[Message]:
+    """Ask ``nodes`` the query every fedsqueeze client answers (its node config: partition id
+    and count, in the reply's ``node`` record); the replies, as the grid returns them."""
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord()}),
+            message_type=MessageType.QUERY,
+            dst_node_id=n,
+        )
+        for n in nodes
+    ]
+    return grid.send_and_receive(messages, timeout=timeout) if messages else ()
 
 
 class GridWrapper(Grid):

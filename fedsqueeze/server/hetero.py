@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -47,7 +47,7 @@ from fedsqueeze.server.distill import (
     ensemble_accuracy,
     transfer_data,
 )
-from fedsqueeze.server.grid import GridWrapper
+from fedsqueeze.server.grid import GridWrapper, query_nodes
 from fedsqueeze.server.hooks import RoundHook, hooks_in, strategy_chain
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,7 @@ class HeteroStrategy(Strategy, RoundHook):
         """Each node's architecture; nodes seen for the first time are asked their partition."""
         unknown = [n for n in nodes if n not in self._arch]
         if unknown:
-            queries = [
-                Message(
-                    content=RecordDict({"config": ConfigRecord()}),
-                    message_type=MessageType.QUERY,
-                    dst_node_id=n,
-                )
-                for n in unknown
-            ]
-            for reply in grid.send_and_receive(queries, timeout=60.0):
+            for reply in query_nodes(grid, unknown, timeout=60.0):
                 try:
                     pid = int(reply.content["node"]["partition-id"])  # type: ignore[arg-type]
                     self._arch[reply.metadata.src_node_id] = self.assignment[pid]

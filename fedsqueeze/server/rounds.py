@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -29,7 +29,7 @@ from fedsqueeze.contracts.records import from_record, to_record
 from fedsqueeze.contracts.streams import Secret, SecretStreams, Stream, round_rng
 from fedsqueeze.federation import client_stats, dataset_for, initial_arrays, new_model
 from fedsqueeze.models.weights import evaluate, load_numpy_state
-from fedsqueeze.server.grid import CountingGrid
+from fedsqueeze.server.grid import CountingGrid, query_nodes
 from fedsqueeze.server.hooks import RoundHook, hooks_in
 from fedsqueeze.server.liveness import Liveness, WatchedGrid
 from fedsqueeze.server.rundir import (
@@ -74,16 +74,8 @@ def handshake(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         asked.update(new)
-        messages = [
-            Message(
-                content=RecordDict({"config": ConfigRecord()}),
-                message_type=MessageType.QUERY,
-                dst_node_id=n,
-            )
-            for n in new
-        ]
         remaining = max(deadline - time.monotonic(), 1.0)
-        for reply in grid.send_and_receive(messages, timeout=remaining) if messages else ():
+        for reply in query_nodes(grid, new, remaining):
             _check_handshake_reply(reply, num_clients, mapping)
         if len(asked) >= num_clients and len(mapping) == len(asked):
             break
