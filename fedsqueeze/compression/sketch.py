@@ -81,8 +81,9 @@ MAX_GAIN = 20.0
 docstring): ``1 / F`` for the unbiased step at ``F = 0.05``, which matched fp32 on digits/``mlp``
 where ``F = 0.02`` (50) diverged. At ``F = 0.02`` there (one seed, 20 rounds) gain 10 reached
 0.82, 20 0.93, 30 0.89, 50 0.10. The stable gain depends on the model's curvature, not on F:
-on the ~10x wider ``mlp-wide`` gain 50 at ``F = 0.02`` learned, and faster than 20
-(simulations/README.md) — ``sketch(F, gain=G)`` raises the cap where it is known to be safe."""
+on the ~10x wider ``mlp-wide`` gain 50 at ``F = 0.02`` learned, and faster than 20, while
+gain 100 at ``F = 0.01`` ended 7 pp below 20 (simulations/README.md). ``sketch(F, gain=G)``
+raises the cap where it is known to be safe."""
 
 _MAX_CELLS = 1 << 28
 
