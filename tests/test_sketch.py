@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from test_secure_glue import SMALL, _plain_fedavg_delta, _run, _secure_sum
 
 from fedsqueeze.compression import CodecError, CodecSpecError, PayloadError, Sketch, parse_codec
-from fedsqueeze.compression.sketch import CountSketch, SketchAccumulator, sketch_shape
+from fedsqueeze.compression.sketch import MAX_GAIN, CountSketch, SketchAccumulator, sketch_shape
 from fedsqueeze.config import ConfigError, resolve_config
 from fedsqueeze.contracts.checks import check_secure_config
 from fedsqueeze.contracts.streams import Stream, round_seed
@@ -156,6 +157,56 @@ def test_accumulator_applies_heavy_coordinates_and_keeps_the_rest() -> None:
     np.testing.assert_allclose(step + rest, x, atol=1e-12)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.integers(2000, 6000),
+    fraction=st.floats(0.002, 0.02),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_small_sketch_descends_a_quadratic_instead_of_diverging(
+    d: int, fraction: float, seed: int
+) -> None:
+    """FedAvg on ``f(w) = |w|^2 / 2`` through a one-row sketch of F < 1 / MAX_GAIN.
+
+    The client update is ``x = -w / MAX_GAIN`` (curvature x client step = 1 / MAX_GAIN). The
+    unbiased step applies ``m = 1 / F`` times the projection of ``x`` onto the sketch's span,
+    so each cell's component of ``w`` is multiplied by ``1 - m / MAX_GAIN < -1``: ``f`` grows
+    every round (the ``sketch(0.02)`` divergence on digits/``mlp``). Capped at ``MAX_GAIN``
+    projections the factor is about 0: ``f`` never grows and drops."""
+    cols = max(1, round(fraction * d))
+    cs = CountSketch(d, 1, cols, seed % 2**31)
+    per_cell = np.bincount(cs.cells[0], minlength=cols)
+    # f decreases for every cell with fewer than twice the mean number of coordinates
+    # (a binomial with mean >= 50: always, but it is the assumption, so check it)
+    assert per_cell.max() < 2 * d / cols
+    acc = SketchAccumulator(cs, k=d)
+    assert acc.scale == pytest.approx(MAX_GAIN * cols / d)
+    w = np.random.default_rng(seed).normal(size=d)
+    loss = [0.5 * float(w @ w)]
+    for _ in range(5):
+        w = w + acc.step(cs.sketch(-w / MAX_GAIN))
+        loss.append(0.5 * float(w @ w))
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(loss)), loss
+    assert loss[-1] < loss[0]  # only w's component in the sketch's span can move
+
+
+@pytest.mark.parametrize("cells", [49, 50, 51, 200])
+def test_step_scale_is_one_unless_the_unbiased_step_exceeds_max_gain(cells: int) -> None:
+    """``F >= 1 / MAX_GAIN`` (every configuration measured before the cap) keeps the
+    unbiased step, the count-sketch estimates themselves; a smaller sketch scales them."""
+    d = int(MAX_GAIN) * 50
+    cs = CountSketch(d, 1, cells, 5)
+    table = cs.sketch(np.random.default_rng(cells).normal(size=d))
+    idx, values = cs.heavy(table, 300)
+    step = SketchAccumulator(cs, k=300).step(table)
+    scale = min(1.0, MAX_GAIN * cells / d)
+    np.testing.assert_allclose(step[idx], scale * values)
+    assert np.count_nonzero(step) == 300
+    assert SketchAccumulator(cs, k=300, max_gain=d / cells).scale == 1.0
+    with pytest.raises(CodecError):
+        SketchAccumulator(cs, k=300, max_gain=0.5)
+
+
 def test_accumulator_state_round_trips() -> None:
     cs = CountSketch(300, 3, 20, 0)
     acc = SketchAccumulator(cs, k=4, momentum=0.5)
@@ -271,8 +322,8 @@ def test_forged_sketch_sum_is_outside_the_honest_range() -> None:
 
 
 def test_sketch_spec_parses_and_a_plain_codec_refuses_it() -> None:
-    codec = parse_codec("sketch(0.05, rows=3, k=40, momentum=0.5)")
-    assert codec.spec == "sketch(0.05,rows=3,k=40,momentum=0.5)"
+    codec = parse_codec("sketch(0.05, rows=3, k=40, momentum=0.5, gain=2.5)")
+    assert codec.spec == "sketch(0.05,rows=3,k=40,momentum=0.5,gain=2.5)"
     assert parse_codec(codec.spec) == codec and codec.linear and codec.needs_seed
     assert isinstance(codec.sparsifier, Sketch) and codec.sparsifier.k == 40
     with pytest.raises(CodecError, match="secagg = true"):
@@ -283,6 +334,8 @@ def test_sketch_spec_parses_and_a_plain_codec_refuses_it() -> None:
         "sketch(0.1,rows=0)",
         "sketch(0.1,momentum=1)",
         "sketch(0.1,k=2.5)",
+        "sketch(0.1,gain=0.5)",
+        "sketch(0.1,gain=inf)",
         "sketch(0.1,cols=3)",
         "sketch(0.1)+randk(0.1)",
     ):
@@ -316,7 +369,7 @@ def test_sketched_secure_round_applies_the_unsketched_plain_mean() -> None:
     """In process, 5 clients, SecAgg+ at 24 bits: the global step is exactly what the server
     accumulator makes of the sketch of the plain FedAvg mean (linearity end to end)."""
     overrides = {"secagg-clip": 100.0, "secagg-bits": 24}
-    run = _run({**overrides, "codec": "sketch(0.2,rows=3,k=40)"})
+    run = _run({**overrides, "codec": "sketch(0.2,rows=3,k=40,gain=2)"})  # scale 0.4
     (r,) = run.rounds
     assert r.row["clients"] == 5 and r.row["rejected_updates"] == 0
     d = sum(v.size for v in run.start.values())
@@ -327,7 +380,7 @@ def test_sketched_secure_round_applies_the_unsketched_plain_mean() -> None:
     plain = _plain_fedavg_delta({"secagg-clip": 100.0, "update-norm-factor": 0.0})
     mean = np.concatenate([plain[k].ravel() for k in run.start]).astype(np.float64)
     cs = CountSketch(d, rows, cols, round_seed(0, 0, Stream.SKETCH))
-    expected = SketchAccumulator(cs, 40).step(cs.sketch(mean))
+    expected = SketchAccumulator(cs, 40, max_gain=2).step(cs.sketch(mean))
     moved = np.flatnonzero(step)
     overlap = np.intersect1d(moved, np.flatnonzero(expected)).size
     assert overlap >= 0.95 * moved.size  # near-ties in |estimate| may swap a few

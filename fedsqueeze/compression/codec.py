@@ -82,7 +82,7 @@ _MAX_NDIM = 64
 _STAGE_ORDER = ("sparsify", "quantize", "feedback", "lossless")
 
 VALID_STAGES = (
-    "topk(F), topk_pt(F), randk(F), sketch(F[,rows=R,k=K,momentum=M]) (secagg only), "
+    "topk(F), topk_pt(F), randk(F), sketch(F[,rows=R,k=K,momentum=M,gain=G]) (secagg only), "
     "thresh(T), qB or qB(block=N) with B in 1..16, "
     "qsgdB or qsgdB(block=N), sign or sign(block=N), ternary, fp16, bf16, fp32, ef, ef21, "
     "zstd or zstd(level), zlib or zlib(level), none "
@@ -643,14 +643,16 @@ def _build_stage(name: str, args: list[str], kwargs: dict[str, str]) -> Stage | 
         return make
 
     def sketch() -> Stage:
-        if len(args) != 1 or set(kwargs) - {"rows", "k", "momentum"}:
-            raise CodecSpecError("sketch takes a size and optional rows=, k=, momentum=")
+        if len(args) != 1 or set(kwargs) - {"rows", "k", "momentum", "gain"}:
+            raise CodecSpecError("sketch takes a size and optional rows=, k=, momentum=, gain=")
         momentum = _parse_number(kwargs["momentum"], name) if "momentum" in kwargs else None
+        gain = _parse_number(kwargs["gain"], name) if "gain" in kwargs else None
         return Sketch(
             _parse_number(args[0], name),
             rows=_parse_int(kwargs["rows"], name, "rows") if "rows" in kwargs else None,
             k=_parse_int(kwargs["k"], name, "k") if "k" in kwargs else None,
             momentum=None if momentum is None else float(momentum),
+            gain=None if gain is None else float(gain),
         )
 
     simple: dict[str, Callable[[], Stage]] = {

@@ -13,7 +13,7 @@ The server (:class:`SketchAccumulator`) keeps momentum ``u`` and error ``e`` *in
     u <- momentum * u + S(mean update)
     e <- e + u
     est_i = median_r s_r(i) * e[r, h_r(i)]            (count-sketch estimate of coordinate i)
-    step  = the k coordinates of largest |est|, with their estimated values
+    step  = the k coordinates of largest |est|, with their estimated values (times a scale)
     e, u <- 0 on the cells S(step) touches             (FetchSGD's error reset, momentum masking)
 
 and applies the k-sparse ``step`` to the global model. What it does not apply stays in ``e``
@@ -23,6 +23,20 @@ Subtracting ``S(step)`` from ``e`` instead of clearing the cells would keep the 
 light coordinates that share a cell with an applied one, but where an estimate is off it
 leaves ``cell - estimate`` in the other rows; on digits/``mlp`` that diverged within a few
 rounds, clearing did not.
+
+Step scale (why ``sketch(0.02)`` diverged): with one row, the estimate of every coordinate
+in cell c is ``s(i) * e_c``, so applying a whole cell copies its value onto each of the
+``m = d / cols`` coordinates hashed there. That step is unbiased (``E[S^T S x] = x``) and lies
+in the ``F d``-dimensional span of the sketch's cells, but it is ``m`` times the minimum-norm
+step consistent with the sketch (``s(i) e_c / m``, the projection onto that span). On a
+quadratic with curvature ``lam`` and a client update ``x = -eta g``, a step ``G`` times the
+projection gains ``G F eta |g|^2`` to first order and costs ``G^2 F lam eta^2 |g|^2 / 2``:
+it is stable while ``G eta lam < 2`` — a bound on the gain ``G`` that does not depend on F.
+The unbiased step has ``G = m = 1 / F``, so shrinking the sketch eventually breaks it: on
+digits/``mlp`` ``F = 0.05`` (G = 20) matched fp32 and ``F = 0.02`` (G = 50) diverged. The
+server therefore scales the step by ``min(1, MAX_GAIN * cells / d)``: unchanged where the
+unbiased gain is at most :data:`MAX_GAIN` (``F >= 0.05``, all configurations measured before),
+capped at :data:`MAX_GAIN` below it.
 
 The hashes are fixed for a run: errors accumulated over rounds only add up if every round is
 sketched with the same ``h`` and ``s``. They are public (derived from the run seed): they hide
@@ -45,6 +59,7 @@ from fedsqueeze.compression.errors import CodecError, PayloadError
 __all__ = [
     "DEFAULT_K_PER_CELL",
     "DEFAULT_ROWS",
+    "MAX_GAIN",
     "CountSketch",
     "SketchAccumulator",
     "default_k",
@@ -60,6 +75,15 @@ DEFAULT_K_PER_CELL = 8
 """Coordinates applied per round unless told otherwise: this many per cell (capped at d).
 Small ``k`` (a column's worth, FetchSGD's regime for huge sketches) barely learned on
 digits/``mlp``; 4–8 per cell and ``k = d`` all matched fp32 (simulations/README.md)."""
+
+MAX_GAIN = 20.0
+"""Largest multiple of the minimum-norm (projection) step the server applies (see the module
+docstring): ``1 / F`` for the unbiased step at ``F = 0.05``, which matched fp32 on digits/``mlp``
+where ``F = 0.02`` (50) diverged. At ``F = 0.02`` there (one seed, 20 rounds) gain 10 reached
+0.82, 20 0.93, 30 0.89, 50 0.10. The stable gain depends on the model's curvature, not on F:
+on the ~10x wider ``mlp-wide`` gain 50 at ``F = 0.02`` learned, and faster than 20, while
+gain 100 at ``F = 0.01`` ended 7 pp below 20 (simulations/README.md). ``sketch(F, gain=G)``
+raises the cap where it is known to be safe."""
 
 _MAX_CELLS = 1 << 28
 
@@ -175,14 +199,24 @@ class SketchAccumulator:
         Server momentum ``rho`` in ``u <- rho u + S``; 0 = none (the sketched mean update goes
         straight into the error). FedAvg updates already carry the clients' learning rate:
         momentum ``rho`` multiplies the long-run step by ``1 / (1 - rho)``.
+    max_gain
+        Cap on the step's multiple of the minimum-norm step: the estimates are scaled by
+        :attr:`scale` ``= min(1, max_gain * cells / d)`` (see the module docstring).
     """
 
-    def __init__(self, sketch: CountSketch, k: int, momentum: float = 0.0) -> None:
+    def __init__(
+        self, sketch: CountSketch, k: int, momentum: float = 0.0, max_gain: float = MAX_GAIN
+    ) -> None:
         if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise CodecError(f"sketch momentum must be in [0, 1), got {momentum}")
+        if not (math.isfinite(max_gain) and max_gain >= 1.0):
+            raise CodecError(f"sketch max_gain must be finite and >= 1, got {max_gain}")
         self.sketch = sketch
         self.k = min(_check_int("k", k, 1), sketch.dim)
         self.momentum = float(momentum)
+        #: factor on the estimated values applied: 1 (the unbiased step) unless the sketch is
+        #: so small that the unbiased step is more than ``max_gain`` projections long
+        self.scale = min(1.0, float(max_gain) * sketch.size / sketch.dim)
         self.velocity = np.zeros(sketch.size)
         self.error = np.zeros(sketch.size)
 
@@ -197,7 +231,7 @@ class SketchAccumulator:
         error = self.error + velocity
         idx, values = self.sketch.heavy(error, self.k)
         update = np.zeros(self.sketch.dim)
-        update[idx] = values
+        update[idx] = values * self.scale
         applied = self.sketch.sketch(update)
         touched = applied != 0
         self.error = np.where(touched, 0.0, error)

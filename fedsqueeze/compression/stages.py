@@ -235,14 +235,16 @@ class RandomK(_AmountSparsifier):
 
 
 class Sketch(_AmountSparsifier):
-    """``sketch(F)`` or ``sketch(F, rows=R, k=K, momentum=M)``: FetchSGD's count sketch.
+    """``sketch(F)`` or ``sketch(F, rows=R, k=K, momentum=M, gain=G)``: FetchSGD's count sketch.
 
     A secure-aggregation encoding (see :mod:`fedsqueeze.compression.sketch`): each client sends
     a ``R x (F d / R)`` count sketch of its update (``F d`` cells in all, F a fraction of d or a
     count of cells), secure aggregation sums the sketches, and the server keeps momentum ``M``
-    and error in sketch space and applies the ``K`` heaviest coordinates per round. Defaults:
+    and error in sketch space and applies the ``K`` heaviest coordinates per round, scaled so
+    that the step is at most ``G`` times the minimum-norm step the sketch allows. Defaults:
     ``R`` = :data:`~fedsqueeze.compression.sketch.DEFAULT_ROWS`, ``K`` =
-    :func:`~fedsqueeze.compression.sketch.default_k`, ``M`` = 0. Linear and stateless on
+    :func:`~fedsqueeze.compression.sketch.default_k`, ``M`` = 0, ``G`` =
+    :data:`~fedsqueeze.compression.sketch.MAX_GAIN`. Linear and stateless on
     clients. It has no per-client payload: a plain (non-secure) codec refuses to encode with it.
     """
 
@@ -257,6 +259,7 @@ class Sketch(_AmountSparsifier):
         rows: int | None = None,
         k: int | None = None,
         momentum: float | None = None,
+        gain: float | None = None,
     ) -> None:
         super().__init__(amount)
         for what, value in (("rows", rows), ("k", k)):
@@ -270,12 +273,20 @@ class Sketch(_AmountSparsifier):
             and 0.0 <= momentum < 1.0
         ):
             raise CodecSpecError(f"sketch: momentum must be in [0, 1), got {momentum!r}")
+        if gain is not None and not (
+            isinstance(gain, int | float)
+            and not isinstance(gain, bool)
+            and math.isfinite(gain)
+            and gain >= 1.0
+        ):
+            raise CodecSpecError(f"sketch: gain must be a finite number >= 1, got {gain!r}")
         self.rows, self.k = rows, k
         self.momentum = None if momentum is None else float(momentum)
+        self.gain = None if gain is None else float(gain)
 
     def _spec_args(self) -> list[str]:
         args = super()._spec_args()
-        for key in ("rows", "k", "momentum"):
+        for key in ("rows", "k", "momentum", "gain"):
             value = getattr(self, key)
             if value is not None:
                 args.append(f"{key}={_fmt(value)}")

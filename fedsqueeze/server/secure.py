@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.compression.sketch import SketchAccumulator, default_k
+from fedsqueeze.compression.sketch import MAX_GAIN, SketchAccumulator, default_k
 from fedsqueeze.compression.stages import Sketch
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
@@ -492,7 +492,9 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         if acc is None or acc.sketch.key != encoding.sketch.key:
             assert self.sketch is not None
             k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
-            acc = SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
+            acc = SketchAccumulator(
+                encoding.sketch, k, self.sketch.momentum or 0.0, self.sketch.gain or MAX_GAIN
+            )
             if self._unsketch_saved:  # a resumed run: the hashes come from the run's seed
                 acc.restore(self._unsketch_saved)
                 self._unsketch_saved = {}
