@@ -238,8 +238,11 @@ def _preflight(config: Mapping[str, Any]) -> None:
     exists, rather than inside Ray."""
     import torch
 
+    from fedsqueeze.config import ConfigError
     from fedsqueeze.contracts.checks import check_model_size
+    from fedsqueeze.contracts.summable import EncodingError
     from fedsqueeze.federation import new_model, partitions_for
+    from fedsqueeze.privacy.errors import PrivacyError
     from fedsqueeze.server.hooks import strategy_chain
     from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
@@ -259,7 +262,10 @@ def _preflight(config: Mapping[str, Any]) -> None:
             # The field encoding is otherwise first built in round 1 (it needs the model's
             # size): a dp-bits too narrow for it would only fail inside Ray.
             dim = sum(p.numel() for p in model.state_dict().values())
-            strategy._encoding(dim, int(config["clients-per-round"]), 1)
+            try:
+                strategy._encoding(dim, int(config["clients-per-round"]), 1)
+            except (EncodingError, PrivacyError) as err:  # e.g. secagg-bits too narrow
+                raise ConfigError(str(err)) from None
 
 
 def _create_run_dir(run_dir: Path, config: Mapping[str, Any]) -> Path | None:

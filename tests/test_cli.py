@@ -94,6 +94,8 @@ def _cases(tmp_path: Path) -> list[tuple[list[str], str]]:
             ],
             "dp-bits",
         ),
+        # A field too narrow for the weight coordinate: was a traceback (found by use).
+        (["--set", "secagg=true", "--set", "secagg-bits=8"], "secagg-bits"),
     ]
 
 
