@@ -506,9 +506,7 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
                 # Post-processing of the noised sum; a fresh accumulator (this round's
                 # hashes, no state) on the sum, which the DP mode divides by its fixed
                 # denominator (the step is homogeneous: step(c·S) = c·step(S)).
-                enc = r.encoding
-                k = self.sketch.k if self.sketch is not None and self.sketch.k else enc.dim
-                sum_flat = SketchAccumulator(enc.sketch, k).step(sum_flat)
+                sum_flat = self._accumulator(r.encoding, r.encoding.dim).step(sum_flat)
             total_arrays = unflatten(sum_flat, r.global_arrays)
             return self.dp.aggregate_secure_sum(
                 server_round, total_arrays, included, template, metrics
@@ -523,12 +521,17 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
             self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
         )
 
+    def _accumulator(self, encoding: SketchSum, k: int = 0) -> SketchAccumulator:
+        """A fresh accumulator for ``encoding``'s sketch: the stage's ``k``, else ``k``, else
+        :func:`~fedsqueeze.compression.sketch.default_k`."""
+        assert self.sketch is not None
+        k = self.sketch.k or k or default_k(encoding.dim, encoding.rows, encoding.cols)
+        return SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
+
     def _unsketcher(self, encoding: SketchSum) -> SketchAccumulator:
         acc = self._unsketch
         if acc is None or acc.sketch.key != encoding.sketch.key:
-            assert self.sketch is not None
-            k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
-            acc = SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0)
+            acc = self._accumulator(encoding)
             if self._unsketch_saved:  # a resumed run: the hashes come from the run's seed
                 acc.restore(self._unsketch_saved)
                 self._unsketch_saved = {}

@@ -39,7 +39,6 @@ def replay(config: dict[str, Any], noise_seed: int, fresh: bool) -> tuple[list[f
     from noise_spread import _Nodes
 
     from fedsqueeze.client.training import make_generator, train_local
-    from fedsqueeze.compression.sketch import SketchAccumulator
     from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
     from fedsqueeze.contracts.streams import Stream, round_seed
     from fedsqueeze.contracts.summable import SketchSum
@@ -97,7 +96,7 @@ def replay(config: dict[str, Any], noise_seed: int, fresh: bool) -> tuple[list[f
             field_sum = (field_sum + to_field(ints, enc.bits, wrap=True)) & mask
         table, _ = enc.decode_sum(from_field(field_sum, enc.bits), k)
         # What SecAggStrategy does under DP: this round's estimate of every coordinate.
-        total = SketchAccumulator(enc.sketch, secure.sketch.k or dim).step(table)
+        total = secure._accumulator(enc, dim).step(table)
         template = Message(RecordDict(), reply_to=messages[0])
         agg, _ = privacy.aggregate_secure_sum(rnd, unflatten(total, weights), k, template, {})
         if agg is not None:
