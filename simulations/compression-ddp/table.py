@@ -1,6 +1,6 @@
 """The bits-on-the-wire table of a `fedsqueeze compare` run of the distributed-DP configs.
 
-    python simulations/compression-ddp/table.py runs/ddp-sketch [--json OUT.json]
+    python simulations/compression-ddp/table.py runs/ddp-sketch [--seeds N] [--json OUT.json]
 
 Per config (the run directories `compare` wrote, `NAME/seedN/`): final accuracy and the mean
 of the last 5 rounds (mean ± sd over seeds), the realized ε, the payload — the masked
@@ -18,25 +18,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsqueeze.config import load_toml
+
+HERE = Path(__file__).resolve().parent
+
 
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def summarize(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per config directory under ``run_dir`` (in name order)."""
-    labels = {}
-    results = run_dir / "results.json"
-    if results.exists():
-        labels = {r["name"]: r["label"] for r in json.loads(results.read_text())["results"]}
+def summarize(run_dir: Path, seeds: int = 0) -> list[dict[str, Any]]:
+    """One row per config directory under ``run_dir`` (in name order), over its seeds
+    ``0 .. seeds - 1`` (0 = all it has)."""
+    labels = {p.stem: str(load_toml(p).get("label", p.stem)) for p in HERE.glob("*.toml")}
     rows = []
     for config_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-        seeds = sorted(config_dir.glob("seed*/summary.json"))
-        if not seeds:
+        runs = sorted(
+            (p for p in config_dir.glob("seed*/summary.json")),
+            key=lambda p: int(p.parent.name.removeprefix("seed")),
+        )
+        runs = [p for p in runs if not seeds or int(p.parent.name.removeprefix("seed")) < seeds]
+        if not runs:
             continue
         finals, last5, eps, payload, per_param, per_update = [], [], [], [], [], []
-        for path in seeds:
+        for path in runs:
             summary = json.loads(path.read_text())
             lines = (path.parent / "metrics.jsonl").read_text().splitlines()
             metrics = [json.loads(line) for line in lines if line.strip()]
@@ -54,7 +60,7 @@ def summarize(run_dir: Path) -> list[dict[str, Any]]:
             {
                 "name": config_dir.name,
                 "label": labels.get(config_dir.name, config_dir.name),
-                "seeds": len(seeds),
+                "seeds": len(runs),
                 "final": finals,
                 "last5": last5,
                 "epsilon": statistics.mean(eps),
@@ -84,9 +90,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--seeds", type=int, default=0, help="only seeds 0..N-1 (0 = all)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    rows = summarize(args.run_dir)
+    rows = summarize(args.run_dir, args.seeds)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
