@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_secure_glue import _plain_fedavg_delta, _run, _step
 
+from fedsqueeze.client.secure import _encode_input
 from fedsqueeze.compression import Sketch
 from fedsqueeze.compression.sketch import CountSketch, SketchAccumulator, sketch_shape
 from fedsqueeze.config import ConfigError, resolve_config
@@ -168,35 +169,38 @@ def test_hashes_are_fresh_every_round_under_dp_and_fixed_without() -> None:
 # --- whole rounds through the real ClientApp (in process, 5 clients) --------------------------
 
 
-def test_sketch_ddp_round_is_noised_secretly_and_budgeted_like_a_dense_update() -> None:
+def test_sketch_ddp_round_is_noised_and_budgeted_like_a_dense_update() -> None:
     # A clip no update reaches, so that the signal is the plain mean's; z·C / n = 1 per cell.
     config = {**SKETCH_DDP, "dp-clip": 100.0, "dp-noise-multiplier": 0.05}
-    a, b = _run(config), _run(config)
-    for run in (a, b):
-        (r,) = run.rounds
-        assert r.arrays is not None and r.row["clients"] == 5
-        d = sum(v.size for v in run.start.values())
-        assert r.row["secagg_vector_len"] == 64 and r.row["secagg_bits"] == 16
-        # Sensitivity, calibration and accounting: those of a dense 64-coordinate update.
-        privacy = run.wrapper(DistributedDP)
-        dense = DistributedDP(
-            FedAvg(), clip=100.0, clients_per_round=5, num_clients=5, noise_multiplier=0.05
-        ).params(64, 5)
-        assert privacy._round_params == dense
-        assert r.row["effective_noise_multiplier"] == pytest.approx(
-            dense.effective_noise_multiplier(5)
-        )
-        assert privacy.epsilon > 0 and r.row["epsilon"] == privacy.epsilon
-    # Same run seed, different steps: the noise comes from the clients' OS entropy.
-    assert not np.allclose(_step(a), _step(b))
+    run = _run(config)
+    (r,) = run.rounds
+    assert r.arrays is not None and r.row["clients"] == 5
+    d = sum(v.size for v in run.start.values())
+    assert r.row["secagg_vector_len"] == 64 and r.row["secagg_bits"] == 16
+    # Sensitivity, calibration and accounting: those of a dense 64-coordinate update.
+    privacy = run.wrapper(DistributedDP)
+    dense = DistributedDP(
+        FedAvg(), clip=100.0, clients_per_round=5, num_clients=5, noise_multiplier=0.05
+    ).params(64, 5)
+    assert privacy._round_params == dense
+    assert r.row["effective_noise_multiplier"] == pytest.approx(dense.effective_noise_multiplier(5))
+    assert privacy.epsilon > 0 and r.row["epsilon"] == privacy.epsilon
     # The step is the unsketched plain mean (this round's hashes) plus noise of the
     # calibrated size: std z·C / n = 1 per cell, spread by S^T over the coordinates.
     plain = _plain_fedavg_delta({"secagg-clip": 100.0, "update-norm-factor": 0.0})
-    keys = list(a.start)
+    keys = list(run.start)
     mean = np.concatenate([plain[k].ravel() for k in keys]).astype(np.float64)
     cs = CountSketch(d, 1, 64, round_seed(0, 1, Stream.SKETCH))
     clean = SketchAccumulator(cs, d).step(cs.sketch(mean))
-    for run in (a, b):
-        noise = _step(run) - clean
-        per_cell = cs.sketch(noise) / np.bincount(cs.cells[0], minlength=64).clip(1)
-        assert 0.7 < float(np.std(per_cell)) < 1.4  # 64 cells: the sample sd is within 10%
+    noise = _step(run) - clean
+    per_cell = cs.sketch(noise) / np.bincount(cs.cells[0], minlength=64).clip(1)
+    assert 0.7 < float(np.std(per_cell)) < 1.4  # 64 cells: the sample sd is within 10%
+
+
+def test_the_clients_noise_is_secret() -> None:
+    """The client mod encodes with OS entropy: the same update, encoding and run seed give
+    different noised vectors, so nobody who knows the seed can subtract the noise."""
+    enc = _sketch_ddp(64, 640, z=1.0, n=5)
+    x = np.random.default_rng(0).normal(size=640)
+    first, second = (_encode_input(enc, x, 1, "", None, {}) for _ in range(2))  # type: ignore[arg-type]
+    assert first.shape == second.shape == (64,) and not np.array_equal(first, second)
