@@ -153,8 +153,6 @@ def test_hashes_are_fresh_every_round_under_dp_and_fixed_without() -> None:
     def seeds(strategy: SecAggStrategy) -> list[int]:
         out = []
         for rnd in (1, 2):
-            if strategy.dp is not None:
-                strategy.dp._predicted_key = None  # type: ignore[attr-defined]
             enc = strategy._encoding(640, 5, rnd)
             assert isinstance(enc, SketchSum)
             out.append(enc.seed)
