@@ -159,12 +159,12 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
     if n < 2:
         raise SecureConfigError(f"secagg needs clients-per-round >= 2, got {n}")
     codec = parse_codec(str(config.get("codec", "none")))
-    if isinstance(codec.sparsifier, Sketch) and (
-        codec.feedback is not None or dp in ("central", "distributed")
-    ):
+    if isinstance(codec.sparsifier, Sketch) and (codec.feedback is not None or dp == "central"):
+        # Central DP noises the server's sum: the sketch's unsketched step has no clip-bounded
+        # sensitivity. Distributed DP noises the clipped sketch itself (SecAggStrategy).
         raise SecureConfigError(
             f"codec {codec.spec!r}: a sketch keeps its error on the server; it takes no "
-            '"+ef" and no central or distributed dp mode (yet)'
+            '"+ef" and no central dp (use dp = "distributed")'
         )
     if isinstance(codec.sparsifier, Sketch) and float(config.get("secagg-randk", 1.0)) < 1.0:
         raise SecureConfigError(f"codec {codec.spec!r} and secagg-randk both set; use one")

@@ -490,7 +490,9 @@ def check_privacy_floor(
     EncodingError
         Below the floor, or the floor in the node config is malformed.
     """
-    inner = encoding.inner if isinstance(encoding, RandomK) else encoding
+    # Any projection (random-k, a sketch) hides its inner encoding: a server that wrapped a
+    # weakly noised distributed-DP encoding in a sketch must not slip past the floor.
+    inner = encoding.inner if isinstance(encoding, Projected) else encoding
     if not isinstance(inner, DistributedDPSum):
         return
     try:

@@ -80,7 +80,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsqueeze.compression.stages import resolve_k
+from fedsqueeze.compression.sketch import DEFAULT_ROWS, sketch_shape
+from fedsqueeze.compression.stages import Sketch, resolve_k
 from fedsqueeze.contracts.checks import ConfigError
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, single_metrics
 from fedsqueeze.contracts.streams import Secret, SecretStreams
@@ -544,8 +545,11 @@ class DistributedDP(DPStrategy):
     actual encoding. A round whose worst case would exceed ``epsilon`` is not run, so a run
     never exceeds its budget, whatever drops out. With a budget and no explicit multiplier,
     the nominal multiplier is raised until that worst case reaches the calibrated z (with
-    full participation the round is charged less). ``randk`` must be the random-k amount of
-    the ``SecAggStrategy`` outside (the encoded length is predicted from it).
+    full participation the round is charged less). ``randk`` (or ``sketch``) must be the
+    random-k amount (the ``sketch(F)`` stage) of the ``SecAggStrategy`` outside: the encoded
+    length is predicted from it. With a sketch the noised vector is the client's count-sketch
+    table, clipped to ``clip`` by the encoding itself, so sensitivity, calibration and
+    accounting are those of a dense update of ``rows x cols`` coordinates.
     """
 
     mode = "distributed"
@@ -558,9 +562,11 @@ class DistributedDP(DPStrategy):
         mechanism: str = "skellam",
         min_contributors: int = 0,
         randk: float | int = 1.0,
+        sketch: Sketch | None = None,
         **kwargs: Any,
     ) -> None:
         self.bits = int(bits)
+        self.sketch = sketch
         self.noise_kind = mechanism
         self.min_contributors = int(min_contributors)
         self.randk = randk
@@ -594,7 +600,12 @@ class DistributedDP(DPStrategy):
     def _refuse_round(self, server_round: int, num_messages: int) -> str:
         if num_messages < 2:
             return ""  # SecAggStrategy runs no protocol: nothing is released
-        dim = resolve_k(self.randk, int(flatten(self._global).size))
+        d = int(flatten(self._global).size)
+        if self.sketch is not None:
+            rows, cols = sketch_shape(d, self.sketch.amount, self.sketch.rows or DEFAULT_ROWS)
+            dim = rows * cols
+        else:
+            dim = resolve_k(self.randk, d)
         params = self.params(dim, num_messages)
         self._predicted_key = (dim, num_messages)
         self._predicted = float(
@@ -643,7 +654,7 @@ class DistributedDP(DPStrategy):
             raise ConfigError(
                 f"DistributedDP checked the budget for {self._predicted_key[0]} coordinates "
                 f"of {self._predicted_key[1]} clients, SecAggStrategy encodes {dim} of "
-                f"{num_clients}: give DistributedDP the same randk as SecAggStrategy"
+                f"{num_clients}: give DistributedDP the same randk / sketch as SecAggStrategy"
             )
         self._round_params = self.params(dim, num_clients)
         return DistributedDPSum(self._round_params, rotation_seed)

@@ -79,7 +79,7 @@ from fedsqueeze.server.compose import (
     refuse_below,
     refuse_flower_dp_caller,
 )
-from fedsqueeze.server.dp import LocalDP
+from fedsqueeze.server.dp import DistributedDP, LocalDP
 from fedsqueeze.server.hooks import RoundHook
 from fedsqueeze.server.strategy import CompressedStrategy, mean_metric, merge_delta
 
@@ -231,7 +231,11 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
     sketch
         FetchSGD instead of random-k: clients send a count sketch (the ``sketch(F)`` codec
         stage), the server unsketches the summed sketch with its momentum and error
-        (:class:`~fedsqueeze.compression.sketch.SketchAccumulator`).
+        (:class:`~fedsqueeze.compression.sketch.SketchAccumulator`). With
+        :class:`~fedsqueeze.server.dp.DistributedDP` inside, each client's sketch is clipped
+        and noised as a dense update of ``rows x cols`` coordinates would be, the hashes are
+        the round's and the server applies its estimate of every coordinate (``k`` = d
+        unless given) with no state between rounds.
     seed
         Run seed for the reproducible per-round streams (graph, random-k, rotation).
     timeout
@@ -284,10 +288,27 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         self.weight_cap = int(weight_cap)
         self.randk = randk
         self.feedback = f"secagg:randk({randk})+ef" if error_feedback else ""
-        if sketch is not None and (self.dp is not None or error_feedback or randk != 1.0):
+        if sketch is not None and (error_feedback or randk != 1.0):
             raise StrategyCompositionError(
-                "sketch(F) keeps its error on the server: not with random-k, client error "
-                "feedback or a DP mode"
+                "sketch(F) keeps its error on the server: not with random-k or client error "
+                "feedback"
+            )
+        if sketch is not None and self.dp is not None and not isinstance(inner, DistributedDP):
+            # Central DP noises the decoded sum, i.e. the unsketched step, whose sensitivity
+            # the clip does not bound; distributed DP noises each clipped sketch (see below).
+            raise StrategyCompositionError(
+                "sketch(F) under a DP mode needs DistributedDP (clients noise the clipped "
+                f"sketch), not {type(inner).__name__}"
+            )
+        if isinstance(inner, DistributedDP) and inner.sketch != sketch:
+            raise StrategyCompositionError(
+                "give DistributedDP the same sketch stage as SecAggStrategy (it predicts the "
+                "noised length from it)"
+            )
+        if sketch is not None and self.dp is not None and sketch.momentum:
+            raise StrategyCompositionError(
+                "sketch(F) under distributed DP draws fresh hashes every round and keeps no "
+                "sketch-space state: no sketch momentum (use a server-momentum strategy)"
             )
         self.sketch = sketch
         self._unsketch: SketchAccumulator | None = None
@@ -327,8 +348,16 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
                 weight_cap=self.weight_cap,
             )
 
-        if self.sketch is not None:  # one set of hashes per run: the server's error adds up
-            return sketched(inner_for, d, self.sketch, round_seed(self.seed, 0, Stream.SKETCH))
+        if self.sketch is not None:
+            # Without DP: one set of hashes per run, so the server's error adds up across
+            # rounds. Under DP every cell carries noise of the order of the whole signal, so
+            # heavy hitters cannot be told apart and the server applies the unbiased estimate
+            # of every coordinate (k = d); fresh hashes every round then make the sketch's
+            # collision error average out over rounds instead of confining the model to one
+            # fixed F·d-dimensional subspace (see simulations/README.md).
+            hash_round = server_round if self.dp is not None else 0
+            seed = round_seed(self.seed, hash_round, Stream.SKETCH)
+            return sketched(inner_for, d, self.sketch, seed)
         randk_seed = round_seed(self.seed, server_round, Stream.SECURE_RANDK)
         return random_k(inner_for, d, self.randk, randk_seed)
 
@@ -473,6 +502,11 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         sum_flat, weight = r.encoding.decode_sum(total, included)
         template = ok[0]
         if self.dp is not None:
+            if isinstance(r.encoding, SketchSum):
+                # Post-processing of the noised sum; a fresh accumulator (this round's
+                # hashes, no state) on the sum, which the DP mode divides by its fixed
+                # denominator (the step is homogeneous: step(c·S) = c·step(S)).
+                sum_flat = self._accumulator(r.encoding, r.encoding.dim).step(sum_flat)
             total_arrays = unflatten(sum_flat, r.global_arrays)
             return self.dp.aggregate_secure_sum(
                 server_round, total_arrays, included, template, metrics
@@ -487,14 +521,18 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
             self.inner, server_round, r.global_arrays, mean, template, self.names, metrics
         )
 
+    def _accumulator(self, encoding: SketchSum, k: int = 0) -> SketchAccumulator:
+        """A fresh accumulator for ``encoding``'s sketch: the stage's ``k``, else ``k``, else
+        :func:`~fedsqueeze.compression.sketch.default_k`."""
+        assert self.sketch is not None
+        k = self.sketch.k or k or default_k(encoding.dim, encoding.rows, encoding.cols)
+        gain = self.sketch.gain or MAX_GAIN
+        return SketchAccumulator(encoding.sketch, k, self.sketch.momentum or 0.0, gain)
+
     def _unsketcher(self, encoding: SketchSum) -> SketchAccumulator:
         acc = self._unsketch
         if acc is None or acc.sketch.key != encoding.sketch.key:
-            assert self.sketch is not None
-            k = self.sketch.k or default_k(encoding.dim, encoding.rows, encoding.cols)
-            acc = SketchAccumulator(
-                encoding.sketch, k, self.sketch.momentum or 0.0, self.sketch.gain or MAX_GAIN
-            )
+            acc = self._accumulator(encoding)
             if self._unsketch_saved:  # a resumed run: the hashes come from the run's seed
                 acc.restore(self._unsketch_saved)
                 self._unsketch_saved = {}

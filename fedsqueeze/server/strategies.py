@@ -125,8 +125,14 @@ def _dp_wrapper(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
         mechanism=str(config["dp-mechanism"]),
         min_contributors=threshold,
         randk=randk_fraction(config),
+        sketch=_sketch(config),
         **common,
     )
+
+
+def _sketch(config: Mapping[str, Any]) -> Sketch | None:
+    codec = parse_codec(str(config["codec"]))
+    return codec.sparsifier if isinstance(codec.sparsifier, Sketch) else None
 
 
 def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
@@ -142,7 +148,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
         weight_cap=(weight_cap(config) or 0) if weighted else 0,
         randk=randk_fraction(config),
         error_feedback=isinstance(codec.feedback, ErrorFeedback),
-        sketch=codec.sparsifier if isinstance(codec.sparsifier, Sketch) else None,
+        sketch=_sketch(config),
         seed=int(config["seed"]),
         timeout=float(config["node-timeout"]),
         simulate_dropout=float(config["simulate-dropout"]),
