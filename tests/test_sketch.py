@@ -223,7 +223,8 @@ def test_accumulator_state_round_trips() -> None:
 @settings(max_examples=80, deadline=None)
 @given(
     st.one_of(
-        st.integers(0, 200).map(lambda n: np.zeros(n)),
+        # 60 = 3 x 20 cells is a valid table: every other length is not
+        st.integers(0, 200).filter(lambda n: n != 60).map(lambda n: np.zeros(n)),
         st.integers(1, 30).map(lambda n: np.zeros((n, 2))),
         st.sampled_from(
             [
