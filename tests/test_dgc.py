@@ -241,7 +241,7 @@ def test_server_accumulator_conserves_mass(
         np.testing.assert_allclose(applied + acc.error, error + velocity, atol=1e-9)
         assert np.count_nonzero(applied) <= max(1, round(density * D))
         where = applied != 0
-        if masking:
+        if masking and density < 1:
             assert np.all(acc.velocity[where] == 0)
         velocity, error = acc.velocity.copy(), acc.error.copy()
 
@@ -254,6 +254,16 @@ def test_server_accumulator_off_is_the_identity() -> None:
     restored = ServerAccumulator(0.9, 0.1)
     restored.restore(ServerAccumulator(0.9, 0.1).state() or {"error": a, "velocity": a})
     assert restored.error is not None and np.array_equal(restored.error, a)
+
+
+def test_server_momentum_with_dense_steps_is_heavy_ball() -> None:
+    """``server-ef-momentum`` without a sparse step is server momentum, masking or not (the
+    default masking used to clear the whole velocity after each dense step: no momentum)."""
+    a = np.linspace(-1, 1, D)
+    for masking in (True, False):
+        acc = ServerAccumulator(momentum=0.5, density=1.0, masking=masking)
+        steps = [acc.step(a) for _ in range(3)]
+        np.testing.assert_allclose(steps, [a, 1.5 * a, 1.75 * a], atol=1e-12)
 
 
 def test_server_feedback_holds_back_what_it_does_not_apply() -> None:

@@ -188,11 +188,14 @@ class ServerAccumulator:
 
     Each round: ``u <- m*u + aggregate``; ``e <- e + u``; the applied step is the
     ``density`` largest-magnitude coordinates of ``e`` (all of it at density 1), removed from
-    ``e``; with masking, ``u`` is cleared where the step applied. ``m = 0`` and
-    ``density = 1`` is plain FedAvg (the step is the aggregate). What is not applied stays in
-    ``e`` and is applied in a later round: the server is in every round, so unlike a client's
-    residual it never waits for a client to be sampled again. A sparse step also makes the
-    next broadcast a sparse change of the model.
+    ``e``; with masking, ``u`` is cleared where a sparse step (``density < 1``) applied.
+    ``m = 0`` and ``density = 1`` is plain FedAvg (the step is the aggregate); ``m > 0`` and
+    ``density = 1`` is server momentum (FedAvgM with server learning rate 1): masking is
+    for coordinates that waited in ``e`` while their velocity kept growing, and a dense step
+    leaves none waiting (masking it would clear all of ``u`` and silently turn the momentum
+    off). What is not applied stays in ``e`` and is applied in a later round: the server is
+    in every round, so unlike a client's residual it never waits for a client to be sampled
+    again. A sparse step also makes the next broadcast a sparse change of the model.
     """
 
     def __init__(self, momentum: float = 0.0, density: float = 1.0, masking: bool = True) -> None:
@@ -226,7 +229,7 @@ class ServerAccumulator:
             applied[positions] = e[positions]
             e[positions] = 0.0
             self.error = e
-        if self.masking:
+        if self.masking and self.density < 1.0:
             u[positions] = 0.0
         self.velocity = u
         return applied

@@ -8,7 +8,8 @@ update ``aggregate - global`` and hands it to a
 global model; the rest waits on the server. A client's residual waits on the client until
 it is sampled again (many rounds under partial participation); the server's error is
 applied as soon as it is large enough, every round. Momentum-factor masking clears ``u``
-where the step applied. ``momentum = 0, density = 1`` is the identity.
+where a sparse step applied. ``momentum = 0, density = 1`` is the identity;
+``momentum > 0, density = 1`` is server momentum (FedAvgM with server learning rate 1).
 
 Inside :class:`~fedsqueeze.server.strategy.CompressedStrategy` it sees the decoded updates'
 aggregate on the server's exact global model. Its state (velocity, error) is checkpointed.
