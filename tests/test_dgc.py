@@ -197,6 +197,22 @@ def test_residual_survives_the_warmup_density_changes() -> None:
     assert max(float(np.abs(e).max()) for e in residuals) > 0.1  # something was held back
 
 
+def test_stochastic_rounding_repeats_by_seed() -> None:
+    """Runs without DP repeat bit for bit by seed (README): the plain codec's stochastic
+    rounding is drawn from the round's codec seed and the client, not from OS entropy."""
+
+    def run() -> dict[str, np.ndarray]:
+        strategy = CompressedStrategy(fedavg(), codec="topk(0.5)+q2+ef", warmup=(0, 1.0))
+        grid = InProcessGrid(plain_app(), N)
+        arrays = _global()
+        for rnd in (1, 2):
+            arrays, _ = train_round(strategy, CountingGrid(grid, NODES), rnd, arrays, 60.0)
+        return arrays
+
+    first, second = run(), run()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
 def test_strategy_sends_the_round_codec_and_the_options() -> None:
     on = {"dgc-momentum": 0.9, "dgc-clip": 10.0, "dgc-warmup-rounds": 4}
     config = resolve_config({"codec": "topk(0.01)+q4+ef", **on})

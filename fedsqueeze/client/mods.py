@@ -57,6 +57,7 @@ from fedsqueeze.contracts.records import (
     to_record,
     without,
 )
+from fedsqueeze.contracts.streams import rounding_rng
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,17 @@ def _encode_reply(
     delta = {k: local[k].astype(np.float32) - reference[k].astype(np.float32) for k in local}
     # The server sent the model, so it knows the layout: send its digest, not the table.
     # DGC's fixes (momentum correction, masking, clipping) act when the server asks for them.
+    seed = as_int(instructions["codec-seed"], "codec-seed")
+    # Rounding is reproducible (the round's seed and this client's partition, or its node id
+    # in an app without partitions): nothing secret depends on it on this path.
+    client = context.node_config.get("partition-id", context.node_id)
     encoded = encode_update(
         codec,
         delta,
         DGCOptions.from_record(instructions),
-        seed=as_int(instructions["codec-seed"], "codec-seed"),
+        seed=seed,
         state=_codec_state(context, codec),
+        rng=rounding_rng(seed, as_int(client, "partition-id")),
         layout="hash",
     )
     if encoded.state:

@@ -3,7 +3,8 @@
 Two kinds of randomness, never mixed:
 
 - **Reproducible** streams derive from the run ``seed`` and the round, so that a run (and a
-  resumed run) repeats bit for bit: client sampling *without DP*, codec and rotation seeds,
+  resumed run) repeats bit for bit: client sampling *without DP*, codec and rotation seeds
+  (and a client's stochastic rounding in the plain uplink codec, :func:`rounding_rng`),
   the SecAgg+ graph, the simulated drop-outs, local training order without DP. Anyone who
   knows the run config can recompute them; nothing secret may depend on them.
 - **Secret** randomness is never derivable from the run config:
@@ -13,8 +14,9 @@ Two kinds of randomness, never mixed:
     derived (central-DP noise and adaptive-clipping count noise, client sampling under
     central or distributed DP). The key is the wrapper's checkpoint state, so it lives only
     in the server's owner-only checkpoint and a resumed run repeats the same draws;
-  - on a client, drawn from OS entropy where it is used: stochastic rounding and
-    distributed-DP noise, SecAgg+ keys and self-masks, DP-SGD's noise and Poisson batches
+  - on a client, drawn from OS entropy where it is used: stochastic rounding under secure
+    aggregation and distributed-DP noise, SecAgg+ keys and self-masks, DP-SGD's noise and
+    Poisson batches
     (:func:`secret_seed` seeds a fresh torch generator every round).
 
 Who can recompute what: the reproducible streams, everyone with ``config.toml`` (clients
@@ -120,6 +122,13 @@ def round_seed(seed: int, server_round: int, stream: Stream) -> int:
 def round_rng(seed: int, server_round: int, stream: Stream) -> np.random.Generator:
     """A numpy generator for ``stream`` in round ``server_round``."""
     return np.random.default_rng([int(seed), int(server_round), int(stream)])
+
+
+def rounding_rng(codec_seed: int, client: int) -> np.random.Generator:
+    """A client's stochastic rounding for the plain (not secure-aggregation) uplink codec:
+    reproducible from the round's codec seed and the client's partition id. No guarantee
+    depends on it — the server sees the quantized update itself — so a run repeats by seed."""
+    return np.random.default_rng([int(codec_seed), int(client), int(Stream.UPLINK_CODEC)])
 
 
 def training_seed(seed: int, server_round: int, partition_id: int) -> int:
