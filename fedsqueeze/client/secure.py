@@ -55,6 +55,7 @@ from fedsqueeze.compression.stages import ErrorFeedback
 from fedsqueeze.contracts.records import (
     CODEC_META_KEY,
     CODEC_STATE_KEY,
+    as_int,
     flatten,
     from_record,
     single_metrics,
@@ -188,7 +189,7 @@ def load_residual(context: Context, spec: str, d: int) -> np.ndarray:
     meta = context.state.config_records.get(CODEC_META_KEY)
     if meta is None or meta.get("codec") != spec or CODEC_STATE_KEY not in context.state:
         return np.zeros(d, dtype=np.float32)
-    stored = from_record(context.state[CODEC_STATE_KEY]).get(EF_STATE_KEY)
+    stored = from_record(context.state.array_records[CODEC_STATE_KEY]).get(EF_STATE_KEY)
     if stored is None or stored.shape != (d,):
         return np.zeros(d, dtype=np.float32)
     return stored.astype(np.float32)
@@ -238,9 +239,11 @@ def _later_stage(msg: Message, context: Context, record: ConfigRecord, stage: st
     if STATE_KEY not in context.state:
         raise ModPreconditionError("arrived before this client's setup")
     client, glue = _load(
-        context.state[STATE_KEY], int(context.node_id), client_policy(context.node_config)
+        context.state.config_records[STATE_KEY],
+        int(context.node_id),
+        client_policy(context.node_config),
     )
-    if int(glue["round"]) != int(record.get("round", -1)):
+    if as_int(glue["round"]) != as_int(record.get("round", -1), "round"):
         raise ModPreconditionError("for another round than this client's setup")
     _maybe_drop(glue, stage)
     request = from_fields(record)
@@ -289,9 +292,9 @@ def _encode_input(
 def _setup_stage(
     msg: Message, context: Context, call_next: ClientAppCallable, record: ConfigRecord
 ) -> Message:
-    server_round = int(record["round"])
+    server_round = as_int(record["round"], "round")
     replay = context.state.config_records.get(REPLAY_KEY)
-    last = int(replay["last-setup"]) if replay is not None else None
+    last = as_int(replay["last-setup"]) if replay is not None else None
     if last is not None and server_round <= last:
         raise ModPreconditionError(
             f"refusing setup for round {server_round}: this client already set up round {last} "
