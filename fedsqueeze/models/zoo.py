@@ -41,37 +41,31 @@ def _logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
-def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(_flat_dim(input_shape), 128)),
-                ("act1", nn.ReLU()),
-                ("fc2", nn.Linear(128, 64)),
-                ("act2", nn.ReLU()),
-                ("fc3", nn.Linear(64, num_classes)),
-            ]
+def _mlp_layout(hidden1: int, hidden2: int) -> Callable[[tuple[int, ...], int], nn.Module]:
+    """A flatten-fc-fc-fc classifier with the given hidden widths."""
+
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(_flat_dim(input_shape), hidden1)),
+                    ("act1", nn.ReLU()),
+                    ("fc2", nn.Linear(hidden1, hidden2)),
+                    ("act2", nn.ReLU()),
+                    ("fc3", nn.Linear(hidden2, num_classes)),
+                ]
+            )
         )
-    )
+
+    return factory
 
 
-def _mlp_wide(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``mlp`` with 512 and 256 hidden units: ~10x the parameters (167,178 on digits), a
-    model where a few kilobytes of fixed per-client protocol cost (secure aggregation's keys
-    and signatures) no longer dominate a compressed update."""
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(_flat_dim(input_shape), 512)),
-                ("act1", nn.ReLU()),
-                ("fc2", nn.Linear(512, 256)),
-                ("act2", nn.ReLU()),
-                ("fc3", nn.Linear(256, num_classes)),
-            ]
-        )
-    )
+_mlp = _mlp_layout(128, 64)
+# ~10x mlp's parameters (167,178 on digits): a model where a few kilobytes of fixed
+# per-client protocol cost (secure aggregation's keys and signatures) no longer dominate a
+# compressed update.
+_mlp_wide = _mlp_layout(512, 256)
 
 
 # Longest sequence / side kept after the conv stack; larger inputs are pooled down to it.
