@@ -17,17 +17,20 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_secure_glue import _plain_fedavg_delta, _run, _secure_sum
+from test_secure_glue import SMALL, _plain_fedavg_delta, _run, _secure_sum
 
 from fedsqueeze.cli import EXIT_USAGE, main
 from fedsqueeze.compression import CodecError, CodecSpecError, Sketch, parse_codec
 from fedsqueeze.compression.hadamard import BlockHadamard
 from fedsqueeze.config import ConfigError, resolve_config
 from fedsqueeze.contracts.checks import check_secure_config
+from fedsqueeze.contracts.streams import Stream, round_seed
 from fedsqueeze.contracts.summable import (
     ClippedSum,
     EncodingError,
     HadamardQuantSum,
+    RandomK,
+    SketchSum,
     SummableEncoding,
     WeightedSum,
     choose_integer_encoding,
@@ -37,7 +40,9 @@ from fedsqueeze.contracts.summable import (
     sketched,
 )
 from fedsqueeze.secagg import from_field, to_field
-from fedsqueeze.server.secure import outside_honest_range
+from fedsqueeze.server.hooks import strategy_chain
+from fedsqueeze.server.secure import SecAggStrategy, outside_honest_range
+from fedsqueeze.server.strategies import build_chain
 
 CLIP = 2.0
 
@@ -200,9 +205,7 @@ def test_no_overflow_for_n_clients_at_max_norm(
     seed=st.integers(0, 2**32),
     norm=st.floats(1e-6, 1.0),
 )
-def test_decoded_sum_error_bound(
-    d: int, n: int, levels_bits: int, seed: int, norm: float
-) -> None:
+def test_decoded_sum_error_bound(d: int, n: int, levels_bits: int, seed: int, norm: float) -> None:
     """Whenever nothing is clamped the decoded sum is within n * sqrt(padded_dim) / scale of
     the true sum (each rotated coordinate moves by less than one level per client)."""
     enc = HadamardQuantSum(d, CLIP, levels_bits, n, seed % 997)
@@ -395,15 +398,26 @@ def test_secure_round_with_hadamard_is_plain_fedavg_up_to_rounding() -> None:
     assert np.linalg.norm(step - mean) <= 0.05 * np.linalg.norm(mean)
 
 
-def test_sketched_hadamard_round_sends_the_rotated_table_in_the_small_field() -> None:
-    run = _run({"secagg-clip": 5.0, "codec": "sketch(0.2)+hadamard+q4"})
-    (r,) = run.rounds
-    assert r.row["clients"] == 5 and r.row["secagg_bits"] == 4 + 3
-    d = sum(v.size for v in run.start.values())
-    cells = round(0.2 * d)
-    enc = HadamardQuantSum(cells, 5.0, 4, 5, 0, 0, 1)
-    assert r.row["secagg_vector_len"] == enc.padded_dim + 1
-    assert any(np.any(run.arrays[k] != run.start[k]) for k in run.start)  # it moved
+@pytest.mark.parametrize(
+    ("codec", "wrapper"),
+    [
+        ("sketch(0.2)+hadamard+q4", SketchSum),
+        ("randk(0.3)+hadamard+q4", RandomK),
+        ("hadamard+q4", None),
+    ],
+)
+def test_the_run_config_puts_hadamard_inside_sketch_and_random_k(codec: str, wrapper: Any) -> None:
+    """The strategy chain a config builds: HadamardQuantSum is the inner integer encoding of
+    whichever projection the codec names (no separate path)."""
+    cfg = resolve_config(SMALL, {"secagg-clip": 5.0, "codec": codec})
+    (secagg,) = [s for s in strategy_chain(build_chain(cfg)) if isinstance(s, SecAggStrategy)]
+    enc = secagg._encoding(1000, 5, 3)
+    inner = enc if wrapper is None else enc.inner  # type: ignore[attr-defined]
+    assert wrapper is None or isinstance(enc, wrapper)
+    assert isinstance(inner, HadamardQuantSum) and inner.bits == 4 + 3
+    assert inner.weight_cap > 0 and inner.clip == 5.0
+    assert inner.rotation_seed == round_seed(0, 3, Stream.ROTATION)  # the round's shared seed
+    assert encoding_from_fields(enc.to_fields()) == enc  # what the clients rebuild
 
 
 def test_secure_sum_core_sums_hadamard_vectors_exactly() -> None:
@@ -424,8 +438,10 @@ def test_weighted_encodings_of_the_same_inputs_agree_in_expectation() -> None:
     had = HadamardQuantSum(d, CLIP, 6, n, 2, 0, 8)
     ref = choose_integer_encoding(dim=d, num_clients=n, clip=CLIP, bits=20, weight_cap=8)
     assert isinstance(ref, WeightedSum)
-    totals = [had.decode_sum(sum(had.encode(x, s, rng) for x, s in zip(xs, sizes)), n)[0]
-              for _ in range(300)]
-    exact = ref.decode_sum(sum(ref.encode(x, s, rng) for x, s in zip(xs, sizes)), n)[0]
+    totals = [
+        had.decode_sum(sum(had.encode(x, s, rng) for x, s in zip(xs, sizes, strict=True)), n)[0]
+        for _ in range(300)
+    ]
+    exact = ref.decode_sum(sum(ref.encode(x, s, rng) for x, s in zip(xs, sizes, strict=True)), n)[0]
     one = np.sqrt(np.mean([np.sum((t - exact) ** 2) for t in totals]))
     assert np.linalg.norm(np.mean(totals, axis=0) - exact) <= 3 * one / math.sqrt(300) + 1e-6

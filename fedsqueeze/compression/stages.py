@@ -346,7 +346,10 @@ class Hadamard(Stage):
 
     def __init__(self, block: int | None = None) -> None:
         if block is not None and (
-            isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1)
+            isinstance(block, bool)
+            or not isinstance(block, int)
+            or block < 1
+            or block & (block - 1)
         ):
             raise CodecSpecError(f"hadamard: block must be a power of two, got {block!r}")
         self.block = block

@@ -375,22 +375,25 @@ class HadamardQuantSum(SummableEncoding):
     weight_cap: int = 0
 
     def __post_init__(self) -> None:
+        for name, lo, hi in (
+            ("dim", 1, None),
+            ("num_clients", 2, None),
+            ("rotation_seed", 0, None),
+            ("levels_bits", 1, 16),
+            ("weight_cap", 0, None),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < lo
+                or (hi is not None and value > hi)
+            ):
+                span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+                raise EncodingError(f"hadamard: {name} must be an int {span}, got {value!r}")
+        if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
+            raise EncodingError(f"hadamard: the clip must be a finite number > 0, got {self.clip}")
         try:
-            for name, lo in (("dim", 1), ("num_clients", 2), ("rotation_seed", 0)):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                    raise EncodingError(f"hadamard: {name} must be an int >= {lo}, got {value!r}")
-            b = self.levels_bits
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
-                raise EncodingError(f"hadamard: qB needs B in 1..16, got {b!r}")
-            if not (isinstance(self.clip, int | float) and math.isfinite(self.clip)):
-                raise EncodingError(f"hadamard: the clip must be a finite number > 0: {self.clip}")
-            if self.clip <= 0:
-                raise EncodingError(f"hadamard: the clip must be a finite number > 0: {self.clip}")
-            if isinstance(self.weight_cap, bool) or not isinstance(self.weight_cap, int):
-                raise EncodingError(f"hadamard: weight cap must be an int, got {self.weight_cap}")
-            if self.weight_cap < 0:
-                raise EncodingError(f"hadamard: weight cap must be >= 0, got {self.weight_cap}")
             object.__setattr__(self, "block", resolve_block(self.dim, self.block))
         except CodecError as err:
             raise EncodingError(f"hadamard: {err}") from None
