@@ -119,8 +119,9 @@ def outside_honest_range(encoding: SummableEncoding, int_sum: np.ndarray, count:
     ``||s|| <= scale * clip * W / cap + count * sqrt(d)`` (triangle inequality). Outside
     that, at least one included client sent something no honest client could, and the
     round's sum is refused. Inside it the mean has norm at most ``clip`` plus rounding:
-    a forged weight or a huge vector cannot scale the update up. DP encodings return "":
-    their wrappers bound (and noise) the sum.
+    a forged weight or a huge vector cannot scale the update up. ``hadamard+qB`` has its own
+    bounds (:meth:`~fedsqueeze.contracts.summable.HadamardQuantSum.outside_range`). DP
+    encodings return "": their wrappers bound (and noise) the sum.
     """
     enc = encoding.inner if isinstance(encoding, Projected) else encoding
     if isinstance(enc, HadamardQuantSum):
