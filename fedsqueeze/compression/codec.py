@@ -47,6 +47,7 @@ from fedsqueeze.compression.stages import (
     Feedback,
     Float16,
     Float32,
+    Hadamard,
     Layout,
     Lossless,
     Quantize,
@@ -79,11 +80,12 @@ DEFAULT_MAX_ELEMENTS = 1 << 28
 _DTYPES: dict[int, str] = {1: "float16", 2: "float32", 3: "float64"}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_NDIM = 64
-_STAGE_ORDER = ("sparsify", "quantize", "feedback", "lossless")
+_STAGE_ORDER = ("sparsify", "rotate", "quantize", "feedback", "lossless")
 
 VALID_STAGES = (
     "topk(F), topk_pt(F), randk(F), sketch(F[,rows=R,k=K,momentum=M,gain=G]) (secagg only), "
-    "thresh(T), qB or qB(block=N) with B in 1..16, "
+    "thresh(T), hadamard or hadamard(block=N) then qB (secagg only), "
+    "qB or qB(block=N) with B in 1..16, "
     "qsgdB or qsgdB(block=N), sign or sign(block=N), ternary, fp16, bf16, fp32, ef, ef21, "
     "zstd or zstd(level), zlib or zlib(level), none "
     "(F: fraction in (0,1] like 0.01, or integer count >= 1)"
@@ -149,9 +151,23 @@ class Codec:
         self.lossless: Lossless | None = by_role.get("lossless")  # type: ignore[assignment]
         if isinstance(self.quantizer, Ternary) and self.sparsifier is None:
             raise CodecSpecError("ternary needs a sparsifier before it (e.g. topk(0.01)+ternary)")
+        self.rotation: Hadamard | None = by_role.get("rotate")  # type: ignore[assignment]
+        if self.rotation is not None and (
+            type(self.quantizer) is not Quantize or self.quantizer.block is not None
+        ):
+            raise CodecSpecError(
+                f"{self.rotation.spec} needs an unbiased qB after it (e.g. hadamard+q4), "
+                f"not {quantizer.spec if quantizer is not None else 'fp32'}"
+            )
         self.stages: tuple[Stage, ...] = tuple(
             s
-            for s in (self.sparsifier, by_role.get("quantize"), self.feedback, self.lossless)
+            for s in (
+                self.sparsifier,
+                self.rotation,
+                by_role.get("quantize"),
+                self.feedback,
+                self.lossless,
+            )
             if s is not None and not isinstance(s, Float32)
         )
 
@@ -164,8 +180,10 @@ class Codec:
 
     @property
     def linear(self) -> bool:
-        """Whether every stage commutes with summation of encoded updates."""
-        return all(s.linear for s in (*self.stages, self.quantizer))
+        """Whether every stage commutes with summation of encoded updates (after ``hadamard``
+        a ``qB`` rounds with one shared scale, so it does)."""
+        shared_scale = (self.quantizer,) if self.rotation is not None else ()
+        return all(s.linear for s in (*self.stages, self.quantizer) if s not in shared_scale)
 
     @property
     def integer_output(self) -> bool:
@@ -271,6 +289,7 @@ class Codec:
     def _encode_body(
         self, v: np.ndarray, layout: Layout, seed: int | None, rng: np.random.Generator
     ) -> tuple[bytes, np.ndarray | None]:
+        self._refuse_rotation()
         w = Writer()
         positions: np.ndarray | None = None
         if self.sparsifier is not None:
@@ -285,7 +304,15 @@ class Codec:
         self.quantizer.encode(values, starts, w, rng)
         return w.getvalue(), positions
 
+    def _refuse_rotation(self) -> None:
+        if self.rotation is not None:
+            raise CodecError(
+                f"{self.spec} is a secure-aggregation encoding (the server inverse-rotates the "
+                "sum of all clients' integers); use it with secagg = true"
+            )
+
     def _decode_body(self, r: Reader, layout: Layout, seed: int | None) -> np.ndarray:
+        self._refuse_rotation()
         bits = self.quantizer.bits
         if self.sparsifier is not None:
             # Each kept value needs at least `bits` bits of the remaining bytes: bounds k
@@ -657,6 +684,7 @@ def _build_stage(name: str, args: list[str], kwargs: dict[str, str]) -> Stage | 
 
     simple: dict[str, Callable[[], Stage]] = {
         "sketch": sketch,
+        "hadamard": lambda: Hadamard(block_only()),
         "topk": lambda: TopK(one_amount()),
         "topk_pt": lambda: TopKPerTensor(one_amount()),
         "randk": lambda: RandomK(one_amount()),

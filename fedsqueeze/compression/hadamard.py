@@ -16,6 +16,14 @@ most 1/32 of d, and never below :data:`MIN_BLOCK` (so the worst-case spread stay
 the norm per coordinate). Blocks of *different* power-of-two sizes could cover d exactly, but
 their smallest block (down to 1 coordinate) would spread nothing: one block size keeps one
 worst case.
+
+``permute=True`` first shuffles the d coordinates with a permutation drawn from the same seed
+(another stream of it), so that every block holds a uniform sample of the whole vector: a
+block's norm is then about ``‖x‖ sqrt(B / d)`` whatever the layout (one layer's coordinates
+no longer share a block), and a rotated coordinate is about N(0, ‖x‖² / padded_dim) — what
+an encoding that sizes its integers for the typical vector rather than the worst case
+(:class:`~fedsqueeze.contracts.summable.HadamardQuantSum`) relies on. Still orthonormal and
+linear.
 """
 
 from __future__ import annotations
@@ -124,9 +132,13 @@ class BlockHadamard:
     block
         Block size B, a power of two; ``None`` = :func:`auto_block`. ``block >=
         next_power_of_two(dim)`` is the classic single rotation padded to a power of two.
+    permute
+        Shuffle the coordinates (seeded) before blocking (see the module docstring).
     """
 
-    def __init__(self, dim: int, seed: int, block: int | None = None) -> None:
+    def __init__(
+        self, dim: int, seed: int, block: int | None = None, *, permute: bool = False
+    ) -> None:
         self.dim = _check_int("dim", dim, 1)
         seed = _check_int("seed", seed, 0)
         self.block = resolve_block(self.dim, block)
@@ -135,6 +147,10 @@ class BlockHadamard:
         rng = np.random.default_rng(seed)
         self.signs = rng.integers(0, 2, size=self.padded_dim, dtype=np.int8) * 2 - 1
         self._norm = 1.0 / math.sqrt(self.block)
+        # A separate stream of the seed, so the signs are those of permute=False.
+        self.permutation: np.ndarray | None = (
+            np.random.default_rng([seed, 1]).permutation(self.dim) if permute else None
+        )
 
     def _blocks(self, y: np.ndarray) -> np.ndarray:
         return y.reshape(*y.shape[:-1], self.num_blocks, self.block)
@@ -145,7 +161,7 @@ class BlockHadamard:
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise CodecError(f"expected last axis of length {self.dim}, got shape {np.shape(x)}")
         padded = np.zeros((*x.shape[:-1], self.padded_dim), dtype=np.float64)
-        padded[..., : self.dim] = x
+        padded[..., : self.dim] = x if self.permutation is None else x[..., self.permutation]
         out = fwht(self._blocks(padded * self.signs)) * self._norm
         return out.reshape(padded.shape)
 
@@ -158,4 +174,8 @@ class BlockHadamard:
             )
         # H is symmetric with H @ H = B I, so (H D / sqrt(B))^-1 = D H / sqrt(B).
         out = (fwht(self._blocks(y)) * self._norm).reshape(y.shape) * self.signs
-        return out[..., : self.dim]
+        if self.permutation is None:
+            return out[..., : self.dim]
+        x = np.empty((*y.shape[:-1], self.dim), dtype=np.float64)
+        x[..., self.permutation] = out[..., : self.dim]
+        return x

@@ -9,11 +9,13 @@ A chain has up to one stage of each role, applied in this order:
 
 1. ``sparsify`` -- chooses positions of the flat update (all tensors concatenated in
    order): :class:`TopK`, :class:`TopKPerTensor`, :class:`RandomK`, :class:`Threshold`;
-2. ``quantize`` -- codes the kept values: :class:`Quantize`, :class:`QSGD`,
+2. ``rotate`` -- :class:`Hadamard` (secure aggregation only: a shared-seed rotation that
+   the secure sum commutes with, before an unbiased ``qB``);
+3. ``quantize`` -- codes the kept values: :class:`Quantize`, :class:`QSGD`,
    :class:`Sign`, :class:`Ternary`, :class:`Float16`, :class:`BFloat16`,
    :class:`Float32` (the default: plain float32);
-3. ``feedback`` -- wraps the whole lossy chain: :class:`ErrorFeedback`, :class:`EF21`;
-4. ``lossless`` -- compresses the final bytes: :class:`Zstd`, :class:`Zlib`.
+4. ``feedback`` -- wraps the whole lossy chain: :class:`ErrorFeedback`, :class:`EF21`;
+5. ``lossless`` -- compresses the final bytes: :class:`Zstd`, :class:`Zlib`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fedsqueeze.compression.errors import CodecError, CodecSpecError, PayloadErr
 from fedsqueeze.compression.indexcode import decode_positions, encode_positions
 from fedsqueeze.compression.sampling import random_k_indices, stochastic_round
 
-Role = Literal["sparsify", "quantize", "feedback", "lossless"]
+Role = Literal["sparsify", "rotate", "quantize", "feedback", "lossless"]
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,41 @@ class Threshold(Sparsifier):
 
     def select(self, v: np.ndarray, layout: Layout, seed: int | None) -> np.ndarray:
         return np.flatnonzero(np.abs(v) >= np.float32(self.threshold)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ rotation
+
+
+class Hadamard(Stage):
+    """``hadamard`` or ``hadamard(block=N)``: shared-seed block-wise randomized Hadamard
+    rotation, followed by an unbiased ``qB`` in a field of ``B + ceil(log2 n)`` bits.
+
+    A secure-aggregation encoding (:class:`~fedsqueeze.contracts.summable.HadamardQuantSum`):
+    every client rotates its clipped update with the round's shared seed
+    (:class:`~fedsqueeze.compression.hadamard.BlockHadamard`, blocks of ``N`` coordinates, a
+    power of two; default :func:`~fedsqueeze.compression.hadamard.auto_block`, which pads only
+    the last block), rounds each rotated coordinate without bias to ``2**B`` levels and the
+    secure sum of ``n`` clients fits ``B + ceil(log2 n)`` bits; the server inverse-rotates the
+    sum. Linear, stateless. It needs a ``qB`` after it and has no plain (non-secure) payload.
+    """
+
+    role: ClassVar[Role] = "rotate"
+    name = "hadamard"
+    linear = True
+    needs_seed = True
+
+    def __init__(self, block: int | None = None) -> None:
+        if block is not None and (
+            isinstance(block, bool)
+            or not isinstance(block, int)
+            or block < 1
+            or block & (block - 1)
+        ):
+            raise CodecSpecError(f"hadamard: block must be a power of two, got {block!r}")
+        self.block = block
+
+    def _spec_args(self) -> list[str]:
+        return [f"block={self.block}"] if self.block is not None else []
 
 
 # ---------------------------------------------------------------------------- quantizers

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedsqueeze.compression import parse_codec
 from fedsqueeze.compression.errors import CodecError
-from fedsqueeze.compression.stages import ErrorFeedback, RandomK, Sketch
+from fedsqueeze.compression.stages import ErrorFeedback, Hadamard, Quantize, RandomK, Sketch
 from fedsqueeze.contracts.summable import EncodingError, choose_integer_encoding
 from fedsqueeze.secagg import SecAggConfig, SecAggConfigError
 from fedsqueeze.secagg.config import DEFAULT_DROPOUT, protocol_params
@@ -129,6 +129,13 @@ def _sketch_stage(config: Mapping[str, Any]) -> Sketch | None:
     return codec.sparsifier if isinstance(codec.sparsifier, Sketch) else None
 
 
+def _rotation_stage(config: Mapping[str, Any]) -> Hadamard | None:
+    try:
+        return parse_codec(str(config.get("codec", "none"))).rotation
+    except CodecError:
+        return None
+
+
 def check_secure_config(config: Mapping[str, Any]) -> None:
     """Refuse run configs secure aggregation cannot honour, naming the culprit.
 
@@ -150,6 +157,11 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
             raise SecureConfigError(
                 "codec sketch(F) needs secagg = true (the server unsketches the secure sum)"
             )
+        if _rotation_stage(config) is not None:
+            raise SecureConfigError(
+                "codec hadamard+qB needs secagg = true (the server inverse-rotates the secure "
+                "sum); on the plain path use qB or qsgdB"
+            )
         if float(config.get("simulate-dropout", 0.0)) > 0:
             raise SecureConfigError(
                 "simulate-dropout needs secagg = true (it drops protocol stages)"
@@ -168,8 +180,20 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         )
     if isinstance(codec.sparsifier, Sketch) and float(config.get("secagg-randk", 1.0)) < 1.0:
         raise SecureConfigError(f"codec {codec.spec!r} and secagg-randk both set; use one")
+    if isinstance(codec.rotation, Hadamard):
+        if dp != "none":
+            raise SecureConfigError(
+                f'codec {codec.spec!r} is its own integer encoding: not with dp = "{dp}" '
+                "(distributed DP already rotates and rounds)"
+            )
+        if float(config.get("secagg-scale", 0.0)) > 0:
+            raise SecureConfigError(
+                f"codec {codec.spec!r} sets its own scale (from secagg-clip): no secagg-scale"
+            )
     for stage in codec.stages:
-        if isinstance(stage, RandomK | ErrorFeedback | Sketch):
+        if isinstance(stage, RandomK | ErrorFeedback | Sketch | Hadamard):
+            continue
+        if isinstance(stage, Quantize) and codec.rotation is not None:
             continue
         if stage.role == "feedback":
             raise SecureConfigError(
@@ -185,7 +209,7 @@ def check_secure_config(config: Mapping[str, Any]) -> None:
         raise SecureConfigError(
             f"codec stage {stage.spec!r} cannot run under secagg = true: {why}; the secure "
             "path already clips, scales and rounds to secagg-bits integers — use codec = "
-            '"none", "randk(F)", "randk(F)+ef" or "sketch(F)"'
+            '"none", "randk(F)", "randk(F)+ef", "sketch(F)" or "hadamard+qB"'
         )
     # Error feedback is allowed with dp = "central" and "local". Central: every round the
     # server sees (and the accountant charges for) the sum of contributions each clipped to

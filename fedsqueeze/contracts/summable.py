@@ -14,6 +14,9 @@ makes it usable under SecAgg+. One interface, one class per mode:
   as one more coordinate, so FedAvg's weights travel inside the mask;
 - :class:`DistributedDPSum` — clip, shared-seed randomized Hadamard rotation, scale,
   conditional rounding and the client's share of Skellam / discrete-Gaussian noise;
+- :class:`HadamardQuantSum` — clip, shared-seed block-wise Hadamard rotation, unbiased
+  rounding to ``2**B`` levels per coordinate; the sum of ``n`` clients fits
+  ``B + ceil(log2 n)`` bits (codec ``hadamard+qB``);
 
 and two wrappers:
 
@@ -41,6 +44,8 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.compression import random_k_indices, stochastic_round
+from fedsqueeze.compression.errors import CodecError
+from fedsqueeze.compression.hadamard import BlockHadamard, resolve_block
 from fedsqueeze.compression.sketch import DEFAULT_ROWS as DEFAULT_SKETCH_ROWS
 from fedsqueeze.compression.sketch import CountSketch, sketch_shape
 from fedsqueeze.compression.stages import Sketch, resolve_k
@@ -324,6 +329,182 @@ class DistributedDPSum(SummableEncoding):
         return {"kind": "ddp", "rotation_seed": self.rotation_seed, **asdict(self.params)}
 
 
+HADAMARD_SIGMAS = 3.0
+"""Headroom of :class:`HadamardQuantSum`, in standard deviations of a rotated coordinate of
+an update at the clip norm (module constant; see the class docstring for the choice)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _rotation(dim: int, seed: int, block: int) -> BlockHadamard:
+    return BlockHadamard(dim, seed, block, permute=True)
+
+
+@dataclass(frozen=True)
+class HadamardQuantSum(SummableEncoding):
+    """``hadamard+qB``: rotate, then ``B`` bits per coordinate; a field of ``B + ceil(log2 n)``.
+
+    A client clips its update to ``clip``, rotates it with the round's shared seed
+    (:class:`~fedsqueeze.compression.hadamard.BlockHadamard` with ``permute=True``: seeded
+    shuffle, blocks of ``block`` coordinates, only the last one padded), multiplies by
+    :attr:`scale` (and, weighted, by ``w = min(n_i, weight_cap) / weight_cap``) and rounds
+    every coordinate without bias to one of the ``2**B`` half-integer levels
+    ``-(2**(B-1) - 1/2), ..., 2**(B-1) - 1/2`` (sent as the integers ``level - 1/2``, i.e. a
+    B-bit two's-complement value). Weighted, ``w`` itself is appended, rounded without bias
+    to the ``2**B`` levels of ``[0, 1]``. ``n`` clients' B-bit values sum to at most
+    ``n * 2**(B-1)`` in magnitude: :attr:`bits` ``= B + ceil(log2 n)`` holds any sum of at most
+    ``n`` inputs exactly — whatever the inputs, since each is clamped to its B-bit range before
+    it is sent (a coordinate beyond the range is clamped, never wrapped).
+
+    The scale: after the shuffle and rotation a coordinate of a vector x is about
+    ``N(0, ‖x‖² / padded_dim)`` (each block holds a uniform sample of the coordinates), so at
+    the clip norm its std is ``clip / sqrt(padded_dim)``. :attr:`scale` maps
+    :data:`HADAMARD_SIGMAS` (3) of those stds onto the outermost level: an update at the clip
+    has about 0.3% of its coordinates clamped (a slight shrink toward zero of those only); a
+    shorter update none, at the price of coarser levels relative to it. Unbiased wherever
+    nothing is clamped; the decoded sum is the sum of the clipped (weighted) inputs up to the
+    rounding: at most ``sqrt(padded_dim) / scale`` in L2 norm per client (orthonormal
+    rotation, each coordinate moved by less than one level), about half that in expectation.
+    """
+
+    dim: int
+    clip: float
+    levels_bits: int
+    num_clients: int
+    rotation_seed: int
+    block: int = 0
+    weight_cap: int = 0
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (
+            ("dim", 1, None),
+            ("num_clients", 2, None),
+            ("rotation_seed", 0, None),
+            ("levels_bits", 1, 16),
+            ("weight_cap", 0, None),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < lo
+                or (hi is not None and value > hi)
+            ):
+                span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+                raise EncodingError(f"hadamard: {name} must be an int {span}, got {value!r}")
+        if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
+            raise EncodingError(f"hadamard: the clip must be a finite number > 0, got {self.clip}")
+        try:
+            object.__setattr__(self, "block", resolve_block(self.dim, self.block))
+        except CodecError as err:
+            raise EncodingError(f"hadamard: {err}") from None
+        if self.bits > MAX_BITS:
+            raise EncodingError(f"hadamard needs {self.bits} bits, more than {MAX_BITS}")
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        """``B + ceil(log2 num_clients)``."""
+        return self.levels_bits + (self.num_clients - 1).bit_length()
+
+    @property
+    def rotation(self) -> BlockHadamard:
+        return _rotation(self.dim, self.rotation_seed, self.block)
+
+    @property
+    def padded_dim(self) -> int:
+        return -(-self.dim // self.block) * self.block
+
+    @property
+    def half(self) -> int:
+        """``2**(B-1)``: a client's integers lie in ``[-half, half - 1]``."""
+        return 1 << (self.levels_bits - 1)
+
+    @property
+    def scale(self) -> float:
+        """Integer levels per update unit (class docstring)."""
+        return (self.half - 0.5) * math.sqrt(self.padded_dim) / (HADAMARD_SIGMAS * self.clip)
+
+    @property
+    def input_len(self) -> int:
+        return self.dim
+
+    @property
+    def vector_len(self) -> int:
+        return self.padded_dim + (1 if self.weight_cap else 0)
+
+    def _fraction(self, weight: int) -> float:
+        if not self.weight_cap:
+            return 1.0
+        return max(0, min(int(weight), self.weight_cap)) / self.weight_cap
+
+    def _levels(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Unbiased rounding of ``y`` (clamped to ``±(half - 1/2)``) to ``level - 1/2``."""
+        y = np.clip(y, 0.5 - self.half, self.half - 0.5) - 0.5
+        out: np.ndarray = np.clip(stochastic_round(y, rng), -self.half, self.half - 1)
+        return out
+
+    def encode(self, x: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
+        x = self._check_len(x)
+        if not np.all(np.isfinite(x)):
+            raise EncodingError("update contains NaN or Inf")
+        w = self._fraction(weight)
+        ints = self._levels(self.rotation.rotate(clip_flat(x, self.clip)) * (self.scale * w), rng)
+        if not self.weight_cap:
+            return ints
+        # w in [0, 1] onto the same 2**B levels: (2**B - 1) * w - (half - 1/2).
+        levels = (2 * self.half - 1) * w - (self.half - 0.5)
+        return np.concatenate([ints, self._levels(np.array([levels]), rng)])
+
+    def _check_sum(self, int_sum: np.ndarray) -> np.ndarray:
+        s = np.asarray(int_sum)
+        if s.shape != (self.vector_len,) or s.dtype.kind not in "iu":
+            raise EncodingError(
+                f"hadamard: expected {self.vector_len} integers, got {s.dtype}{s.shape}"
+            )
+        return s.astype(np.int64)
+
+    def decode_sum(self, int_sum: np.ndarray, contributors: int) -> tuple[np.ndarray, float]:
+        s, m = self._check_sum(int_sum), int(contributors)
+        # Each of the m inputs sent level - 1/2: add the m halves back.
+        total = self.rotation.unrotate((s[: self.padded_dim] + 0.5 * m) / self.scale)
+        if not self.weight_cap:
+            return total, float(m)
+        w_sum = (float(s[-1]) + m * self.half) / (2 * self.half - 1)
+        return total * self.weight_cap, w_sum * self.weight_cap
+
+    def sent(self, ints: np.ndarray, weight: int) -> np.ndarray:
+        w = self._fraction(weight)
+        if w == 0:
+            return np.zeros(self.dim)
+        s = self._check_sum(ints)[: self.padded_dim]
+        return self.rotation.unrotate((s + 0.5) / self.scale) / w
+
+    def outside_range(self, int_sum: np.ndarray, count: int) -> str:
+        """Why ``int_sum`` is no sum of ``count`` honest inputs ("" if it could be one).
+
+        Every honest coordinate lies in ``[-half, half - 1]`` and an honest input's levels
+        (``ints + 1/2``) have norm at most ``scale * clip + sqrt(padded_dim)`` (clamping only
+        shortens; rounding moves each coordinate by less than one level).
+        """
+        s = self._check_sum(int_sum)
+        if s.size and (int(s.min()) < -count * self.half or int(s.max()) > count * (self.half - 1)):
+            return (
+                f"a coordinate sum is outside what {count} clients' {self.levels_bits}-bit "
+                "values can reach"
+            )
+        vec = s[: self.padded_dim].astype(np.float64) + 0.5 * count
+        reach = count * (self.scale * self.clip + math.sqrt(self.padded_dim))
+        norm = float(np.linalg.norm(vec))
+        if norm > reach:
+            return (
+                f"the sum's norm ({norm:.0f}) exceeds what {count} clients clipped to "
+                f"{self.clip:g} can produce ({reach:.0f})"
+            )
+        return ""
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"kind": "hadamard", **asdict(self)}
+
+
 @dataclass(frozen=True)
 class Projected(SummableEncoding):
     """A ``dim``-long update mapped linearly to a shorter vector that ``inner`` encodes (the
@@ -454,6 +635,8 @@ def encoding_from_fields(fields: Mapping[str, Any]) -> SummableEncoding:
             inner = ClippedSum(**f)
         elif kind == "weighted":
             inner = WeightedSum(**f)
+        elif kind == "hadamard":
+            inner = HadamardQuantSum(**f)
         elif kind == "ddp":
             rotation_seed = int(f.pop("rotation_seed"))
             inner = DistributedDPSum(DistributedDPParams(**f), rotation_seed)

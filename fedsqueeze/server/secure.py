@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsqueeze.compression.sketch import MAX_GAIN, SketchAccumulator, default_k
-from fedsqueeze.compression.stages import Sketch
+from fedsqueeze.compression.stages import Hadamard, Sketch
 from fedsqueeze.contracts.records import RecordNames, flatten, from_record, unflatten
 from fedsqueeze.contracts.secure_wire import (
     CHECK,
@@ -55,6 +55,7 @@ from fedsqueeze.contracts.secure_wire import (
 from fedsqueeze.contracts.streams import Stream, round_rng, round_seed
 from fedsqueeze.contracts.summable import (
     ClippedSum,
+    HadamardQuantSum,
     Projected,
     SketchSum,
     SummableEncoding,
@@ -118,10 +119,13 @@ def outside_honest_range(encoding: SummableEncoding, int_sum: np.ndarray, count:
     ``||s|| <= scale * clip * W / cap + count * sqrt(d)`` (triangle inequality). Outside
     that, at least one included client sent something no honest client could, and the
     round's sum is refused. Inside it the mean has norm at most ``clip`` plus rounding:
-    a forged weight or a huge vector cannot scale the update up. DP encodings return "":
-    their wrappers bound (and noise) the sum.
+    a forged weight or a huge vector cannot scale the update up. ``hadamard+qB`` has its own
+    bounds (:meth:`~fedsqueeze.contracts.summable.HadamardQuantSum.outside_range`). DP
+    encodings return "": their wrappers bound (and noise) the sum.
     """
     enc = encoding.inner if isinstance(encoding, Projected) else encoding
+    if isinstance(enc, HadamardQuantSum):
+        return enc.outside_range(int_sum, count)
     if not isinstance(enc, ClippedSum):
         return ""
     s = np.asarray(int_sum, dtype=np.int64)
@@ -236,6 +240,12 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         and noised as a dense update of ``rows x cols`` coordinates would be, the hashes are
         the round's and the server applies its estimate of every coordinate (``k`` = d
         unless given) with no state between rounds.
+    hadamard
+        ``(Hadamard stage, B)`` for the ``hadamard+qB`` codec: the integer encoding (alone,
+        of the random-k positions or of the sketch table) is
+        :class:`~fedsqueeze.contracts.summable.HadamardQuantSum` — rotated with the round's
+        seed, B bits per coordinate, a field of ``B + ceil(log2 n)`` bits; ``bits`` and
+        ``scale`` are then unused (its scale comes from ``clip``). Not with a DP mode.
     seed
         Run seed for the reproducible per-round streams (graph, random-k, rotation).
     timeout
@@ -260,6 +270,7 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
         randk: float | int = 1.0,
         error_feedback: bool = False,
         sketch: Sketch | None = None,
+        hadamard: tuple[Hadamard, int] | None = None,
         seed: int = 0,
         timeout: float = 600.0,
         simulate_dropout: float = 0.0,
@@ -310,6 +321,12 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
                 "sketch(F) under distributed DP draws fresh hashes every round and keeps no "
                 "sketch-space state: no sketch momentum (use a server-momentum strategy)"
             )
+        if hadamard is not None and self.dp is not None:
+            raise StrategyCompositionError(
+                f"hadamard+qB is its own integer encoding; not under {type(inner).__name__} "
+                "(distributed DP already rotates and rounds)"
+            )
+        self.hadamard = hadamard
         self.sketch = sketch
         self._unsketch: SketchAccumulator | None = None
         self._unsketch_saved: dict[str, Any] = {}  # from a checkpoint, until the first round
@@ -339,6 +356,12 @@ class SecAggStrategy(DelegatingStrategy, RoundHook):
                     scale=self.scale,
                     rotation_seed=rotation_seed,
                 )
+            if self.hadamard is not None:
+                stage, levels_bits = self.hadamard
+                return HadamardQuantSum(
+                    length, self.clip, levels_bits, n, rotation_seed, stage.block or 0,
+                    self.weight_cap,
+                )  # fmt: skip
             return choose_integer_encoding(
                 dim=length,
                 num_clients=n,

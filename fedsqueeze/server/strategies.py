@@ -149,6 +149,7 @@ def _secure(inner: Strategy, config: Mapping[str, Any]) -> Strategy:
         randk=randk_fraction(config),
         error_feedback=isinstance(codec.feedback, ErrorFeedback),
         sketch=_sketch(config),
+        hadamard=(codec.rotation, codec.quantizer.bits) if codec.rotation is not None else None,
         seed=int(config["seed"]),
         timeout=float(config["node-timeout"]),
         simulate_dropout=float(config["simulate-dropout"]),
