@@ -355,8 +355,9 @@ def test_distributed_params_meet_the_calibrated_multiplier() -> None:
 def test_distributed_calibration_that_cannot_reach_its_multiplier_is_refused() -> None:
     # At 8 bits the field is so narrow that raising the noise only coarsens the rounding
     # (the sensitivity grows with it): the effective multiplier stalls below the calibrated
-    # one. Before, params() returned such an encoding silently (a nominal z of ~800, a run
-    # that learns nothing and stops early on its budget); now it is a one-line config error.
+    # one. Before, params() returned such an encoding silently (below the calibrated
+    # multiplier, at a nominal z of ~800: noise hundreds of times the clip); now it is a
+    # one-line config error.
     cfg = resolve_config(BASE, {"dp": "distributed", "secagg": True, "dp-epsilon": 4.0})
     wide = _wrapper({**cfg, "dp-bits": 10})
     worst = wide.worst_contributors(10)
