@@ -352,6 +352,21 @@ def test_distributed_params_meet_the_calibrated_multiplier() -> None:
     assert privacy.params(410, 10) is params
 
 
+def test_distributed_calibration_that_cannot_reach_its_multiplier_is_refused() -> None:
+    # At 8 bits the field is so narrow that raising the noise only coarsens the rounding
+    # (the sensitivity grows with it): the effective multiplier stalls below the calibrated
+    # one. Before, params() returned such an encoding silently (below the calibrated
+    # multiplier, at a nominal z of ~800: noise hundreds of times the clip); now it is a
+    # one-line config error.
+    cfg = resolve_config(BASE, {"dp": "distributed", "secagg": True, "dp-epsilon": 4.0})
+    wide = _wrapper({**cfg, "dp-bits": 10})
+    worst = wide.worst_contributors(10)
+    assert wide.params(4096, 10).effective_noise_multiplier(worst) >= wide.noise_multiplier
+    narrow = _wrapper({**cfg, "dp-bits": 8})
+    with pytest.raises(ConfigError, match=r"dp-bits = 8: .*cannot reach .*raise dp-bits"):
+        narrow.params(4096, 10)
+
+
 def test_local_mode_reports_the_running_max_of_client_epsilons() -> None:
     cfg = resolve_config(BASE, {"dp": "local", "dp-noise-multiplier": 1.0})
     privacy = build_chain(cfg)

@@ -628,6 +628,16 @@ class DistributedDP(DPStrategy):
                             break
                         z *= 1.001 * self.noise_multiplier / eff
                         params = self._for(dim, num_clients, z)
+                    eff = params.effective_noise_multiplier(worst)
+                    if eff < self.noise_multiplier:
+                        # More noise needs a coarser scale to fit the field, and rounding
+                        # then grows the sensitivity as fast as the noise: never reached.
+                        raise InvalidPrivacyParameter(
+                            f"{dim} coordinates summed over {num_clients} clients cannot reach "
+                            f"the calibrated noise multiplier {self.noise_multiplier:.3f} "
+                            f"(reached {eff:.3f} at a nominal {z:.3g}): rounding to "
+                            f"{self.bits}-bit integers dominates; raise dp-bits"
+                        )
             except InvalidPrivacyParameter as err:
                 raise ConfigError(f"distributed DP with dp-bits = {self.bits}: {err}") from None
             self._params[key] = params

@@ -1,6 +1,7 @@
 """The bits-on-the-wire table of a `fedsqueeze compare` run of the distributed-DP configs.
 
     python simulations/compression-ddp/table.py runs/ddp-sketch [--seeds N] [--json OUT.json]
+    python simulations/compression-ddp/table.py runs/ddp-wide --per-seed
 
 Per config (the run directories `compare` wrote, `NAME/seedN/`): final accuracy and the mean
 of the last 5 rounds (mean ± sd over seeds), the realized ε, the payload — the masked
@@ -26,6 +27,11 @@ HERE = Path(__file__).resolve().parent
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def _bits(value: float) -> str:
+    """Two decimals where the 2-bit line is read (below 10), one above."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def summarize(run_dir: Path, seeds: int = 0) -> list[dict[str, Any]]:
@@ -82,8 +88,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {r['label']} | {r['seeds']} | {_mean_sd(r['final'])} | {_mean_sd(r['last5'])} "
             f"| {r['epsilon']:.2f} | {r['payload_bits_per_param']:.2f} "
-            f"| {r['uplink_bytes_per_update']:,.0f} | {r['uplink_bits_per_param']:.1f} |"
+            f"| {r['uplink_bytes_per_update']:,.0f} | {_bits(r['uplink_bits_per_param'])} |"
         )
+    return "\n".join(out)
+
+
+def per_seed(rows: list[dict[str, Any]]) -> str:
+    """Final accuracy / mean of the last 5 rounds of every config, one line per seed."""
+    out = [
+        "| seed | " + " | ".join(r["label"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for i in range(max(r["seeds"] for r in rows)):
+        cells = [
+            f"{r['final'][i]:.4f} / {r['last5'][i]:.4f}" if i < r["seeds"] else "" for r in rows
+        ]
+        out.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -92,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--seeds", type=int, default=0, help="only seeds 0..N-1 (0 = all)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument(
+        "--per-seed", action="store_true", help="one line per seed instead (final / last 5)"
+    )
     args = parser.parse_args(argv)
     rows = summarize(args.run_dir, args.seeds)
-    print(markdown(rows))
+    print(per_seed(rows) if args.per_seed else markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
