@@ -47,13 +47,13 @@ for p in shards dirichlet01; do
   compare "fedprox-$p" "$p" 3 $H/$p/01-old-defaults.toml $H/$p/07-fedprox-mu001.toml
 done
 # partial participation, 10 of the 20 clients a round: the defaults and FedProx mu 0.01 on three
-# seeds of shards; at alpha 0.1 the defaults on three seeds, FedProx mu 0.01 beside them on one
-compare partial-shards partial-shards 3 $H/partial-shards/0[12]*.toml
-compare partial-dirichlet01 partial-dirichlet01 3 $H/partial-dirichlet01/01-defaults.toml
-compare partial-dirichlet01-screen partial-dirichlet01 1 $H/partial-dirichlet01/0[12]*.toml
+# seeds
+for p in shards dirichlet01; do
+  compare "partial-$p" "partial-$p" 3 $H/partial-$p/0[12]*.toml
+done
 
 R=$RESULTS
 python simulations/hetero/drops.py $R-{shards,dirichlet01,iid}{,-screen} $R-iid-lr02 $R-shards-no-bounds \
   $R-digits-{shards,dirichlet01,iid}{,-screen} | tee "$R-stability.md"
 python simulations/hetero/drops.py $R-fedprox-{shards-screen,shards,dirichlet01,iid} \
-  $R-partial-{shards,dirichlet01,dirichlet01-screen} | tee "$R-fedprox-partial-stability.md"
+  $R-partial-{shards,dirichlet01} | tee "$R-fedprox-partial-stability.md"
