@@ -38,7 +38,9 @@ def rows(results_json: Path, after: int) -> list[str]:
         finals = [float(r["summary"]["final_accuracy"]) for r in runs]
         drops = [max_drop([float(x["accuracy"]) for x in r["rounds"]], after) for r in runs]
         cfg = runs[0]["summary"]["config"]
-        part = f"{cfg['dataset']}/{cfg['model']}, {cfg['num-clients']} clients, " + (
+        n, k = int(cfg["num-clients"]), int(cfg["clients-per-round"])
+        clients = f"{n} clients" if k >= n else f"{k} of {n} clients a round"
+        part = f"{cfg['dataset']}/{cfg['model']}, {clients}, " + (
             f"Dirichlet α={cfg['dirichlet-alpha']:g}"
             if cfg["partition"] == "dirichlet"
             else cfg["partition"]

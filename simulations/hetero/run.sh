@@ -38,7 +38,22 @@ for p in shards dirichlet01 iid; do
   compare "digits-$p" "digits-$p" 3 $H/digits-$p/01-old-defaults.toml $H/digits-$p/06-e5-lr02.toml \
     $H/digits-$p/05-old-defaults-no-bounds.toml
 done
+# FedProx (`strategy = "fedprox"`, 5 local epochs, lr 0.05): proximal-mu 0.01 and 0.1 on one
+# seed of shards, then mu 0.01 on three seeds of shards and alpha 0.1 and one seed of IID (the
+# defaults' runs above are reused from $OUT)
+compare fedprox-shards-screen shards 1 $H/shards/01-old-defaults.toml $H/shards/0[78]*.toml
+compare fedprox-iid iid 1 $H/iid/01-old-defaults.toml $H/iid/07-fedprox-mu001.toml
+for p in shards dirichlet01; do
+  compare "fedprox-$p" "$p" 3 $H/$p/01-old-defaults.toml $H/$p/07-fedprox-mu001.toml
+done
+# partial participation, 10 of the 20 clients a round: the defaults and FedProx mu 0.01 on three
+# seeds
+for p in shards dirichlet01; do
+  compare "partial-$p" "partial-$p" 3 $H/partial-$p/0[12]*.toml
+done
 
 R=$RESULTS
 python simulations/hetero/drops.py $R-{shards,dirichlet01,iid}{,-screen} $R-iid-lr02 $R-shards-no-bounds \
   $R-digits-{shards,dirichlet01,iid}{,-screen} | tee "$R-stability.md"
+python simulations/hetero/drops.py $R-fedprox-{shards-screen,shards,dirichlet01,iid} \
+  $R-partial-{shards,dirichlet01} | tee "$R-fedprox-partial-stability.md"
