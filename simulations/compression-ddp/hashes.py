@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 import time
 import warnings
@@ -35,25 +34,21 @@ sys.path.insert(0, str(HERE.parent / "privacy"))
 def replay(config: dict[str, Any], noise_seed: int, fresh: bool) -> tuple[list[float], float]:
     """Test accuracy after every round, and the payload bits per parameter."""
     from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-    from noise_spread import _Nodes
+    from noise_spread import _Nodes, quiet_flower, train_sampled
 
-    from fedsqueeze.client.training import make_generator, train_local
     from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
     from fedsqueeze.contracts.streams import Stream, round_seed
     from fedsqueeze.contracts.summable import SketchSum
-    from fedsqueeze.federation import client_train_data, dataset_for, new_model
+    from fedsqueeze.federation import dataset_for, new_model
     from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
     from fedsqueeze.secagg.field import from_field, to_field
     from fedsqueeze.server.dp import DistributedDP
     from fedsqueeze.server.hooks import strategy_chain
-    from fedsqueeze.server.rounds import sample_partitions
     from fedsqueeze.server.secure import SecAggStrategy
     from fedsqueeze.server.strategies import build_chain
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
-    seed, n, k = int(config["seed"]), int(config["num-clients"]), int(config["clients-per-round"])
+    quiet_flower()
+    seed, k = int(config["seed"]), int(config["clients-per-round"])
     ds = dataset_for(config)
     chain = build_chain(config)
     secure = next(s for s in strategy_chain(chain) if isinstance(s, SecAggStrategy))
@@ -64,21 +59,7 @@ def replay(config: dict[str, Any], noise_seed: int, fresh: bool) -> tuple[list[f
     dim = int(flatten(weights).size)
     accuracies, payload = [], 0.0
     for rnd in range(1, int(config["num-rounds"]) + 1):
-        sampled = sample_partitions(seed, rnd, n, k)
-        nodes = [pid + 1 for pid in sampled]
-        locals_ = {}
-        for pid, node in zip(sampled, nodes, strict=True):
-            x, y = client_train_data(config, pid, n)
-            model = new_model(config)
-            load_numpy_state(model, weights)
-            train_local(
-                model, x, y,
-                epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                lr=float(config["lr"]), momentum=float(config["momentum"]),
-                weight_decay=float(config["weight-decay"]), proximal_mu=0.0,
-                generator=make_generator(seed, rnd, pid),
-            )  # fmt: skip
-            locals_[node] = state_to_numpy(model)
+        nodes, locals_, _ = train_sampled(config, weights, rnd)
         messages = list(
             privacy.configure_train(rnd, to_record(weights), ConfigRecord(), _Nodes(nodes))
         )

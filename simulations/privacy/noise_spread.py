@@ -46,6 +46,45 @@ class _Nodes:
         return list(self.node_ids)
 
 
+def quiet_flower() -> None:
+    """Flower messages built outside a running app need a task identity; FedAvg logs every
+    round."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+
+
+def train_sampled(
+    config: dict[str, Any], weights: dict[str, np.ndarray], rnd: int
+) -> tuple[list[int], dict[int, dict[str, np.ndarray]], dict[int, int]]:
+    """One round's local training, as the ClientApp does it: the round's sampled clients
+    (node id = partition id + 1, replies in order), each client's trained weights and its
+    number of examples."""
+    from fedsqueeze.client.training import make_generator, train_local
+    from fedsqueeze.federation import client_train_data, new_model
+    from fedsqueeze.models.weights import load_numpy_state, state_to_numpy
+    from fedsqueeze.server.rounds import sample_partitions
+
+    seed, n, k = int(config["seed"]), int(config["num-clients"]), int(config["clients-per-round"])
+    sampled = sample_partitions(seed, rnd, n, k)
+    nodes = [pid + 1 for pid in sampled]
+    locals_, sizes = {}, {}
+    for pid, node in zip(sampled, nodes, strict=True):
+        x, y = client_train_data(config, pid, n)
+        model = new_model(config)
+        load_numpy_state(model, weights)
+        train_local(
+            model, x, y,
+            epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
+            lr=float(config["lr"]), momentum=float(config["momentum"]),
+            weight_decay=float(config["weight-decay"]), proximal_mu=0.0,
+            generator=make_generator(seed, rnd, pid),
+        )  # fmt: skip
+        locals_[node], sizes[node] = state_to_numpy(model), len(x)
+    return nodes, locals_, sizes
+
+
 def _seeds(spec: str) -> list[int]:
     out: list[int] = []
     for part in spec.split(","):
@@ -57,25 +96,18 @@ def _seeds(spec: str) -> list[int]:
 def replay(config: dict[str, Any], noise_seed: int) -> list[float]:
     """Test accuracy after every round of one replica (see the module docstring)."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from fedsqueeze.client.training import make_generator, train_local
     from fedsqueeze.contracts.records import flatten, from_record, to_record, unflatten
     from fedsqueeze.contracts.streams import Stream, round_seed
-    from fedsqueeze.federation import client_train_data, dataset_for, new_model
+    from fedsqueeze.federation import dataset_for, new_model
     from fedsqueeze.models.weights import evaluate, load_numpy_state, state_to_numpy
     from fedsqueeze.secagg.field import from_field, to_field
     from fedsqueeze.server.dp import CentralDP, DistributedDP
     from fedsqueeze.server.hooks import strategy_chain
-    from fedsqueeze.server.rounds import sample_partitions
     from fedsqueeze.server.strategies import build_chain
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every round
-    # Flower messages built outside a running app need a task identity.
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
-    seed, n, k = int(config["seed"]), int(config["num-clients"]), int(config["clients-per-round"])
+    quiet_flower()
+    seed, k = int(config["seed"]), int(config["clients-per-round"])
     ds = dataset_for(config)
     chain = build_chain(config)
     privacy = next(s for s in strategy_chain(chain) if isinstance(s, CentralDP | DistributedDP))
@@ -86,21 +118,7 @@ def replay(config: dict[str, Any], noise_seed: int) -> list[float]:
     dim = int(flatten(weights).size)
     accuracies = []
     for rnd in range(1, int(config["num-rounds"]) + 1):
-        sampled = sample_partitions(seed, rnd, n, k)
-        nodes = [pid + 1 for pid in sampled]  # node id = partition id + 1, replies in order
-        locals_, sizes = {}, {}
-        for pid, node in zip(sampled, nodes, strict=True):
-            x, y = client_train_data(config, pid, n)
-            model = new_model(config)
-            load_numpy_state(model, weights)
-            train_local(
-                model, x, y,
-                epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                lr=float(config["lr"]), momentum=float(config["momentum"]),
-                weight_decay=float(config["weight-decay"]), proximal_mu=0.0,
-                generator=make_generator(seed, rnd, pid),
-            )  # fmt: skip
-            locals_[node], sizes[node] = state_to_numpy(model), len(x)
+        nodes, locals_, sizes = train_sampled(config, weights, rnd)
         if isinstance(privacy, CentralDP):
             # The whole chain, as the server loop runs it: replies carry the trained weights.
             messages = chain.configure_train(rnd, to_record(weights), ConfigRecord(), _Nodes(nodes))
